@@ -1,0 +1,101 @@
+"""`budgetlora` command line: a thin layer over the library functions, which tests call directly."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from .budget import BudgetError, count_parameters
+from .config import ConfigError, load_config
+from .data import DataError
+
+# Errors that are the user's to fix: printed as one clear line, no traceback.
+USER_ERRORS = (ConfigError, DataError, BudgetError, FileNotFoundError, FileExistsError)
+
+
+def cmd_params(args: argparse.Namespace) -> int:
+    report = count_parameters(load_config(args.config, args.overrides))
+    print(report.format())
+    return 0 if report.within_budget else 1
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .modeling import CONFIG_FILE
+    from .train import train
+
+    if args.resume:
+        config = load_config(Path(args.resume) / CONFIG_FILE, args.overrides)
+    else:
+        config = load_config(args.config, args.overrides)
+    result = train(config, resume=bool(args.resume))
+    validation = result.metrics["validation"]
+    print(f"validation accuracy {validation['accuracy']:.4f}, macro-F1 {validation['macro_f1']:.4f} "
+          f"({result.params.trainable:,} trainable parameters)")
+    print(f"run folder: {result.run_dir}")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from .infer import evaluate_run
+
+    metrics = evaluate_run(Path(args.run), args.data)
+    print(f"{args.data}: accuracy {metrics['accuracy']:.4f}, macro-F1 {metrics['macro_f1']:.4f} "
+          f"on {metrics['rows']:,} rows")
+    for name, scores in metrics["per_class"].items():
+        print(f"  {name:<12} precision {scores['precision']:.3f}  recall {scores['recall']:.3f}  "
+              f"F1 {scores['f1-score']:.3f}")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from .infer import predict_run
+
+    labels = predict_run(Path(args.run), args.input, Path(args.output))
+    print(f"wrote {len(labels):,} predictions to {args.output}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="budgetlora", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    overrides_help = "dotted overrides such as lora.r=4 train.epochs=1"
+
+    params = commands.add_parser("params", help="count trainable parameters per group against the budget")
+    params.add_argument("--config", help="YAML config (default: built-in defaults)")
+    params.add_argument("overrides", nargs="*", help=overrides_help)
+    params.set_defaults(func=cmd_params)
+
+    train = commands.add_parser("train", help="train a LoRA adapter and head; writes a run folder")
+    source = train.add_mutually_exclusive_group(required=True)
+    source.add_argument("--config", help="YAML config")
+    source.add_argument("--resume", metavar="RUN", help="continue an interrupted run from its last checkpoint")
+    train.add_argument("overrides", nargs="*", help=overrides_help)
+    train.set_defaults(func=cmd_train)
+
+    evaluate = commands.add_parser("evaluate", help="metrics of a run on a labelled data set")
+    evaluate.add_argument("--run", required=True)
+    evaluate.add_argument("--data", required=True, help="file or Hub dataset (name or name:split)")
+    evaluate.set_defaults(func=cmd_evaluate)
+
+    predict = commands.add_parser("predict", help="write an ID,Label CSV for unlabelled texts")
+    predict.add_argument("--run", required=True)
+    predict.add_argument("--input", required=True, help="file or Hub dataset (name or name:split)")
+    predict.add_argument("--output", required=True, help="CSV to write (atomically)")
+    predict.set_defaults(func=cmd_predict)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except USER_ERRORS as error:
+        print(f"budgetlora: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

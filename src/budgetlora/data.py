@@ -1,0 +1,170 @@
+"""Read texts (and labels) from the Hub, CSV, JSONL, parquet or a pickled Dataset into one checked table.
+
+Every loader ends in the same table: `text` (str), and `label` (int, 0..K-1) and `id` where present. Problems are
+reported with the file and row before any model is built.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import pickle
+from pathlib import Path
+from typing import Any
+
+import datasets
+import pandas as pd
+from sklearn.model_selection import train_test_split
+
+from .config import DataConfig
+
+
+class DataError(ValueError):
+    """Input data that cannot be used as it is; the message names the file, row or column."""
+
+
+# --- reading sources into columns ---------------------------------------------------------------------------------
+
+def _is_original_ag_news_csv(path: Path, data: DataConfig) -> bool:
+    """The original AG News release: no header, three fields `class (1-4), title, description`."""
+    with path.open(newline="", encoding="utf-8", errors="replace") as handle:
+        first = next(csv.reader(handle), [])
+    return len(first) == 3 and first[0].strip().isdigit() and not set(data.text_columns) & set(first)
+
+
+def _read_csv(path: Path, data: DataConfig) -> pd.DataFrame:
+    if _is_original_ag_news_csv(path, data):
+        frame = pd.read_csv(path, header=None, names=["label", "title", "description"], dtype=str,
+                            keep_default_na=False, encoding="utf-8")
+        frame["text"] = frame["title"] + " " + frame["description"]
+        frame["label"] = [_ag_news_class(value, i, path) for i, value in enumerate(frame["label"])]
+        return frame[["text", "label"]]
+    return pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8", on_bad_lines="error")
+
+
+def _ag_news_class(value: str, index: int, path: Path) -> int:
+    if not value.strip().isdigit() or not 1 <= int(value) <= 4:
+        raise DataError(f"{path}, row {index + 1}: AG News class must be 1-4, got {value!r}")
+    return int(value) - 1
+
+
+def _read_pickle(path: Path) -> dict[str, list[Any]]:
+    with path.open("rb") as handle:
+        obj = pickle.load(handle)
+    if isinstance(obj, datasets.Dataset):
+        # Read through the Dataset: a shuffled Dataset keeps its rows behind an indices mapping, and the raw Arrow
+        # table (obj.data) is in the pre-shuffle order.
+        return {column: obj[column] for column in obj.column_names}
+    if isinstance(obj, pd.DataFrame):
+        return obj.to_dict(orient="list")
+    raise DataError(f"{path}: expected a pickled datasets.Dataset or pandas DataFrame, got {type(obj).__name__}")
+
+
+def _read_file(path: Path, data: DataConfig) -> dict[str, list[Any]]:
+    suffix = path.suffix.lower()
+    if suffix == ".csv":
+        return _read_csv(path, data).to_dict(orient="list")
+    if suffix in (".jsonl", ".json"):
+        return pd.read_json(path, lines=True, dtype=False).to_dict(orient="list")
+    if suffix == ".parquet":
+        return pd.read_parquet(path).to_dict(orient="list")
+    if suffix in (".pkl", ".pickle"):
+        return _read_pickle(path)
+    raise DataError(f"{path}: unknown file type {suffix!r} (use .csv, .jsonl, .parquet or .pkl)")
+
+
+def load_columns(source: str, data: DataConfig) -> tuple[dict[str, list[Any]], str]:
+    """Columns of a file or a Hub dataset (`name` or `name:split`), and how to name the source in messages."""
+    path = Path(source)
+    if path.is_file():
+        try:
+            return _read_file(path, data), str(path)
+        except UnicodeDecodeError as error:
+            raise DataError(f"{path}: not UTF-8 text (byte {error.start}: {error.reason}); save it as UTF-8") from None
+        except pd.errors.EmptyDataError:
+            raise DataError(f"{path}: the file is empty") from None
+        except pd.errors.ParserError as error:
+            raise DataError(f"{path}: malformed file: {error}") from None
+    if path.suffix or "/" in source or path.exists():
+        raise DataError(f"{source}: no such file")
+    name, _, split = source.partition(":")
+    dataset = datasets.load_dataset(name, split=split or "train")
+    return {column: dataset[column] for column in dataset.column_names}, f"{name} ({split or 'train'} split)"
+
+
+# --- checking and normalising -----------------------------------------------------------------------------------
+
+def _is_missing(value: Any) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+def _texts(columns: dict[str, list[Any]], data: DataConfig, where: str) -> list[str]:
+    missing = [c for c in data.text_columns if c not in columns]
+    if missing:
+        raise DataError(f"{where}: no column {missing[0]!r} (data.text_columns); columns present: {sorted(columns)}")
+    texts = []
+    for row, parts in enumerate(zip(*(columns[c] for c in data.text_columns), strict=True)):
+        if any(_is_missing(part) for part in parts):
+            raise DataError(f"{where}, row {row + 1}: the text is missing (null/NaN)")
+        text = " ".join(str(part) for part in parts).strip()
+        if not text:
+            raise DataError(f"{where}, row {row + 1}: the text is empty or only whitespace")
+        texts.append(text)
+    if not texts:
+        raise DataError(f"{where}: holds no rows")
+    return texts
+
+
+def _labels(values: list[Any], label_names: list[str], where: str) -> list[int]:
+    index_of = {name: i for i, name in enumerate(label_names)}
+    labels = []
+    for row, value in enumerate(values):
+        if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+            value = int(value)
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < len(label_names):
+            labels.append(value)
+        elif isinstance(value, str) and value in index_of:
+            labels.append(index_of[value])
+        else:
+            raise DataError(f"{where}, row {row + 1}: label {value!r} is neither an index 0-{len(label_names) - 1} "
+                            f"nor one of data.label_names {label_names}")
+    return labels
+
+
+def load_table(source: str, data: DataConfig, *, labelled: bool) -> datasets.Dataset:
+    """A checked table with `text`, plus `label` when `labelled` and `id` when the source has data.id_column."""
+    columns, where = load_columns(source, data)
+    table: dict[str, list[Any]] = {"text": _texts(columns, data, where)}
+    if labelled:
+        if data.label_column not in columns:
+            raise DataError(f"{where}: no label column {data.label_column!r} (data.label_column); "
+                            f"columns present: {sorted(columns)}")
+        table["label"] = _labels(columns[data.label_column], data.label_names, where)
+    if data.id_column in columns:
+        ids = [str(value) for value in columns[data.id_column]]
+        seen: dict[str, int] = {}
+        for row, value in enumerate(ids):
+            if value in seen:
+                raise DataError(f"{where}, row {row + 1}: duplicate ID {value!r} (first at row {seen[value] + 1})")
+            seen[value] = row
+        table["id"] = ids
+    return datasets.Dataset.from_dict(table)
+
+
+def split_train_validation(table: datasets.Dataset, data: DataConfig) -> tuple[datasets.Dataset, datasets.Dataset]:
+    """Optional stratified subsample to data.max_train_rows, then a seeded stratified train/validation split."""
+    indices = list(range(len(table)))
+    labels = table["label"][:]
+    if data.max_train_rows is not None and data.max_train_rows < len(indices):
+        indices, _ = train_test_split(indices, train_size=data.max_train_rows, stratify=labels,
+                                      random_state=data.split_seed)
+        labels = [labels[i] for i in indices]
+    try:
+        train_idx, val_idx = train_test_split(indices, test_size=data.validation_fraction, stratify=labels,
+                                              random_state=data.split_seed)
+    except ValueError as error:  # too few rows of some class to stratify
+        raise DataError(f"cannot split {len(indices)} rows {1 - data.validation_fraction:.0%}/"
+                        f"{data.validation_fraction:.0%} by class: {error}") from None
+    return table.select(sorted(train_idx)), table.select(sorted(val_idx))

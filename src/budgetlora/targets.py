@@ -1,0 +1,102 @@
+"""Target-module patterns: check that every entry matches something, and translate globs into what peft matches.
+
+peft matches a list entry against module names by suffix only (`name == entry` or `name.endswith("." + entry)`), so
+an entry such as `roberta.encoder.layer.*.output.dense` silently matches nothing. Here every entry must match at
+least one module, and the error lists the closest real names.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from dataclasses import dataclass
+
+from .config import ConfigError, LoraSettings
+
+GLOB_CHARS = "*?["
+
+
+@dataclass
+class TargetMatch:
+    """What the target patterns resolve to: the value handed to peft, and the modules each pattern matched."""
+
+    peft_target_modules: list[str] | str
+    matches: dict[str, list[str]]
+
+    def summary(self) -> str:
+        return "\n".join(f"  {pattern!r}: {len(names)} modules" for pattern, names in self.matches.items())
+
+
+def glob_to_regex(pattern: str) -> str:
+    """Translate a dotted-name glob into a regex matching a suffix of full module names.
+
+    `*` matches within one name part, `**` across parts, `?` one character; an entry without dots therefore matches
+    the last name part exactly, the same thing peft's suffix rule does for plain names.
+    """
+    out = []
+    i = 0
+    while i < len(pattern):
+        char = pattern[i]
+        if pattern.startswith("**", i):
+            out.append(".*")
+            i += 2
+            continue
+        out.append({"*": "[^.]*", "?": "[^.]"}.get(char, re.escape(char)))
+        i += 1
+    return r"(?:.*\.)?" + "".join(out)
+
+
+def _peft_suffix_match(entry: str, name: str) -> bool:
+    return name == entry or name.endswith("." + entry)
+
+
+def _entry_matcher(entry: str, syntax: str):
+    if syntax == "peft":
+        return lambda name: _peft_suffix_match(entry, name)
+    regex = re.compile(glob_to_regex(entry))
+    return lambda name: regex.fullmatch(name) is not None
+
+
+def _closest(entry: str, names: list[str], count: int = 5) -> list[str]:
+    # Compare against every dotted suffix, so "query_proj" suggests "query" and a wrong full path its real form.
+    suffixes = {".".join(name.split(".")[i:]) for name in names for i in range(len(name.split(".")))}
+    return difflib.get_close_matches(entry, sorted(suffixes), n=count, cutoff=0.4)
+
+
+def resolve_targets(lora: LoraSettings, module_names: list[str]) -> TargetMatch:
+    """Match `lora.target_modules` against the model's targetable module names; raise if any entry matches none."""
+    targets = lora.target_modules
+    if isinstance(targets, str):  # a full regular expression, exactly as peft treats a string
+        try:
+            regex = re.compile(targets)
+        except re.error as error:
+            raise ConfigError(f"lora.target_modules: invalid regular expression {targets!r}: {error}") from None
+        matched = [name for name in module_names if regex.fullmatch(name)]
+        if not matched:
+            raise ConfigError(f"lora.target_modules: the regular expression {targets!r} matches no module "
+                              f"(it must match a whole module name, e.g. {module_names[0]!r})")
+        return TargetMatch(targets, {targets: matched})
+
+    matches = {}
+    for entry in targets:
+        matched = [name for name in module_names if _entry_matcher(entry, lora.pattern_syntax)(name)]
+        if not matched:
+            raise ConfigError(_no_match_message(entry, lora.pattern_syntax, module_names))
+        matches[entry] = matched
+    if lora.pattern_syntax == "peft":
+        return TargetMatch(list(targets), matches)
+    return TargetMatch("|".join(f"(?:{glob_to_regex(entry)})" for entry in targets), matches)
+
+
+def _no_match_message(entry: str, syntax: str, module_names: list[str]) -> str:
+    message = f"lora.target_modules: entry {entry!r} matches no module of this model"
+    closest = _closest(entry, module_names)
+    if closest:
+        message += f"; closest module names: {', '.join(closest)}"
+    if syntax == "peft" and any(char in entry for char in GLOB_CHARS):
+        as_glob = [name for name in module_names if _entry_matcher(entry, "glob")(name)]
+        message += (". With pattern_syntax 'peft' (literal name suffixes, what peft does with a list) '*' is not a "
+                    "wildcard, so peft would have skipped this entry silently")
+        if as_glob:
+            message += f"; read as a glob (pattern_syntax: glob) it matches {len(as_glob)} modules"
+    return message
