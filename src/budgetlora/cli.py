@@ -10,9 +10,11 @@ from pathlib import Path
 from .budget import BudgetError, count_parameters
 from .config import ConfigError, load_config
 from .data import DataError
+from .modeling import ModelLoadError, RunFolderError
 
 # Errors that are the user's to fix: printed as one clear line, no traceback.
-USER_ERRORS = (ConfigError, DataError, BudgetError, FileNotFoundError, FileExistsError)
+USER_ERRORS = (ConfigError, DataError, BudgetError, ModelLoadError, RunFolderError, FileNotFoundError,
+               FileExistsError)
 
 
 def cmd_params(args: argparse.Namespace) -> int:
@@ -21,15 +23,43 @@ def cmd_params(args: argparse.Namespace) -> int:
     return 0 if report.within_budget else 1
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    from .planner import format_plan, plan
+
+    config = load_config(args.config, args.overrides)
+    budget = args.budget or config.budget
+    print(format_plan(plan(config, budget), budget, args.top))
+    return 0
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from .sweep import SEARCH_SPACE, format_study, run_sweep, sweep_dir
+
+    config = load_config(args.config, args.overrides)
+    print(f"search space:\n{SEARCH_SPACE}\n")
+    study = run_sweep(config, args.trials)
+    print(format_study(study))
+    if (sweep_dir(config) / "best.yaml").is_file():
+        print(f"best config: {sweep_dir(config) / 'best.yaml'} (validation accuracy {study.best_value:.4f})")
+    return 0
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from .modeling import CONFIG_FILE
-    from .train import train
+    from .train import TrainingInterrupted, train
 
     if args.resume:
-        config = load_config(Path(args.resume) / CONFIG_FILE, args.overrides)
+        run_dir = Path(args.resume)
+        # The run folder given, wherever the command runs from: not its saved (maybe relative) runs_dir.
+        overrides = [*args.overrides, f"runs_dir={run_dir.parent}", f"name={run_dir.name}"]
+        config = load_config(run_dir / CONFIG_FILE, overrides)
     else:
         config = load_config(args.config, args.overrides)
-    result = train(config, resume=bool(args.resume))
+    try:
+        result = train(config, resume=bool(args.resume))
+    except TrainingInterrupted as stopped:
+        print(f"budgetlora: {stopped}", file=sys.stderr)
+        return 130
     validation = result.metrics["validation"]
     print(f"validation accuracy {validation['accuracy']:.4f}, macro-F1 {validation['macro_f1']:.4f} "
           f"({result.params.trainable:,} trainable parameters)")
@@ -40,7 +70,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from .infer import evaluate_run
 
-    metrics = evaluate_run(Path(args.run), args.data)
+    metrics = evaluate_run(Path(args.run), args.data, trust_pickle=args.trust_pickle)
     print(f"{args.data}: accuracy {metrics['accuracy']:.4f}, macro-F1 {metrics['macro_f1']:.4f} "
           f"on {metrics['rows']:,} rows")
     for name, scores in metrics["per_class"].items():
@@ -52,7 +82,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_predict(args: argparse.Namespace) -> int:
     from .infer import predict_run
 
-    labels = predict_run(Path(args.run), args.input, Path(args.output))
+    labels = predict_run(Path(args.run), args.input, Path(args.output), trust_pickle=args.trust_pickle)
     print(f"wrote {len(labels):,} predictions to {args.output}")
     return 0
 
@@ -61,11 +91,25 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="budgetlora", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     overrides_help = "dotted overrides such as lora.r=4 train.epochs=1"
+    trust_help = "unpickle a .pkl input without restriction (it can run code); default: datasets/DataFrames only"
 
     params = commands.add_parser("params", help="count trainable parameters per group against the budget")
     params.add_argument("--config", help="YAML config (default: built-in defaults)")
     params.add_argument("overrides", nargs="*", help=overrides_help)
     params.set_defaults(func=cmd_params)
+
+    planner = commands.add_parser("plan", help="adapter shapes that fit the budget, best first, with exact counts")
+    planner.add_argument("--config", help="YAML config: the model (default: built-in defaults)")
+    planner.add_argument("--budget", type=int, help="trainable-parameter budget (default: the config's)")
+    planner.add_argument("--top", type=int, default=10, help="how many candidates to list")
+    planner.add_argument("overrides", nargs="*", help=overrides_help)
+    planner.set_defaults(func=cmd_plan)
+
+    sweep = commands.add_parser("sweep", help="Optuna search over adapter shape and hyperparameters, within budget")
+    sweep.add_argument("--config", required=True, help="YAML config: model, data, budget, epochs")
+    sweep.add_argument("--trials", type=int, default=20, help="trials to finish (refused ones count)")
+    sweep.add_argument("overrides", nargs="*", help=overrides_help)
+    sweep.set_defaults(func=cmd_sweep)
 
     train = commands.add_parser("train", help="train a LoRA adapter and head; writes a run folder")
     source = train.add_mutually_exclusive_group(required=True)
@@ -77,12 +121,14 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = commands.add_parser("evaluate", help="metrics of a run on a labelled data set")
     evaluate.add_argument("--run", required=True)
     evaluate.add_argument("--data", required=True, help="file or Hub dataset (name or name:split)")
+    evaluate.add_argument("--trust-pickle", action="store_true", help=trust_help)
     evaluate.set_defaults(func=cmd_evaluate)
 
     predict = commands.add_parser("predict", help="write an ID,Label CSV for unlabelled texts")
     predict.add_argument("--run", required=True)
     predict.add_argument("--input", required=True, help="file or Hub dataset (name or name:split)")
     predict.add_argument("--output", required=True, help="CSV to write (atomically)")
+    predict.add_argument("--trust-pickle", action="store_true", help=trust_help)
     predict.set_defaults(func=cmd_predict)
     return parser
 

@@ -6,6 +6,7 @@ are errors that name the dotted key, so a typo in a YAML file never silently fal
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import types
 import typing
@@ -43,6 +44,9 @@ class ModelConfig:
     pad_to_max_length: bool = False
     # Attention kernel; "sdpa" uses PyTorch's fused scaled-dot-product attention.
     attn_implementation: Literal["sdpa", "eager"] = "sdpa"
+    # Classification head (see heads.py): the model's own; one linear layer on the first token or on the mean of the
+    # token states (roberta-base: 3,076 parameters instead of 593,668); or the standard head with LoRA on its dense.
+    head: Literal["standard", "first_token", "mean", "lora_dense"] = "standard"
 
     def __post_init__(self) -> None:
         _require(bool(self.name.strip()), "model.name", "must not be empty")
@@ -67,6 +71,9 @@ class DataConfig:
     # Use a stratified sample of this many training rows (None: all).
     max_train_rows: int | None = None
     split_seed: int = 42
+    # Unpickle .pkl inputs without restriction. Off: only what a pickled Dataset or DataFrame needs (a pickle can
+    # run any code it likes when loaded).
+    trust_pickle: bool = False
 
     def __post_init__(self) -> None:
         _require(bool(self.text_columns), "data.text_columns", "must name at least one column")
@@ -114,7 +121,8 @@ class TrainSettings:
     batch_size: int = 16
     eval_batch_size: int = 64
     weight_decay: float = 0.0
-    warmup_steps: int = 0
+    # Linear warmup: this many steps, or (below 1) this fraction of all training steps, as transformers reads it.
+    warmup_steps: float = 0
     scheduler: Literal["linear", "cosine", "constant"] = "linear"
     label_smoothing: float = 0.0
     # Stop after this many optimizer steps (None: run all epochs).
@@ -127,6 +135,10 @@ class TrainSettings:
     torch_compile: bool = False
     logging_steps: int = 50
     dataloader_workers: int = 0
+    # Learning rate of the classification head (None: learning_rate). A fresh head often wants a larger one.
+    head_learning_rate: float | None = None
+    # Stop when validation accuracy has not improved for this many evaluations (epochs); None: never.
+    early_stopping_patience: int | None = None
 
     def __post_init__(self) -> None:
         _require(self.epochs > 0, "train.epochs", f"must be > 0, got {self.epochs}")
@@ -138,6 +150,10 @@ class TrainSettings:
                  f"must be in [0, 1), got {self.label_smoothing}")
         _require(self.max_steps is None or self.max_steps > 0, "train.max_steps", f"must be > 0, got {self.max_steps}")
         _require(self.logging_steps > 0, "train.logging_steps", f"must be > 0, got {self.logging_steps}")
+        _require(self.head_learning_rate is None or self.head_learning_rate > 0, "train.head_learning_rate",
+                 f"must be > 0, got {self.head_learning_rate}")
+        _require(self.early_stopping_patience is None or self.early_stopping_patience > 0,
+                 "train.early_stopping_patience", f"must be > 0, got {self.early_stopping_patience}")
 
 
 @dataclass
@@ -155,6 +171,9 @@ class RunConfig:
     def __post_init__(self) -> None:
         _require(self.budget > 0, "budget", f"must be > 0, got {self.budget}")
         _require(bool(self.name) and "/" not in self.name, "name", f"must be a plain folder name, got {self.name!r}")
+        # peft applies layers_to_transform to every target, so it would silently skip the head's dense layer.
+        _require(self.model.head != "lora_dense" or self.lora.layers_to_transform is None, "model.head",
+                 "'lora_dense' cannot be combined with lora.layers_to_transform (peft would skip the head's dense)")
 
     @property
     def run_dir(self) -> Path:
@@ -167,7 +186,7 @@ class RunConfig:
 # --- building dataclasses from plain dicts, with type checks that name the key -------------------------------------
 
 def _check_type(value: Any, annotation: Any, key: str) -> Any:
-    """Return `value` if it fits `annotation` (ints are accepted where floats are expected), else raise."""
+    """Return `value` if it fits `annotation` (ints and numeric strings are accepted for floats), else raise."""
     origin = typing.get_origin(annotation)
     if origin in (typing.Union, types.UnionType):
         for option in typing.get_args(annotation):
@@ -192,6 +211,9 @@ def _check_type(value: Any, annotation: Any, key: str) -> Any:
         key_type, value_type = typing.get_args(annotation)
         return {_check_type(k, key_type, key): _check_type(v, value_type, f"{key}.{k}") for k, v in value.items()}
     if annotation is float:
+        if isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string; a number is what was meant
+            with contextlib.suppress(ValueError):
+                return float(value)
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
         _require(ok, key, f"expected a number, got {value!r}")
         return float(value)
@@ -237,7 +259,11 @@ def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, A
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"override {override!r}: {part} is not a section")
-        node[leaf] = yaml.safe_load(raw) if raw else ""
+        try:
+            node[leaf] = yaml.safe_load(raw) if raw else ""
+        except yaml.YAMLError as error:
+            raise ConfigError(f"override {override!r}: the value is not valid YAML ({str(error).splitlines()[0]}); "
+                              f"quote patterns that start with '*', e.g. {key}='[\"*.dense\"]'") from None
     return values
 
 

@@ -17,6 +17,7 @@ import pandas as pd
 from sklearn.model_selection import train_test_split
 
 from .config import DataConfig
+from .safe_pickle import UnsafePickleError, load_pickle
 
 
 class DataError(ValueError):
@@ -48,9 +49,13 @@ def _ag_news_class(value: str, index: int, path: Path) -> int:
     return int(value) - 1
 
 
-def _read_pickle(path: Path) -> dict[str, list[Any]]:
-    with path.open("rb") as handle:
-        obj = pickle.load(handle)
+def _read_pickle(path: Path, data: DataConfig) -> dict[str, list[Any]]:
+    try:
+        obj = load_pickle(path, trust=data.trust_pickle)
+    except UnsafePickleError as error:
+        raise DataError(str(error)) from None
+    except (pickle.UnpicklingError, EOFError, AttributeError, ImportError) as error:
+        raise DataError(f"{path}: not a readable pickle ({type(error).__name__}: {error})") from None
     if isinstance(obj, datasets.Dataset):
         # Read through the Dataset: a shuffled Dataset keeps its rows behind an indices mapping, and the raw Arrow
         # table (obj.data) is in the pre-shuffle order.
@@ -65,11 +70,15 @@ def _read_file(path: Path, data: DataConfig) -> dict[str, list[Any]]:
     if suffix == ".csv":
         return _read_csv(path, data).to_dict(orient="list")
     if suffix in (".jsonl", ".json"):
-        return pd.read_json(path, lines=True, dtype=False).to_dict(orient="list")
+        try:  # .jsonl: one record a line; .json: an array of records
+            return pd.read_json(path, lines=suffix == ".jsonl", dtype=False, orient="records").to_dict(orient="list")
+        except ValueError as error:
+            expected = "one JSON object a line" if suffix == ".jsonl" else "an array of records ([{...}, ...])"
+            raise DataError(f"{path}: not {expected}: {error}") from None
     if suffix == ".parquet":
         return pd.read_parquet(path).to_dict(orient="list")
     if suffix in (".pkl", ".pickle"):
-        return _read_pickle(path)
+        return _read_pickle(path, data)
     raise DataError(f"{path}: unknown file type {suffix!r} (use .csv, .jsonl, .parquet or .pkl)")
 
 
@@ -85,10 +94,14 @@ def load_columns(source: str, data: DataConfig) -> tuple[dict[str, list[Any]], s
             raise DataError(f"{path}: the file is empty") from None
         except pd.errors.ParserError as error:
             raise DataError(f"{path}: malformed file: {error}") from None
-    if path.suffix or "/" in source or path.exists():
+    if path.suffix or path.exists():  # a name like "owner/dataset" (no suffix) is a Hub id
         raise DataError(f"{source}: no such file")
     name, _, split = source.partition(":")
-    dataset = datasets.load_dataset(name, split=split or "train")
+    try:
+        dataset = datasets.load_dataset(name, split=split or "train")
+    except (OSError, ValueError, datasets.exceptions.DatasetNotFoundError) as error:
+        raise DataError(f"{source}: not a file, and the Hugging Face Hub could not provide a dataset of that name "
+                        f"({str(error).splitlines()[0]}); offline, give a file path instead") from error
     return {column: dataset[column] for column in dataset.column_names}, f"{name} ({split or 'train'} split)"
 
 

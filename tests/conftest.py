@@ -1,0 +1,216 @@
+"""Shared fixtures: real data from ../shared where it exists, tiny random models built in code, an isolated cache.
+
+Nothing here mocks transformers, peft or datasets: the tiny models are real architectures with random weights, saved
+to a folder that budgetlora loads the way it loads any local checkpoint (`model.name: <folder>`).
+"""
+
+from __future__ import annotations
+
+import os
+
+# huggingface_hub reads HF_HUB_OFFLINE once, when it is imported: set it before anything imports transformers or
+# datasets, so no test can reach the network. The autouse fixture below sets it again per test, through monkeypatch.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import copy  # noqa: E402
+import csv  # noqa: E402
+import string  # noqa: E402
+from collections.abc import Callable  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from transformers import (  # noqa: E402
+    AutoTokenizer,
+    BertConfig,
+    BertForSequenceClassification,
+    BertTokenizerFast,
+    PreTrainedTokenizerBase,
+    RobertaConfig,
+    RobertaForSequenceClassification,
+)
+
+from budgetlora.config import AG_NEWS_LABELS, RunConfig, from_dict  # noqa: E402
+
+# Tiny models gain nothing from intra-op threads, and on a small shared CPU the thread hand-offs cost milliseconds
+# per matmul (measured: 7.8 ms with 2 threads against 0.03 ms with 1 for a 1024x32 @ 32x32 product).
+torch.set_num_threads(1)
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+# ../shared/data beside the repository; BUDGETLORA_TEST_SHARED_DATA points elsewhere (e.g. a missing folder, to run
+# the suite as it runs where ../shared is absent).
+SHARED_DATA = Path(os.environ.get("BUDGETLORA_TEST_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
+ROBERTA_BASE_DIR = SHARED_DATA / "roberta-base-tokenizer"
+AG_NEWS_DIR = SHARED_DATA / "ag_news"
+QUICKSTART_TRAIN = REPO_ROOT / "data" / "quickstart" / "train.csv"
+CONFIGS_DIR = REPO_ROOT / "configs"
+LABELS = list(AG_NEWS_LABELS)
+ROWS_PER_CLASS = 50
+
+
+requires_shared_roberta = pytest.mark.skipif(
+    not (ROBERTA_BASE_DIR / "config.json").is_file(),
+    reason=f"needs roberta-base's config and tokenizer from the shared data folder ({ROBERTA_BASE_DIR} is absent)",
+)
+requires_shared_ag_news = pytest.mark.skipif(
+    not (AG_NEWS_DIR / "test.csv").is_file(),
+    reason=f"needs the original AG News CSV from the shared data folder ({AG_NEWS_DIR / 'test.csv'} is absent)",
+)
+
+
+@pytest.fixture(autouse=True)
+def _isolated_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The tokenize cache lives in the test's tmp folder (never ~/.cache), and nothing goes to the Hub."""
+    monkeypatch.setenv("BUDGETLORA_CACHE", str(tmp_path / "budgetlora-cache"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+
+
+# --- tokenizers --------------------------------------------------------------------------------------------------
+
+def build_wordpiece_tokenizer(folder: Path) -> PreTrainedTokenizerBase:
+    """A real BERT WordPiece tokenizer over single characters (any ASCII text encodes), from a vocab file."""
+    folder.mkdir(parents=True, exist_ok=True)
+    chars = string.ascii_lowercase + string.digits + string.punctuation
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *chars, *(f"##{char}" for char in chars)]
+    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n", encoding="utf-8")
+    tokenizer = BertTokenizerFast.from_pretrained(str(folder), do_lower_case=True)
+    assert len(tokenizer) == len(vocab)
+    return tokenizer
+
+
+@pytest.fixture(scope="session")
+def wordpiece_tokenizer(tmp_path_factory: pytest.TempPathFactory) -> PreTrainedTokenizerBase:
+    return build_wordpiece_tokenizer(tmp_path_factory.mktemp("wordpiece-tokenizer"))
+
+
+@pytest.fixture(scope="session")
+def roberta_tokenizer(wordpiece_tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
+    """roberta-base's real tokenizer from ../shared; the tiny WordPiece tokenizer where ../shared is absent."""
+    if (ROBERTA_BASE_DIR / "tokenizer.json").is_file():
+        return AutoTokenizer.from_pretrained(str(ROBERTA_BASE_DIR))
+    return wordpiece_tokenizer
+
+
+# --- tiny random models saved as local checkpoints ---------------------------------------------------------------
+
+# Random-weight tiny encoders. Dropout off and a wider initialisation than the 0.02 default, so that the [CLS]
+# features of a random body differ enough between texts for a few optimizer steps to lower the training loss.
+TINY_SHAPE: dict[str, Any] = {
+    "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64,
+    "initializer_range": 0.2, "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0,
+}
+
+
+def _label_maps() -> dict[str, Any]:
+    return {"num_labels": len(LABELS), "id2label": dict(enumerate(LABELS)),
+            "label2id": {name: i for i, name in enumerate(LABELS)}}
+
+
+@pytest.fixture(scope="session")
+def tiny_roberta_dir(tmp_path_factory: pytest.TempPathFactory, roberta_tokenizer: PreTrainedTokenizerBase) -> Path:
+    folder = tmp_path_factory.mktemp("tiny-roberta")
+    config = RobertaConfig(
+        vocab_size=len(roberta_tokenizer), max_position_embeddings=520, type_vocab_size=1,
+        pad_token_id=roberta_tokenizer.pad_token_id, **TINY_SHAPE, **_label_maps(),
+    )
+    torch.manual_seed(0)
+    RobertaForSequenceClassification(config).save_pretrained(folder)
+    roberta_tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_dir(tmp_path_factory: pytest.TempPathFactory, wordpiece_tokenizer: PreTrainedTokenizerBase) -> Path:
+    folder = tmp_path_factory.mktemp("tiny-bert")
+    config = BertConfig(vocab_size=len(wordpiece_tokenizer), max_position_embeddings=512,
+                        pad_token_id=wordpiece_tokenizer.pad_token_id, **TINY_SHAPE, **_label_maps())
+    torch.manual_seed(0)
+    BertForSequenceClassification(config).save_pretrained(folder)
+    wordpiece_tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dirs(tiny_roberta_dir: Path, tiny_bert_dir: Path) -> dict[str, Path]:
+    return {"roberta": tiny_roberta_dir, "bert": tiny_bert_dir}
+
+
+# --- real AG News rows -------------------------------------------------------------------------------------------
+
+def _read_header_csv(path: Path) -> list[tuple[str, int]]:
+    with path.open(newline="", encoding="utf-8") as handle:
+        return [(row["text"], int(row["label"])) for row in csv.DictReader(handle)]
+
+
+@pytest.fixture(scope="session")
+def news_rows() -> list[tuple[str, int]]:
+    """200 real AG News rows (text, label 0-3), the first 50 of each class, in file order.
+
+    From ../shared's train subset; where ../shared is absent, from the repository's vendored quickstart sample
+    (real rows of the same train split).
+    """
+    source = AG_NEWS_DIR / "train_subset.csv"
+    if not source.is_file():
+        source = QUICKSTART_TRAIN
+    if not source.is_file():
+        pytest.skip(f"needs real AG News rows: neither {AG_NEWS_DIR / 'train_subset.csv'} nor {QUICKSTART_TRAIN}")
+    taken: dict[int, int] = dict.fromkeys(range(len(LABELS)), 0)
+    rows = []
+    for text, label in _read_header_csv(source):
+        if taken[label] < ROWS_PER_CLASS:
+            taken[label] += 1
+            rows.append((text, label))
+    assert set(taken.values()) == {ROWS_PER_CLASS}, f"{source} lacks {ROWS_PER_CLASS} rows of some class: {taken}"
+    return rows
+
+
+def write_news_csv(path: Path, rows: list[tuple[str, int]]) -> Path:
+    with path.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["text", "label"])
+        writer.writerows(rows)
+    return path
+
+
+@pytest.fixture
+def news_csv(tmp_path: Path, news_rows: list[tuple[str, int]]) -> Path:
+    """The 200 real rows as a header CSV (`text,label`), the Hugging Face AG News layout."""
+    return write_news_csv(tmp_path / "news.csv", news_rows)
+
+
+# --- run configs for the tiny models -----------------------------------------------------------------------------
+
+def deep_merge(base: dict[str, Any], updates: dict[str, Any]) -> dict[str, Any]:
+    merged = copy.deepcopy(base)
+    for key, value in updates.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def tiny_config_dict(model_dir: Path, runs_dir: Path, updates: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A small, fast, fp32 run of a tiny model; `updates` are merged section by section."""
+    base = {
+        "name": "tiny",
+        "runs_dir": str(runs_dir),
+        "budget": 1_000_000,
+        "model": {"name": str(model_dir), "max_length": 64},
+        "data": {"train": "unused.csv", "validation_fraction": 0.2},
+        "lora": {"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": ["query", "value"]},
+        "train": {"epochs": 1, "batch_size": 8, "eval_batch_size": 32, "precision": "fp32", "logging_steps": 1},
+    }
+    return deep_merge(base, updates or {})
+
+
+@pytest.fixture
+def make_config(tmp_path: Path) -> Callable[..., RunConfig]:
+    """make_config(model_dir, {section: {key: value}}) -> RunConfig, with runs_dir under the test's tmp folder."""
+
+    def make(model_dir: Path, updates: dict[str, Any] | None = None) -> RunConfig:
+        return from_dict(RunConfig, tiny_config_dict(model_dir, tmp_path / "runs", updates))
+
+    return make

@@ -1,0 +1,393 @@
+"""Every loader on real AG News rows, the checks that name file/row/column, and the stratified seeded split."""
+
+from __future__ import annotations
+
+import csv
+import json
+import pickle
+import re
+from collections import Counter
+from pathlib import Path
+
+import datasets
+import pandas as pd
+import pytest
+
+from budgetlora.config import DataConfig
+from budgetlora.data import DataError, load_columns, load_table, split_train_validation
+
+from .conftest import AG_NEWS_DIR, LABELS, requires_shared_ag_news
+
+Rows = list[tuple[str, int]]
+
+
+def texts_of(rows: Rows) -> list[str]:
+    return [text.strip() for text, _ in rows]
+
+
+def labels_of(rows: Rows) -> list[int]:
+    return [label for _, label in rows]
+
+
+def split_text(text: str) -> tuple[str, str]:
+    """A real text cut at its third space: headline-like part and body; joined with a space, the original again."""
+    words = text.split(" ")
+    return " ".join(words[:3]), " ".join(words[3:])
+
+
+def write_csv(path: Path, header: list[str], rows: list[list[object]]) -> Path:
+    with path.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(header)
+        writer.writerows(rows)
+    return path
+
+
+# --- every loader, real rows ------------------------------------------------------------------------------------
+
+@requires_shared_ag_news
+def test_original_headerless_ag_news_csv() -> None:
+    path = AG_NEWS_DIR / "test.csv"
+    with path.open(newline="", encoding="utf-8") as handle:
+        raw = list(csv.reader(handle))
+    table = load_table(str(path), DataConfig(), labelled=True)
+    assert len(table) == len(raw) == 7600
+    assert table["text"][:] == [f"{title} {description}".strip() for _, title, description in raw]
+    assert table["label"][:] == [int(cls) - 1 for cls, _, _ in raw]
+    assert Counter(table["label"][:]) == dict.fromkeys(range(4), 1900)
+    assert table.column_names == ["text", "label"]
+
+
+@requires_shared_ag_news
+def test_original_format_class_outside_1_to_4_names_the_row(tmp_path: Path) -> None:
+    with (AG_NEWS_DIR / "test.csv").open(newline="", encoding="utf-8") as handle:
+        raw = [row for _, row in zip(range(5), csv.reader(handle), strict=False)]
+    raw[3][0] = "5"
+    path = tmp_path / "bad_class.csv"
+    with path.open("w", newline="", encoding="utf-8") as handle:
+        csv.writer(handle, quoting=csv.QUOTE_ALL).writerows(raw)
+    with pytest.raises(DataError, match=rf"^{re.escape(str(path))}, row 4: AG News class must be 1-4, got '5'$"):
+        load_table(str(path), DataConfig(), labelled=True)
+
+
+def test_header_csv(news_csv: Path, news_rows: Rows) -> None:
+    table = load_table(str(news_csv), DataConfig(), labelled=True)
+    assert table["text"][:] == texts_of(news_rows)
+    assert table["label"][:] == labels_of(news_rows)
+    assert Counter(table["label"][:]) == dict.fromkeys(range(4), 50)
+
+
+def test_header_csv_with_several_text_columns_label_names_and_ids(tmp_path: Path, news_rows: Rows) -> None:
+    rows = [[f"n{i:03d}", *split_text(text), LABELS[label], "ignored"] for i, (text, label) in enumerate(news_rows)]
+    path = write_csv(tmp_path / "news.csv", ["key", "headline", "body", "category", "source"], rows)
+    data = DataConfig(text_columns=["headline", "body"], label_column="category", id_column="key")
+    table = load_table(str(path), data, labelled=True)
+    assert table["text"][:] == texts_of(news_rows)
+    assert table["label"][:] == labels_of(news_rows)
+    assert table["id"][:] == [f"n{i:03d}" for i in range(len(news_rows))]
+    assert sorted(table.column_names) == ["id", "label", "text"]
+
+
+def test_label_column_holding_indices_under_another_name(tmp_path: Path, news_rows: Rows) -> None:
+    path = write_csv(tmp_path / "y.csv", ["y", "text"], [[label, text] for text, label in news_rows])
+    table = load_table(str(path), DataConfig(label_column="y"), labelled=True)
+    assert table["label"][:] == labels_of(news_rows)
+
+
+def test_ids_keep_their_text_form(tmp_path: Path, news_rows: Rows) -> None:
+    path = write_csv(tmp_path / "ids.csv", ["ID", "text"], [[f"{i:04d}", text] for i, (text, _) in
+                                                           enumerate(news_rows[:5])])
+    table = load_table(str(path), DataConfig(), labelled=False)
+    assert table["id"][:] == ["0000", "0001", "0002", "0003", "0004"]
+    assert "label" not in table.column_names
+
+
+def test_unlabelled_loading_needs_no_label_column(tmp_path: Path, news_rows: Rows) -> None:
+    path = write_csv(tmp_path / "texts.csv", ["text"], [[text] for text, _ in news_rows])
+    table = load_table(str(path), DataConfig(), labelled=False)
+    assert table.column_names == ["text"]
+    assert table["text"][:] == texts_of(news_rows)
+
+
+def test_jsonl(tmp_path: Path, news_rows: Rows) -> None:
+    path = tmp_path / "news.jsonl"
+    path.write_text("".join(json.dumps({"text": text, "label": LABELS[label]}, ensure_ascii=False) + "\n"
+                            for text, label in news_rows), encoding="utf-8")
+    table = load_table(str(path), DataConfig(), labelled=True)
+    assert table["text"][:] == texts_of(news_rows)
+    assert table["label"][:] == labels_of(news_rows)
+
+
+def test_parquet(tmp_path: Path, news_rows: Rows) -> None:
+    path = tmp_path / "news.parquet"
+    pd.DataFrame({"ID": range(100, 100 + len(news_rows)), "text": [t for t, _ in news_rows],
+                  "label": labels_of(news_rows)}).to_parquet(path)
+    table = load_table(str(path), DataConfig(), labelled=True)
+    assert table["text"][:] == texts_of(news_rows)
+    assert table["label"][:] == labels_of(news_rows)
+    assert table["id"][:] == [str(i) for i in range(100, 100 + len(news_rows))]
+
+
+def test_pickled_shuffled_dataset_is_read_in_its_own_order(tmp_path: Path, news_rows: Rows) -> None:
+    dataset = datasets.Dataset.from_dict({"text": [t for t, _ in news_rows], "label": labels_of(news_rows)})
+    shuffled = dataset.shuffle(seed=0)
+    raw_order = shuffled.data.column("text").to_pylist()  # the Arrow table behind the indices mapping
+    assert raw_order == [t for t, _ in news_rows] != list(shuffled["text"])  # the test means something
+    path = tmp_path / "news.pkl"
+    path.write_bytes(pickle.dumps(shuffled))
+    table = load_table(str(path), DataConfig(), labelled=True)
+    assert table["text"][:] == [text.strip() for text in shuffled["text"]]
+    assert table["label"][:] == list(shuffled["label"])
+
+
+def test_pickled_text_only_dataset(tmp_path: Path, news_rows: Rows) -> None:
+    shuffled = datasets.Dataset.from_dict({"text": [t for t, _ in news_rows]}).shuffle(seed=0)
+    path = tmp_path / "texts.pickle"
+    path.write_bytes(pickle.dumps(shuffled))
+    table = load_table(str(path), DataConfig(), labelled=False)
+    assert table["text"][:] == [text.strip() for text in shuffled["text"]]
+
+
+def pickled_frame(tmp_path: Path, news_rows: Rows) -> tuple[Path, pd.DataFrame]:
+    frame = pd.DataFrame({"text": [t for t, _ in news_rows], "label": labels_of(news_rows)})
+    frame = frame.sample(frac=1, random_state=0)
+    path = tmp_path / "news.pkl"
+    frame.to_pickle(path)
+    return path, frame
+
+
+def test_pickled_dataframe_when_trusted(tmp_path: Path, news_rows: Rows) -> None:
+    path, frame = pickled_frame(tmp_path, news_rows)
+    table = load_table(str(path), DataConfig(trust_pickle=True), labelled=True)
+    assert table["text"][:] == [text.strip() for text in frame["text"]]
+    assert table["label"][:] == frame["label"].tolist()
+
+
+def test_pickled_dataframe_with_integer_labels_loads_safely(tmp_path: Path, news_rows: Rows) -> None:
+    path, frame = pickled_frame(tmp_path, news_rows)
+    table = load_table(str(path), DataConfig(), labelled=True)
+    assert table["label"][:] == frame["label"].tolist()
+
+
+def test_pickled_dataframe_of_strings_loads_safely(tmp_path: Path, news_rows: Rows) -> None:
+    frame = pd.DataFrame({"text": [t for t, _ in news_rows], "label": [LABELS[y] for _, y in news_rows]})
+    path = tmp_path / "names.pkl"
+    frame.to_pickle(path)
+    table = load_table(str(path), DataConfig(), labelled=True)
+    assert table["text"][:] == texts_of(news_rows)
+    assert table["label"][:] == labels_of(news_rows)
+
+
+class _RunsCode:
+    """What a hostile pickle does: unpickling calls an arbitrary function (here, one that creates a file)."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[object, tuple[str, str]]:
+        return (open, (str(self.marker), "w"))
+
+
+def test_a_pickle_that_runs_code_is_refused(tmp_path: Path) -> None:
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.pkl"
+    path.write_bytes(pickle.dumps({"text": ["a"], "payload": _RunsCode(marker)}))
+    with pytest.raises(DataError, match=rf"^{re.escape(str(path))}: refused to load: the pickle asks for \S*open,"):
+        load_table(str(path), DataConfig(), labelled=False)
+    assert not marker.exists()
+
+
+def test_a_pickle_of_something_else_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "list.pkl"
+    path.write_bytes(pickle.dumps(["a", "b"]))
+    expected = f"{path}: expected a pickled datasets.Dataset or pandas DataFrame, got list"
+    with pytest.raises(DataError, match=f"^{re.escape(expected)}$"):
+        load_table(str(path), DataConfig(), labelled=False)
+
+
+def test_json_array_file_loads_or_is_a_data_error_naming_the_file(tmp_path: Path, news_rows: Rows) -> None:
+    path = tmp_path / "news.json"
+    path.write_text(json.dumps([{"text": t, "label": y} for t, y in news_rows[:10]], indent=2), encoding="utf-8")
+    try:
+        table = load_table(str(path), DataConfig(), labelled=True)
+    except DataError as error:
+        assert str(path) in str(error)
+        return
+    assert table["text"][:] == texts_of(news_rows[:10])
+
+
+# --- Hub names ----------------------------------------------------------------------------------------------------
+
+def test_a_hub_name_goes_to_datasets_and_the_error_names_it() -> None:
+    # Offline, datasets.load_dataset is reached, fails, and the error names the dataset (not 'no such file').
+    with pytest.raises(DataError) as error:
+        load_columns("budgetlora_no_such_dataset:test", DataConfig())
+    message = str(error.value)
+    assert message.startswith("budgetlora_no_such_dataset:test: ")
+    assert "Hub" in message and "'budgetlora_no_such_dataset'" in message
+    assert "no such file" not in message
+
+
+def test_a_namespaced_hub_name_goes_to_datasets() -> None:
+    with pytest.raises(Exception) as error:  # noqa: B017 - offline, datasets fails; the point is that it is asked
+        load_columns("budgetlora-tests/no_such_dataset", DataConfig())
+    assert "no such file" not in str(error.value)
+    assert "budgetlora-tests/no_such_dataset" in str(error.value)
+
+
+def test_a_missing_file_is_a_data_error(tmp_path: Path) -> None:
+    source = str(tmp_path / "absent.csv")
+    with pytest.raises(DataError, match=rf"^{re.escape(source)}: no such file$"):
+        load_table(source, DataConfig(), labelled=True)
+    # Without a suffix it may be a Hub id ("owner/name"): the error says it is neither.
+    with pytest.raises(DataError, match=r"^sub/absent: not a file, and the Hugging Face Hub could not provide"):
+        load_table("sub/absent", DataConfig(), labelled=True)
+
+
+# --- errors that name the file, row or column ------------------------------------------------------------------
+
+def test_missing_text_column_names_file_and_column(tmp_path: Path, news_rows: Rows) -> None:
+    path = write_csv(tmp_path / "body.csv", ["body", "label"], [[t, y] for t, y in news_rows[:3]])
+    with pytest.raises(DataError) as error:
+        load_table(str(path), DataConfig(), labelled=True)
+    assert str(error.value) == (f"{path}: no column 'text' (data.text_columns); columns present: ['body', 'label']")
+
+
+def test_missing_second_text_column_is_named(tmp_path: Path, news_rows: Rows) -> None:
+    path = write_csv(tmp_path / "t.csv", ["title", "label"], [[t, y] for t, y in news_rows[:3]])
+    with pytest.raises(DataError, match=rf"^{re.escape(str(path))}: no column 'description'"):
+        load_table(str(path), DataConfig(text_columns=["title", "description"]), labelled=True)
+
+
+def test_missing_label_column_names_file_and_column(tmp_path: Path, news_rows: Rows) -> None:
+    path = write_csv(tmp_path / "nolabel.csv", ["text"], [[t] for t, _ in news_rows[:3]])
+    expected = f"{path}: no label column 'label' (data.label_column); columns present: ['text']"
+    with pytest.raises(DataError, match=f"^{re.escape(expected)}$"):
+        load_table(str(path), DataConfig(), labelled=True)
+
+
+@pytest.mark.parametrize("blank", ["", "   ", "\t"])
+def test_empty_text_names_the_row(tmp_path: Path, news_rows: Rows, blank: str) -> None:
+    rows = [[t, y] for t, y in news_rows[:5]]
+    rows[2][0] = blank
+    path = write_csv(tmp_path / "blank.csv", ["text", "label"], rows)
+    with pytest.raises(DataError, match=rf"^{re.escape(str(path))}, row 3: the text is empty or only whitespace$"):
+        load_table(str(path), DataConfig(), labelled=True)
+
+
+def test_empty_joined_text_names_the_row(tmp_path: Path, news_rows: Rows) -> None:
+    rows = [[*split_text(t), y] for t, y in news_rows[:5]]
+    rows[4][:2] = ["", " "]
+    path = write_csv(tmp_path / "blank2.csv", ["title", "body", "label"], rows)
+    with pytest.raises(DataError, match=r", row 5: the text is empty"):
+        load_table(str(path), DataConfig(text_columns=["title", "body"]), labelled=True)
+
+
+def test_null_text_names_the_row(tmp_path: Path, news_rows: Rows) -> None:
+    path = tmp_path / "null.parquet"
+    texts: list[str | None] = [t for t, _ in news_rows[:4]]
+    texts[1] = None
+    pd.DataFrame({"text": texts, "label": labels_of(news_rows[:4])}).to_parquet(path)
+    with pytest.raises(DataError, match=rf"^{re.escape(str(path))}, row 2: the text is missing \(null/NaN\)$"):
+        load_table(str(path), DataConfig(), labelled=True)
+
+
+def test_duplicate_ids_name_both_rows(tmp_path: Path, news_rows: Rows) -> None:
+    rows = [[i, t] for i, (t, _) in enumerate(news_rows[:6])]
+    rows[4][0] = 1
+    path = write_csv(tmp_path / "dup.csv", ["ID", "text"], rows)
+    with pytest.raises(DataError, match=rf"^{re.escape(str(path))}, row 5: duplicate ID '1' \(first at row 2\)$"):
+        load_table(str(path), DataConfig(), labelled=False)
+
+
+@pytest.mark.parametrize("bad", ["4", "-1", "Politics", "1.5", "world"])
+def test_label_out_of_range_names_the_row_and_value(tmp_path: Path, news_rows: Rows, bad: str) -> None:
+    rows = [[t, y] for t, y in news_rows[:5]]
+    rows[1][1] = bad
+    path = write_csv(tmp_path / "labels.csv", ["text", "label"], rows)
+    with pytest.raises(DataError) as error:
+        load_table(str(path), DataConfig(), labelled=True)
+    message = str(error.value)
+    assert message.startswith(f"{path}, row 2: label ")
+    assert bad.lstrip("-") in message
+    assert "is neither an index 0-3 nor one of data.label_names" in message
+
+
+def test_label_index_must_fit_the_configured_names(tmp_path: Path, news_rows: Rows) -> None:
+    rows = [[t, y] for t, y in news_rows if y in (0, 3)][:6]
+    path = write_csv(tmp_path / "two.csv", ["text", "label"], rows)
+    with pytest.raises(DataError, match=r"label 3 is neither an index 0-1"):
+        load_table(str(path), DataConfig(label_names=["neg", "pos"]), labelled=True)
+
+
+def test_unreadable_files_are_data_errors_naming_the_file(tmp_path: Path) -> None:
+    cases = {
+        "empty.csv": (b"", "the file is empty"),
+        "header_only.csv": (b"text,label\n", "holds no rows"),
+        "latin1.csv": ("text,label\ncaf\u00e9 au lait,1\n".encode("latin-1"), "not UTF-8 text"),
+        "ragged.csv": (b"text,label\na,1\nb,2,3\n", "malformed file"),
+        "notes.txt": (b"text\n", "unknown file type '.txt'"),
+    }
+    for name, (content, message) in cases.items():
+        path = tmp_path / name
+        path.write_bytes(content)
+        with pytest.raises(DataError, match=rf"^{re.escape(str(path))}: .*{message}"):
+            load_table(str(path), DataConfig(), labelled=True)
+
+
+# --- the stratified, seeded split -------------------------------------------------------------------------------
+
+def news_table(news_rows: Rows) -> datasets.Dataset:
+    return datasets.Dataset.from_dict({"text": [t for t, _ in news_rows], "label": labels_of(news_rows)})
+
+
+def assert_class_shares_kept(part: datasets.Dataset, whole: list[int], fraction: float) -> None:
+    counts = Counter(part["label"][:])
+    for label, total in Counter(whole).items():
+        assert abs(counts[label] - fraction * total) <= 1, (label, counts[label], fraction * total)
+
+
+def test_split_is_a_stratified_partition(news_rows: Rows) -> None:
+    table = news_table(news_rows)
+    data = DataConfig(validation_fraction=0.2, split_seed=3)
+    train, validation = split_train_validation(table, data)
+    assert (len(train), len(validation)) == (160, 40)
+    assert sorted(train["text"][:] + validation["text"][:]) == sorted(table["text"][:])
+    assert not set(train["text"][:]) & set(validation["text"][:])
+    assert_class_shares_kept(validation, labels_of(news_rows), 0.2)
+    assert_class_shares_kept(train, labels_of(news_rows), 0.8)
+    # Rows keep their file order within each part.
+    order = {text: i for i, text in enumerate(table["text"][:])}
+    assert [order[t] for t in train["text"][:]] == sorted(order[t] for t in train["text"][:])
+
+
+def test_split_with_uneven_classes_keeps_shares_within_one_row(news_rows: Rows) -> None:
+    uneven = [row for row in news_rows if row[1] != 2] + [row for row in news_rows if row[1] == 2][:13]
+    train, validation = split_train_validation(news_table(uneven), DataConfig(validation_fraction=0.1))
+    assert len(train) + len(validation) == len(uneven)
+    assert_class_shares_kept(validation, labels_of(uneven), 0.1)
+
+
+def test_split_is_seeded(news_rows: Rows) -> None:
+    table = news_table(news_rows)
+    first = split_train_validation(table, DataConfig(split_seed=1, validation_fraction=0.1))[1]["text"][:]
+    again = split_train_validation(table, DataConfig(split_seed=1, validation_fraction=0.1))[1]["text"][:]
+    other = split_train_validation(table, DataConfig(split_seed=2, validation_fraction=0.1))[1]["text"][:]
+    assert first == again
+    assert first != other
+
+
+def test_max_train_rows_takes_a_stratified_sample(news_rows: Rows) -> None:
+    data = DataConfig(max_train_rows=100, validation_fraction=0.1, split_seed=0)
+    train, validation = split_train_validation(news_table(news_rows), data)
+    assert len(train) + len(validation) == 100
+    assert len(validation) == 10
+    sample = train["label"][:] + validation["label"][:]
+    assert Counter(sample) == dict.fromkeys(range(4), 25)
+    assert split_train_validation(news_table(news_rows), data)[0]["text"][:] == train["text"][:]
+
+
+def test_too_few_rows_of_a_class_to_split_is_a_data_error(news_rows: Rows) -> None:
+    rows = [row for row in news_rows if row[1] != 3] + [row for row in news_rows if row[1] == 3][:1]
+    with pytest.raises(DataError, match=r"^cannot split 151 rows 80%/20% by class"):
+        split_train_validation(news_table(rows), DataConfig(validation_fraction=0.2))

@@ -1,0 +1,59 @@
+"""`budgetlora plan`: every candidate fits the budget at its largest rank, and its overrides reproduce its count."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from budgetlora.budget import count_parameters
+from budgetlora.cli import main
+from budgetlora.config import RunConfig, load_config
+from budgetlora.planner import MAX_RANK, Candidate, plan
+
+BUDGET = 5000
+
+
+@pytest.fixture(scope="module")
+def candidates(tiny_roberta_dir: Path) -> tuple[RunConfig, list[Candidate]]:
+    config = load_config(None, [f"model.name={tiny_roberta_dir}"])
+    return config, plan(config, BUDGET)
+
+
+def from_overrides(config: RunConfig, candidate: Candidate, *extra: str) -> RunConfig:
+    """The config a user gets by pasting the candidate's overrides (plus `extra`) on the command line."""
+    return load_config(None, [f"model.name={config.model.name}", *candidate.overrides().split(" "), *extra])
+
+
+def test_every_candidate_fits_at_its_largest_rank(candidates: tuple[RunConfig, list[Candidate]]) -> None:
+    config, found = candidates
+    assert len(found) >= 10
+    for candidate in found:
+        assert 1 <= candidate.rank <= MAX_RANK
+        assert candidate.report.trainable <= BUDGET
+        if candidate.rank < MAX_RANK:
+            one_more = from_overrides(config, candidate, f"lora.r={candidate.rank + 1}")
+            assert count_parameters(one_more).trainable > BUDGET, candidate.overrides()
+
+
+def test_candidate_overrides_reproduce_the_count(candidates: tuple[RunConfig, list[Candidate]]) -> None:
+    config, found = candidates
+    for candidate in found:
+        report = count_parameters(from_overrides(config, candidate))
+        assert report.trainable == candidate.report.trainable, candidate.overrides()
+        assert report.groups == candidate.report.groups
+
+
+def test_candidates_are_ordered_by_coverage_then_lora_share(candidates: tuple[RunConfig, list[Candidate]]) -> None:
+    _, found = candidates
+    keys = [(candidate.coverage, candidate.lora_params) for candidate in found]
+    assert keys == sorted(keys, reverse=True)
+
+
+def test_cli_plan_lists_the_candidates(tiny_roberta_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["plan", "--budget", str(BUDGET), "--top", "3", f"model.name={tiny_roberta_dir}"]) == 0
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if re.match(r"^\s+[123]\s+\S", line)]
+    assert len(rows) == 6  # three table rows and three override lines
+    assert f"shapes fit {BUDGET:,}" in out
