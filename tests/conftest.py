@@ -12,10 +12,11 @@ import os
 # datasets, so no test can reach the network. The autouse fixture below sets it again per test, through monkeypatch.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import contextlib  # noqa: E402
 import copy  # noqa: E402
 import csv  # noqa: E402
 import string  # noqa: E402
-from collections.abc import Callable  # noqa: E402
+from collections.abc import Callable, Iterator  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
@@ -164,6 +165,15 @@ def news_rows() -> list[tuple[str, int]]:
             rows.append((text, label))
     assert set(taken.values()) == {ROWS_PER_CLASS}, f"{source} lacks {ROWS_PER_CLASS} rows of some class: {taken}"
     return rows
+
+
+@contextlib.contextmanager
+def isolated_cache(folder: Path) -> Iterator[None]:
+    """The autouse fixture isolates each test; module-scoped trainings set the cache folder (and offline) themselves."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("BUDGETLORA_CACHE", str(folder / "budgetlora-cache"))
+        patch.setenv("HF_HUB_OFFLINE", "1")
+        yield
 
 
 def write_news_csv(path: Path, rows: list[tuple[str, int]]) -> Path:

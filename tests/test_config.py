@@ -23,7 +23,7 @@ from budgetlora.config import (
 
 from .conftest import CONFIGS_DIR
 
-SHIPPED_CONFIGS = sorted(CONFIGS_DIR.glob("*.yaml"))
+SHIPPED_CONFIGS = sorted(CONFIGS_DIR.rglob("*.yaml"))
 
 
 def write_yaml(path: Path, values: object) -> Path:

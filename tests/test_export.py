@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import json
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +19,7 @@ from budgetlora.infer import predict_logits, predict_run
 from budgetlora.modeling import load_run_model, load_tokenizer
 from budgetlora.train import train
 
-from .conftest import LABELS, tiny_config_dict, write_news_csv
+from .conftest import LABELS, isolated_cache, tiny_config_dict, write_news_csv
 
 Rows = list[tuple[str, int]]
 MAX_LENGTH = 64
@@ -52,14 +50,6 @@ for name, folder in request["folders"].items():
     answers[name] = classify(request["texts"], top_k=None)
 print(json.dumps({"answers": answers, "peft_loaded": "peft" in sys.modules and sys.modules["peft"] is not None}))
 """
-
-
-@contextlib.contextmanager
-def isolated_cache(folder: Path) -> Iterator[None]:
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("BUDGETLORA_CACHE", str(folder / "budgetlora-cache"))
-        patch.setenv("HF_HUB_OFFLINE", "1")
-        yield
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,6 @@ import csv
 import io
 import json
 import os
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,7 +27,7 @@ from budgetlora.infer import predict_logits
 from budgetlora.modeling import build_base_model, load_run_model, load_tokenizer
 from budgetlora.train import RunExistsError, TrainResult, train
 
-from .conftest import AG_NEWS_DIR, LABELS, requires_shared_ag_news, tiny_config_dict, write_news_csv
+from .conftest import AG_NEWS_DIR, LABELS, isolated_cache, requires_shared_ag_news, tiny_config_dict, write_news_csv
 
 Rows = list[tuple[str, int]]
 TRAIN_SETTINGS = {
@@ -39,15 +38,6 @@ TRAIN_SETTINGS = {
               "logging_steps": 1, "seed": 42},
 }
 TRAINABLE = 3236  # 2 layers x 2 modules x 8 x (32 + 32) LoRA + 1,188 head (32x32+32 dense, 32x4+4 out_proj)
-
-
-@contextlib.contextmanager
-def isolated_cache(folder: Path) -> Iterator[None]:
-    """The autouse cache fixture is per test; module-scoped trainings set the cache folder themselves."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("BUDGETLORA_CACHE", str(folder / "budgetlora-cache"))
-        patch.setenv("HF_HUB_OFFLINE", "1")
-        yield
 
 
 def run_cli(argv: list[str]) -> tuple[int, str]:

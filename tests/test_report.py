@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -15,18 +13,10 @@ from budgetlora.infer import evaluate_run
 from budgetlora.report import ReportError, write_report
 from budgetlora.train import train
 
-from .conftest import LABELS, tiny_config_dict, write_news_csv
+from .conftest import LABELS, isolated_cache, tiny_config_dict, write_news_csv
 
 Rows = list[tuple[str, int]]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-
-
-@contextlib.contextmanager
-def isolated_cache(folder: Path) -> Iterator[None]:
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("BUDGETLORA_CACHE", str(folder / "budgetlora-cache"))
-        patch.setenv("HF_HUB_OFFLINE", "1")
-        yield
 
 
 @pytest.fixture(scope="module")

@@ -70,3 +70,30 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_finishes(tmp_path: Path, tiny_robe
                           env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     assert json.loads((run / "metrics.json").read_text())["validation"]["rows"] == 40
+
+
+def test_kill_9_then_resume_ends_like_an_uninterrupted_run(tmp_path: Path, tiny_roberta_dir: Path, news_csv: Path,
+                                                           make_config: Callable[..., RunConfig]) -> None:
+    updates = {"data": {"train": str(news_csv)}, "train": {"epochs": 3, "learning_rate": 5e-3}}
+    whole = train(make_config(tiny_roberta_dir, {**updates, "name": "whole"}))
+
+    config_file = tmp_path / "run.yaml"
+    config_file.write_text(yaml.safe_dump(tiny_config_dict(tiny_roberta_dir, tmp_path / "runs",
+                                                           {**updates, "name": "killed"})))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen([sys.executable, "-m", "budgetlora.cli", "train", "--config", str(config_file)],
+                               cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    run = tmp_path / "runs" / "killed"
+    for line in process.stdout:  # the first evaluation has been logged: its checkpoint is being written
+        if "'eval_loss'" in line:
+            process.kill()  # SIGKILL: no handler, no cleanup
+            break
+    process.wait(timeout=60)
+    assert process.returncode == -signal.SIGKILL
+    assert not (run / "metrics.json").exists()
+
+    done = subprocess.run([sys.executable, "-m", "budgetlora.cli", "train", "--resume", str(run)], cwd=tmp_path,
+                          env=env, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr[-2000:]
+    resumed = json.loads((run / "metrics.json").read_text())
+    assert resumed["validation"] == whole.metrics["validation"]

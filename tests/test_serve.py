@@ -25,7 +25,7 @@ from budgetlora.modeling import load_run_model, load_tokenizer
 from budgetlora.serve import create_app
 from budgetlora.train import train
 
-from .conftest import LABELS, tiny_config_dict, write_news_csv
+from .conftest import LABELS, isolated_cache, tiny_config_dict, write_news_csv
 
 Rows = list[tuple[str, int]]
 Logits = Callable[[list[str]], np.ndarray]
@@ -40,11 +40,24 @@ class Server:
 
 
 @contextlib.contextmanager
-def isolated_cache(folder: Path) -> Iterator[None]:
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("BUDGETLORA_CACHE", str(folder / "budgetlora-cache"))
-        patch.setenv("HF_HUB_OFFLINE", "1")
-        yield
+def running(app: FastAPI) -> Iterator[str]:
+    """Serve `app` with uvicorn in a thread on a free port of 127.0.0.1; yield its base URL."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))  # a free port, held from here on: no race with another process
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, log_level="critical"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+        sock.close()
 
 
 @pytest.fixture(scope="module")
@@ -56,20 +69,8 @@ def server(tmp_path_factory: pytest.TempPathFactory, tiny_roberta_dir: Path, new
         run_dir = train(from_dict(RunConfig, values)).run_dir
     # A wide batch window, so that requests sent together reliably meet in one batch on a slow machine.
     app = create_app(run_dir, max_texts=MAX_TEXTS, max_chars=MAX_CHARS, batch_window_ms=100)
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))  # a free port, held from here on: no race with another process
-    port = sock.getsockname()[1]
-    uv = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-    thread = threading.Thread(target=uv.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not uv.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.02)
-    yield Server(f"http://127.0.0.1:{port}", app, run_dir)
-    uv.should_exit = True
-    thread.join(timeout=10)
-    sock.close()
+    with running(app) as base:
+        yield Server(base, app, run_dir)
 
 
 @pytest.fixture(scope="module")

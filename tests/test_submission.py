@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
 import csv
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -14,17 +12,9 @@ from budgetlora.infer import predict_run
 from budgetlora.submission import SubmissionError, validate_submission
 from budgetlora.train import train
 
-from .conftest import LABELS, tiny_config_dict, write_news_csv
+from .conftest import LABELS, isolated_cache, tiny_config_dict, write_news_csv
 
 Rows = list[tuple[str, int]]
-
-
-@contextlib.contextmanager
-def isolated_cache(folder: Path) -> Iterator[None]:
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("BUDGETLORA_CACHE", str(folder / "budgetlora-cache"))
-        patch.setenv("HF_HUB_OFFLINE", "1")
-        yield
 
 
 @pytest.fixture(scope="module")

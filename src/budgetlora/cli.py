@@ -11,10 +11,11 @@ from .budget import BudgetError, count_parameters
 from .config import ConfigError, load_config
 from .data import DataError
 from .modeling import ModelLoadError, RunFolderError
+from .submission import SubmissionError
 
-# Errors that are the user's to fix: printed as one clear line, no traceback.
-USER_ERRORS = (ConfigError, DataError, BudgetError, ModelLoadError, RunFolderError, FileNotFoundError,
-               FileExistsError)
+# Errors that are the user's to fix: printed as one clear line, no traceback. OSError covers missing files, disk
+# full and permission errors; its message names the path.
+USER_ERRORS = (ConfigError, DataError, BudgetError, ModelLoadError, RunFolderError, SubmissionError, OSError)
 
 
 def cmd_params(args: argparse.Namespace) -> int:
@@ -84,6 +85,41 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     labels = predict_run(Path(args.run), args.input, Path(args.output), trust_pickle=args.trust_pickle)
     print(f"wrote {len(labels):,} predictions to {args.output}")
+    if args.format == "kaggle":
+        from .modeling import read_labels
+        from .submission import validate_submission
+
+        print(validate_submission(Path(args.output), len(labels), len(read_labels(Path(args.run)))))
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .export import export_run
+
+    out = export_run(Path(args.run), Path(args.out))
+    print(f"exported {args.run} to {out}; load it with "
+          f"transformers.pipeline(\"text-classification\", model=\"{out}\", truncation=True)")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from .report import ReportError, write_report
+
+    try:
+        written = write_report(Path(args.run))
+    except ReportError as error:  # not in USER_ERRORS: importing report.py there would slow every command
+        print(f"budgetlora: error: {error}", file=sys.stderr)
+        return 2
+    for path in written:
+        print(path)
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .serve import serve
+
+    serve(Path(args.run), host=args.host, port=args.port, max_texts=args.max_texts, max_chars=args.max_chars,
+          batch_window_ms=args.batch_window_ms)
     return 0
 
 
@@ -129,7 +165,28 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--input", required=True, help="file or Hub dataset (name or name:split)")
     predict.add_argument("--output", required=True, help="CSV to write (atomically)")
     predict.add_argument("--trust-pickle", action="store_true", help=trust_help)
+    predict.add_argument("--format", choices=["csv", "kaggle"], default="csv",
+                         help="kaggle: also check the file (header ID,Label, IDs 0..N-1, labels in range)")
     predict.set_defaults(func=cmd_predict)
+
+    export = commands.add_parser("export", help="merge LoRA into the model: a plain transformers folder (no peft)")
+    export.add_argument("--run", required=True)
+    export.add_argument("--out", required=True, help="folder to create (must not exist, or be empty)")
+    export.set_defaults(func=cmd_export)
+
+    report = commands.add_parser("report", help="plots and summary.md of a run, in <run>/report/")
+    report.add_argument("--run", required=True)
+    report.set_defaults(func=cmd_report)
+
+    serve = commands.add_parser("serve", help="HTTP API over a run: POST /predict, GET /health, /docs")
+    serve.add_argument("--run", required=True)
+    serve.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to listen on every interface")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--max-texts", type=int, default=64, help="most texts in one request")
+    serve.add_argument("--max-chars", type=int, default=2000, help="longest text, in characters")
+    serve.add_argument("--batch-window-ms", type=float, default=5.0,
+                       help="how long the worker waits for more requests to batch with the first")
+    serve.set_defaults(func=cmd_serve)
     return parser
 
 

@@ -11,16 +11,12 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import matplotlib
+from .files import atomic_write_text
 
-matplotlib.use("Agg")  # files only: no display, and the same output on a headless server
-
-import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
-
-from .files import atomic_write_text  # noqa: E402
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 REPORT_DIR = "report"
 
@@ -38,11 +34,19 @@ def _read_json(path: Path) -> Any:
         raise ReportError(f"{path}: not valid JSON ({error})") from None
 
 
+def _figure(**kwargs: Any) -> Figure:
+    """A bare matplotlib Figure: no pyplot, so no global backend or figure list (safe in servers and threads)."""
+    try:
+        from matplotlib.figure import Figure
+    except ImportError as error:
+        raise ImportError("budgetlora report needs matplotlib: pip install 'budgetlora[report]'") from error
+    return Figure(**kwargs)
+
+
 def _save_png(figure: Figure, path: Path) -> Path:
-    """Render to memory, then replace the file: a crash never leaves half a PNG."""
+    """Render to memory (Agg, via savefig's format), then replace the file: a crash never leaves half a PNG."""
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=120, bbox_inches="tight")
-    plt.close(figure)
     handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(handle, "wb") as out:
@@ -58,7 +62,8 @@ def plot_training(history: list[dict[str, Any]], path: Path) -> Path:
     """Training loss by step; validation loss and accuracy by epoch (one evaluation an epoch)."""
     train = [(entry["step"], entry["loss"]) for entry in history if "loss" in entry]
     evals = [entry for entry in history if "eval_loss" in entry]
-    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    figure = _figure(figsize=(11, 4))
+    left, right = figure.subplots(1, 2)
     if train:
         left.plot(*zip(*train, strict=True), color="tab:blue", linewidth=1)
     left.set(title="training loss", xlabel="step", ylabel="loss")
@@ -66,6 +71,7 @@ def plot_training(history: list[dict[str, Any]], path: Path) -> Path:
     epochs = [entry["epoch"] for entry in evals]
     right.plot(epochs, [entry["eval_loss"] for entry in evals], "o-", color="tab:red", label="validation loss")
     right.set(title="validation", xlabel="epoch", ylabel="loss")
+    right.locator_params(axis="x", nbins=6)  # a single evaluation would otherwise crowd the axis with ticks
     right.grid(alpha=0.3)
     if any("eval_accuracy" in entry for entry in evals):
         accuracy = right.twinx()
@@ -81,7 +87,8 @@ def plot_confusion(metrics: dict[str, Any], title: str, path: Path) -> Path:
     """Confusion matrix (rows: true class, columns: predicted), counts written in the cells."""
     matrix, names = metrics["confusion_matrix"], metrics["label_names"]
     size = max(4.0, 0.7 * len(names) + 2)
-    figure, axes = plt.subplots(figsize=(size + 1, size))
+    figure = _figure(figsize=(size + 1, size))
+    axes = figure.subplots()
     image = axes.imshow(matrix, cmap="Blues")
     figure.colorbar(image, ax=axes, fraction=0.046)
     axes.set_xticks(range(len(names)), names, rotation=45, ha="right")

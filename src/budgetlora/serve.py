@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import numpy as np
-from fastapi import FastAPI, HTTPException
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -206,6 +207,15 @@ def create_app(run_dir: Path, *, max_texts: int = 64, max_chars: int = 2000, bat
     app.state.batch_stats = batcher.stats
     # 12 bytes a character: the longest JSON escape (a surrogate pair); the rest is the list's own syntax.
     app.add_middleware(BodySizeLimit, limit=max_texts * (12 * max_chars + 8) + 1024)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, error: RequestValidationError) -> JSONResponse:
+        # FastAPI's own handler echoes the input back, and that fails (a 500) for NaN, lone surrogates and bodies that
+        # are not UTF-8. The location and message say what is wrong without it.
+        detail = [{"loc": [str(part) for part in item.get("loc", ())], "type": str(item.get("type", "")),
+                   "msg": str(item.get("msg", "")).encode("utf-8", "replace").decode("utf-8")}
+                  for item in error.errors()]
+        return JSONResponse(status_code=422, content={"detail": detail})
 
     @app.get("/health")
     async def health() -> dict[str, Any]:

@@ -187,6 +187,7 @@ def train(config: RunConfig, *, resume: bool = False, callbacks: Sequence[Traine
     """
     params = check_budget(config)  # from the config alone: no weights, no data yet
     _check_run_dir(config, resume)
+    config.run_dir.mkdir(parents=True, exist_ok=True)  # an unwritable runs folder fails now, not after an epoch
     log.info("trainable parameters:\n%s", params.format())
     tokenizer = load_tokenizer(config.model)
     table = load_table(config.data.train, config.data, labelled=True)
