@@ -1,6 +1,6 @@
 """Accuracy parity: budgetlora's fast pipeline loses nothing against the reference pipeline (MiniLM, real weights).
 
-    python benchmarks/accuracy.py             # seed 42; --seeds 42 43 for more
+    python benchmarks/accuracy.py --fresh     # seed 42; --seeds 42 43 for more; on an otherwise idle machine
 
 Same recipe (LoRA r=8 alpha 32 lora_only on query/value, lr 1e-4, 1 epoch), same 8,000 training rows of
 train_subset.csv, same seed; only the pipeline differs:
@@ -27,8 +27,10 @@ PIPELINES = {"reference pipeline (pad 128, fp32, eager)": "configs/recipes/minil
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="*", default=[42])
+    parser.add_argument("--fresh", action="store_true", help="retrain even where a finished run exists (timings)")
     args = parser.parse_args()
-    results = {name: [run_recipe(config, seed) for seed in args.seeds] for name, config in PIPELINES.items()}
+    results = {name: [run_recipe(config, seed, fresh=args.fresh) for seed in args.seeds]
+               for name, config in PIPELINES.items()}
     rows = [[name, ",".join(str(r.seed) for r in runs),
              f"{statistics.mean(r.test_accuracy for r in runs):.2%}",
              f"{statistics.mean(r.test_macro_f1 for r in runs):.4f}",

@@ -7,6 +7,7 @@ interrupted benchmark picks up where it stopped.
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,13 +38,15 @@ class RecipeResult:
         return self.train_s + self.eval_s
 
 
-def run_recipe(config_path: str, seed: int, overrides: list[str] = ()) -> RecipeResult:
-    """Train `config_path` with `seed` (unless already done), evaluate on the official test split."""
+def run_recipe(config_path: str, seed: int, overrides: list[str] = (), *, fresh: bool = False) -> RecipeResult:
+    """Train `config_path` with `seed` (unless already done, or `fresh`), evaluate on the official test split."""
     if not TEST.is_file():
         raise SystemExit(f"{TEST} is missing: these benchmarks need ../shared/data/ag_news beside the project")
     config = load_config(ROOT / config_path, [f"train.seed={seed}", f"runs_dir={ROOT / RUNS}", *overrides])
     config.name = f"{config.name}-s{seed}"
     run_dir = config.run_dir
+    if fresh:
+        shutil.rmtree(run_dir, ignore_errors=True)
     timing_file = run_dir / "benchmark.json"
     if not timing_file.is_file():
         if not (run_dir / "metrics.json").is_file():

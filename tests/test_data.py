@@ -292,6 +292,15 @@ def test_null_text_names_the_row(tmp_path: Path, news_rows: Rows) -> None:
         load_table(str(path), DataConfig(), labelled=True)
 
 
+def test_nan_text_names_the_row(tmp_path: Path, news_rows: Rows) -> None:
+    path = tmp_path / "nan.pkl"
+    texts: list[str | float] = [t for t, _ in news_rows[:4]]
+    texts[2] = float("nan")
+    pd.DataFrame({"text": texts, "label": labels_of(news_rows[:4])}).to_pickle(path)
+    with pytest.raises(DataError, match=rf"^{re.escape(str(path))}, row 3: the text is missing \(null/NaN\)$"):
+        load_table(str(path), DataConfig(), labelled=True)
+
+
 def test_duplicate_ids_name_both_rows(tmp_path: Path, news_rows: Rows) -> None:
     rows = [[i, t] for i, (t, _) in enumerate(news_rows[:6])]
     rows[4][0] = 1

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import datetime
 import io
 import json
 import os
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import pytest
 import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -364,3 +366,28 @@ def test_padding_to_max_length_gives_the_same_labels(tiny_roberta_dir: Path, rob
                             pad_to_max_length=True)
     assert (dynamic.argmax(1) == padded.argmax(1)).all()
     assert abs(dynamic - padded).max() < 1e-4
+
+
+def test_truncated_rows_are_counted(cli_run: CliRun, roberta_tokenizer) -> None:  # noqa: ANN001
+    """Texts longer than model.max_length are cut, and metrics.json says how many."""
+    max_length = yaml.safe_load(cli_run.config_path.read_text())["model"]["max_length"]
+    lengths = [len(ids) for ids in roberta_tokenizer([text for text, _ in cli_run.rows])["input_ids"]]
+    expected = sum(n > max_length for n in lengths)
+    assert expected > 0, "the sample has no long text: a broken test"
+    assert read_json(cli_run.run_dir / "metrics.json")["truncated_rows"] == expected
+
+
+def test_cli_trust_pickle_flag_lifts_the_restriction(cli_run: CliRun, tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """A harmless pickle outside the allow-list (a column of dates) is refused, and read with --trust-pickle."""
+    source = tmp_path / "texts.pkl"
+    pd.DataFrame({"text": ["stocks fall", "team wins"], "day": [datetime.date(2004, 8, 1)] * 2}).to_pickle(source)
+    output = tmp_path / "out.csv"
+    args = ["predict", "--run", str(cli_run.run_dir), "--input", str(source), "--output", str(output)]
+    assert main(args) == 2
+    assert "refused to load: the pickle asks for datetime.date" in capsys.readouterr().err
+    assert not output.exists()
+    assert main([*args, "--trust-pickle"]) == 0
+    header, *rows = output.read_text().splitlines()
+    assert header == "ID,Label" and [row.split(",")[0] for row in rows] == ["0", "1"]
+    assert all(0 <= int(row.split(",")[1]) < len(LABELS) for row in rows)

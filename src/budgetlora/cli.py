@@ -198,6 +198,9 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as error:
         print(f"budgetlora: error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # outputs are written atomically at the end, so nothing half-written is left
+        print("budgetlora: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

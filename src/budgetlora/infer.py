@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import torch
 from sklearn.metrics import accuracy_score, classification_report, confusion_matrix, f1_score
+from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from .data import load_table
@@ -36,7 +37,7 @@ def classification_metrics(labels: list[int], predictions: list[int], label_name
 @torch.inference_mode()
 def predict_logits(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, texts: list[str], *,
                    max_length: int, batch_size: int = 128, precision: str = "auto",
-                   pad_to_max_length: bool = False) -> np.ndarray:
+                   pad_to_max_length: bool = False, progress: bool = False) -> np.ndarray:
     """Logits for `texts`, in input order.
 
     Texts are batched longest-first so each batch pads to a similar length (little padding, and an out-of-memory
@@ -50,7 +51,7 @@ def predict_logits(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, t
     encoded = tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
     order = np.argsort([-len(ids) for ids in encoded], kind="stable")
     logits = np.empty((len(texts), model.config.num_labels), dtype=np.float32)
-    for start in range(0, len(order), batch_size):
+    for start in tqdm(range(0, len(order), batch_size), desc="Predicting", unit="batch", disable=not progress):
         rows = order[start:start + batch_size]
         batch = tokenizer.pad({"input_ids": [encoded[i] for i in rows]}, return_tensors="pt", **padding).to(on)
         with autocast(precision, on):
@@ -66,7 +67,7 @@ def _run_on_source(run_dir: Path, source: str, *, labelled: bool, trust_pickle: 
     model, config, label_names = load_run_model(run_dir)
     logits = predict_logits(model, load_tokenizer(config.model), table["text"][:], max_length=config.model.max_length,
                             batch_size=config.train.eval_batch_size, precision=config.train.precision,
-                            pad_to_max_length=config.model.pad_to_max_length)
+                            pad_to_max_length=config.model.pad_to_max_length, progress=True)
     return table, logits, label_names
 
 
