@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import datetime
+import hashlib
 import io
 import json
 import os
@@ -391,3 +392,14 @@ def test_cli_trust_pickle_flag_lifts_the_restriction(cli_run: CliRun, tmp_path: 
     header, *rows = output.read_text().splitlines()
     assert header == "ID,Label" and [row.split(",")[0] for row in rows] == ["0", "1"]
     assert all(0 <= int(row.split(",")[1]) < len(LABELS) for row in rows)
+
+
+def test_run_manifest_records_versions_data_and_config(cli_run: CliRun) -> None:
+    manifest = read_json(cli_run.run_dir / "manifest.json")
+    assert manifest["packages"]["torch"] and manifest["packages"]["peft"] and manifest["packages"]["transformers"]
+    data = cli_run.run_dir.parent.parent / "news.csv"
+    assert manifest["data"]["sha256"] == hashlib.sha256(data.read_bytes()).hexdigest()
+    assert manifest["data"]["rows"] == {"source": 200, "train": 160, "validation": 40}
+    config_text = (cli_run.run_dir / "config.yaml").read_text()
+    assert manifest["config_sha256"] == hashlib.sha256(config_text.encode()).hexdigest()
+    assert manifest["precision"] == "fp32" and "git_commit" in manifest
