@@ -31,10 +31,10 @@ import torch
 from table import markdown_table
 from transformers import TrainerCallback
 
-from budgetlora.config import RunConfig, load_config
+from budgetlora.config import load_config
 from budgetlora.data import load_table
 from budgetlora.hardware import autocast, device, resolve_precision
-from budgetlora.infer import predict_logits
+from budgetlora.infer import run_predictor
 from budgetlora.modeling import build_base_model, load_run_model, load_tokenizer
 from budgetlora.train import train
 
@@ -69,7 +69,7 @@ class StepTimer(TrainerCallback):
             self.times.append(time.perf_counter())
 
 
-def forward_flops(config: RunConfig, shapes: list[tuple[int, int]], model: torch.nn.Module) -> float:
+def forward_flops(shapes: list[tuple[int, int]], model: torch.nn.Module) -> float:
     cfg = model.config
     embeddings = sum(p.numel() for n, p in model.named_parameters() if "embeddings" in n)
     dense = sum(p.numel() for p in model.parameters()) - embeddings
@@ -105,7 +105,7 @@ def measure(model_name: str, pipeline: str, steps: int, warmup: int, predict_row
     train_s = timer.times[-1] - timer.times[0]
     shapes = timer.shapes  # the batches of the timed steps (warm-up and evaluation batches are not counted)
     samples = sum(b for b, _ in shapes)
-    train_flops = 3 * forward_flops(config, shapes, result.model.get_base_model())
+    train_flops = 3 * forward_flops(shapes, result.model.get_base_model())
 
     texts = load_table(str(SHARED / "ag_news" / "test.csv"), config.data, labelled=True)["text"][:][:predict_rows]
     tokenizer = load_tokenizer(config.model)
@@ -120,15 +120,12 @@ def measure(model_name: str, pipeline: str, steps: int, warmup: int, predict_row
         reference_predict(model, tokenizer, subset, precision)
         elapsed = time.perf_counter() - started
         figures["predict_samples_per_s"] = len(subset) / elapsed
-        figures["predict_flops_per_s"] = forward_flops(config, [(len(subset), 512)], model) / elapsed
-        figures["predict_timed_rows"] = len(subset)
     else:
         model, _, _ = load_run_model(result.run_dir, merge=True)
-        kwargs = {"max_length": config.model.max_length, "batch_size": config.train.eval_batch_size,
-                  "precision": precision}
-        predict_logits(model, tokenizer, texts[:64], **kwargs)  # warm-up
+        predict = run_predictor(model, config)  # exactly what `budgetlora predict` runs
+        predict(texts[:64])  # warm-up
         started = time.perf_counter()
-        predict_logits(model, tokenizer, texts, **kwargs)
+        predict(texts)
         elapsed = time.perf_counter() - started
         batches = sorted_batches(tokenizer, texts, config.model.max_length, config.train.eval_batch_size)
         base = build_base_model(config.model, config.data.label_names).to(device()).eval()
@@ -140,9 +137,6 @@ def measure(model_name: str, pipeline: str, steps: int, warmup: int, predict_row
             bare = time.perf_counter() - bare_started
         figures["predict_samples_per_s"] = len(texts) / elapsed
         figures["bare_forward_samples_per_s"] = len(texts) / bare
-        figures["predict_flops_per_s"] = forward_flops(
-            config, [tuple(b["input_ids"].shape) for b in batches], model) / elapsed
-        figures["predict_timed_rows"] = len(texts)
     figures["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     if torch.cuda.is_available():
         figures["cuda_max_allocated_gib"] = torch.cuda.max_memory_allocated() / 2**30

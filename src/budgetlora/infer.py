@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,7 @@ from sklearn.metrics import accuracy_score, classification_report, confusion_mat
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from .config import RunConfig
 from .data import load_table
 from .files import atomic_write_text, write_json
 from .hardware import autocast, device, resolve_precision
@@ -59,15 +61,25 @@ def predict_logits(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, t
     return logits
 
 
+def run_predictor(model: PreTrainedModel, config: RunConfig) -> Callable[..., np.ndarray]:
+    """`predict(texts, progress=False) -> logits` with the run's own length, batch size, precision and padding."""
+    tokenizer = load_tokenizer(config.model)
+
+    def predict(texts: list[str], progress: bool = False) -> np.ndarray:
+        return predict_logits(model, tokenizer, texts, max_length=config.model.max_length,
+                              batch_size=config.train.eval_batch_size, precision=config.train.precision,
+                              pad_to_max_length=config.model.pad_to_max_length, progress=progress)
+
+    return predict
+
+
 def _run_on_source(run_dir: Path, source: str, *, labelled: bool, trust_pickle: bool):
     """Load a saved run and the source's checked table; return the table, its logits and the run's label names."""
     config = load_run_config(run_dir)
     config.data.trust_pickle = trust_pickle
     table = load_table(source, config.data, labelled=labelled)  # bad input fails before the model is loaded
     model, config, label_names = load_run_model(run_dir)
-    logits = predict_logits(model, load_tokenizer(config.model), table["text"][:], max_length=config.model.max_length,
-                            batch_size=config.train.eval_batch_size, precision=config.train.precision,
-                            pad_to_max_length=config.model.pad_to_max_length, progress=True)
+    logits = run_predictor(model, config)(table["text"][:], progress=True)
     return table, logits, label_names
 
 

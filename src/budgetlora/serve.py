@@ -22,8 +22,8 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_vali
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .infer import predict_logits
-from .modeling import load_run_model, load_tokenizer
+from .infer import run_predictor
+from .modeling import load_run_model
 
 # A batch never grows past this many texts (or one request's max_texts, if larger): bounded memory and latency.
 MAX_BATCH_TEXTS = 256
@@ -186,14 +186,7 @@ def create_app(run_dir: Path, *, max_texts: int = 64, max_chars: int = 2000, bat
                          f"{max_texts}, {max_chars}, {batch_window_ms}")
     run_dir = Path(run_dir)
     model, config, label_names = load_run_model(run_dir, merge=True)  # a broken run fails here, not per request
-    tokenizer = load_tokenizer(config.model)
-
-    def predict(texts: list[str]) -> np.ndarray:
-        return predict_logits(model, tokenizer, texts, max_length=config.model.max_length,
-                              batch_size=config.train.eval_batch_size, precision=config.train.precision,
-                              pad_to_max_length=config.model.pad_to_max_length)
-
-    batcher = MicroBatcher(predict, batch_window_ms / 1000, max(MAX_BATCH_TEXTS, max_texts))
+    batcher = MicroBatcher(run_predictor(model, config), batch_window_ms / 1000, max(MAX_BATCH_TEXTS, max_texts))
     PredictRequest = _request_model(max_texts, max_chars)
 
     @contextlib.asynccontextmanager
