@@ -1,6 +1,6 @@
 """Speed: budgetlora's defaults against the reference pipeline, same machine, same real AG News rows, one run.
 
-    python benchmarks/speed.py                      # roberta-base shape and MiniLM; about 20 minutes on 2 CPU cores
+    python benchmarks/speed.py                      # roberta-base shape and MiniLM; about 25 minutes on 2 CPU cores
     python benchmarks/speed.py --models minilm --predict-rows 1000   # a quick look
     python benchmarks/speed.py --models roberta-base --steps 50 --reference-steps 20   # on a GPU
     python benchmarks/speed.py --models roberta-base --pipelines budgetlora --set train.batch_size=128
