@@ -31,11 +31,8 @@ from budgetlora.config import RunConfig, from_dict  # noqa: E402
 from budgetlora.serve import create_app  # noqa: E402
 from budgetlora.train import train  # noqa: E402
 
-from .conftest import LABELS, tiny_config_dict, write_news_csv  # noqa: E402
-from .test_serve import (
-    isolated_cache,  # noqa: E402
-    running,  # noqa: E402
-)
+from .conftest import LABELS, isolated_cache, tiny_config_dict, write_news_csv  # noqa: E402
+from .test_serve import running  # noqa: E402
 
 MAX_TEXTS, MAX_CHARS = 4, 300
 BODY_LIMIT = MAX_TEXTS * (12 * MAX_CHARS + 8) + 1024  # as create_app derives it

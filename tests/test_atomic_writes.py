@@ -150,15 +150,17 @@ def test_kill_9_during_an_atomic_write_leaves_a_whole_file(tmp_path: Path, seed:
 def test_written_files_get_the_usual_permissions(tmp_path: Path) -> None:
     from budgetlora.files import atomic_write_text
 
-    output = tmp_path / "predictions.csv"
-    output.write_text(PREVIOUS)
-    output.chmod(0o644)
+    replaced, new = tmp_path / "predictions.csv", tmp_path / "new.csv"
+    replaced.write_text(PREVIOUS)
+    replaced.chmod(0o640)  # not what the umask would give: the replaced file's own mode must be kept
     umask = os.umask(0o022)
     try:
-        atomic_write_text(output, PREVIOUS)
+        atomic_write_text(replaced, PREVIOUS)
+        atomic_write_text(new, PREVIOUS)
     finally:
         os.umask(umask)
-    assert stat.S_IMODE(output.stat().st_mode) == 0o644, oct(stat.S_IMODE(output.stat().st_mode))
+    assert stat.S_IMODE(replaced.stat().st_mode) == 0o640, oct(stat.S_IMODE(replaced.stat().st_mode))
+    assert stat.S_IMODE(new.stat().st_mode) == 0o644, oct(stat.S_IMODE(new.stat().st_mode))  # 0666 less the umask
 
 
 # --- full disk, unwritable folders ----------------------------------------------------------------------------------

@@ -52,8 +52,9 @@ def base_model(model_name: str, *, meta: bool) -> PreTrainedModel:
 
 
 def peft_reference(config: RunConfig, selector: Selector, *, meta: bool = False) -> PeftModel:
-    """peft's model for the same adapter, built without budgetlora: explicit full names (so no pattern translation),
-    the layer filter applied by hand, the same rank/alpha patterns and bias mode."""
+    """peft's model for the same adapter, built without budgetlora's targeting: explicit full names (so no pattern
+    translation), the layer filter applied by hand, the same rank/alpha patterns and bias mode. The head is
+    budgetlora's own (install_head): head counts are pinned by numbers in test_roberta_base_agnews_config_count."""
     model = install_head(base_model(config.model.name, meta=meta), config.model.head)  # the head is budgetlora's
     names = [name for name, module in model.named_modules()
              if isinstance(module, (torch.nn.Linear, torch.nn.Embedding)) and selector(name)

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from transformers import TrainerCallback
 
 from budgetlora.config import RunConfig
-from budgetlora.train import train
+from budgetlora.train import _latest_checkpoint, train
 
 from .conftest import tiny_config_dict
 
@@ -84,13 +84,17 @@ def test_kill_9_then_resume_ends_like_an_uninterrupted_run(tmp_path: Path, tiny_
     process = subprocess.Popen([sys.executable, "-m", "budgetlora.cli", "train", "--config", str(config_file)],
                                cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     run = tmp_path / "runs" / "killed"
-    for line in process.stdout:  # the first evaluation has been logged: its checkpoint is being written
-        if "'eval_loss'" in line:
+    evaluations = 0
+    for line in process.stdout:
+        # The second evaluation has been logged: epoch 1's checkpoint is complete and epoch 2's is being written.
+        evaluations += "'eval_loss'" in line
+        if evaluations == 2:
             process.kill()  # SIGKILL: no handler, no cleanup
             break
     process.wait(timeout=60)
     assert process.returncode == -signal.SIGKILL
     assert not (run / "metrics.json").exists()
+    assert _latest_checkpoint(run) is not None, "nothing to resume from: the test would only retrain from scratch"
 
     done = subprocess.run([sys.executable, "-m", "budgetlora.cli", "train", "--resume", str(run)], cwd=tmp_path,
                           env=env, capture_output=True, text=True, timeout=180)
