@@ -9,8 +9,6 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import yaml
-
 from budgetlora.config import dump_config, load_config
 
 
@@ -22,7 +20,7 @@ def main(best: str, recipe: str, out: str) -> None:
     header = Path(best).read_text().splitlines()[0]
     Path(out).write_text(f"{header}, on the rows of {recipe}\n# made by: python scripts/sweep_to_recipe.py "
                          f"{best} {recipe} {out}\n" + dump_config(found))
-    yaml.safe_load(Path(out).read_text())
+    load_config(out)  # the written recipe loads and validates as a config
 
 
 if __name__ == "__main__":

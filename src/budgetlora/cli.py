@@ -11,11 +11,13 @@ from .budget import BudgetError, count_parameters
 from .config import ConfigError, load_config
 from .data import DataError
 from .modeling import ModelLoadError, RunFolderError
+from .report import ReportError
 from .submission import SubmissionError
 
 # Errors that are the user's to fix: printed as one clear line, no traceback. OSError covers missing files, disk
 # full and permission errors; its message names the path.
-USER_ERRORS = (ConfigError, DataError, BudgetError, ModelLoadError, RunFolderError, SubmissionError, OSError)
+USER_ERRORS = (ConfigError, DataError, BudgetError, ModelLoadError, RunFolderError, ReportError, SubmissionError,
+               OSError)
 
 
 def cmd_params(args: argparse.Namespace) -> int:
@@ -103,14 +105,9 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from .report import ReportError, write_report
+    from .report import write_report
 
-    try:
-        written = write_report(Path(args.run))
-    except ReportError as error:  # not in USER_ERRORS: importing report.py there would slow every command
-        print(f"budgetlora: error: {error}", file=sys.stderr)
-        return 2
-    for path in written:
+    for path in write_report(Path(args.run)):
         print(path)
     return 0
 

@@ -161,8 +161,7 @@ def _check_run_dir(config: RunConfig, resume: bool) -> None:
 
 
 def _write_run_header(config: RunConfig, params: ParamReport, data_rows: dict[str, int]) -> Path:
-    run_dir = config.run_dir
-    run_dir.mkdir(parents=True, exist_ok=True)
+    run_dir = config.run_dir  # made by train() before any expensive work
     atomic_write_text(run_dir / CONFIG_FILE, dump_config(config))
     write_json(run_dir / "manifest.json", build_manifest(config, data_rows))
     write_json(run_dir / LABELS_FILE, {"label_names": config.data.label_names})
