@@ -18,8 +18,8 @@ from transformers import AutoConfig, AutoModelForSequenceClassification, PreTrai
 from budgetlora.budget import BudgetError, ParamReport, check_budget, count_parameters
 from budgetlora.cli import main
 from budgetlora.config import ConfigError, RunConfig, load_config
-from budgetlora.heads import install_head
-from budgetlora.modeling import resolve_model_path
+from budgetlora.model_sources import ModelSourceError, resolve_model_path
+from budgetlora.modeling import build_base_model
 from budgetlora.train import train
 
 from .conftest import CONFIGS_DIR, LABELS, ROBERTA_BASE_DIR, requires_shared_roberta
@@ -54,8 +54,8 @@ def base_model(model_name: str, *, meta: bool) -> PreTrainedModel:
 def peft_reference(config: RunConfig, selector: Selector, *, meta: bool = False) -> PeftModel:
     """peft's model for the same adapter, built without budgetlora's targeting: explicit full names (so no pattern
     translation), the layer filter applied by hand, the same rank/alpha patterns and bias mode. The head is
-    budgetlora's own (install_head): head counts are pinned by numbers in test_roberta_base_agnews_config_count."""
-    model = install_head(base_model(config.model.name, meta=meta), config.model.head)  # the head is budgetlora's
+    budgetlora's own (build_base_model): head counts are pinned by numbers in test_roberta_base_agnews_config_count."""
+    model = build_base_model(config.model, LABELS, meta=meta)  # the head is budgetlora's
     names = [name for name, module in model.named_modules()
              if isinstance(module, (torch.nn.Linear, torch.nn.Embedding)) and selector(name)
              and not name.startswith("classifier")]
@@ -255,9 +255,15 @@ def shipped_config_cases() -> list[Any]:
     return cases
 
 
-def entry_selector(entries: list[str]) -> Selector:
-    """Written out by hand for the entries the shipped configs use, independent of targets.py's glob matching."""
-    known = {"layer.*.output.dense": layer_output_dense}
+def entry_selector(entries: list[str] | str) -> Selector:
+    """Written out by hand for the entries the shipped configs use, independent of targets.py's glob matching.
+
+    The presets, for the BERT-like families the shipped configs name: every linear layer of the numbered blocks.
+    """
+    known = {"layer.*.output.dense": layer_output_dense,
+             "all-linear": lambda name: re.search(r"\.layer\.\d+\.", name) is not None,
+             "attention": lambda name: re.search(r"\.layer\.\d+\.attention\.", name) is not None}
+    entries = [entries] if isinstance(entries, str) else entries
     for entry in entries:
         assert "*" not in entry or entry in known, f"add a hand-written selector for {entry!r}"
     return lambda name: any(known[e](name) if e in known else ends_with(e)(name) for e in entries)
@@ -266,9 +272,10 @@ def entry_selector(entries: list[str]) -> Selector:
 @pytest.mark.parametrize(("path", "overrides", "selector"), shipped_config_cases())
 def test_every_shipped_config_counts_what_peft_counts(path: Path, overrides: list[str], selector: Selector) -> None:
     config = load_config(path, overrides)
-    if config.model.name.startswith("package:"):
-        pytest.importorskip(config.model.name.removeprefix("package:"),
-                            reason=f"{path.name} names {config.model.name}, which is not installed")
+    try:
+        resolve_model_path(config.model.name)
+    except ModelSourceError as error:
+        pytest.skip(f"{path.name} names {config.model.name}, which is not installed ({error})")
     report = count_parameters(config)
     assert_matches_peft(report, peft_reference(config, selector, meta=True))
 

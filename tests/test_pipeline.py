@@ -222,7 +222,8 @@ def test_cli_evaluate_writes_metrics_and_prints_accuracy(cli_run: CliRun, tmp_pa
     data = write_news_csv(tmp_path / "heldout.csv", rows)
     code, stdout = run_cli(["evaluate", "--run", str(cli_run.run_dir), "--data", str(data)])
     assert code == 0
-    saved = read_json(cli_run.run_dir / "evaluations" / "heldout.json")
+    (saved_file,) = (cli_run.run_dir / "evaluations").glob("heldout-*.json")  # keyed by the file's place too
+    saved = read_json(saved_file)
     predicted = one_at_a_time_labels(cli_run.run_dir, [text for text, _ in rows])
     truth = [label for _, label in rows]
     accuracy = float(np.mean(np.array(predicted) == np.array(truth)))
@@ -246,7 +247,8 @@ def test_cli_evaluate_on_the_original_headerless_format(cli_run: CliRun, tmp_pat
         csv.writer(handle, quoting=csv.QUOTE_ALL).writerows(raw)
     code, stdout = run_cli(["evaluate", "--run", str(cli_run.run_dir), "--data", str(data)])
     assert code == 0
-    saved = read_json(cli_run.run_dir / "evaluations" / "ag_test_sample.json")
+    (saved_file,) = (cli_run.run_dir / "evaluations").glob("ag_test_sample-*.json")
+    saved = read_json(saved_file)
     texts = [f"{title} {description}".strip() for _, title, description in raw]
     predicted = one_at_a_time_labels(cli_run.run_dir, texts)
     truth = [int(cls) - 1 for cls, _, _ in raw]

@@ -10,7 +10,7 @@ import pytest
 from budgetlora.budget import count_parameters
 from budgetlora.cli import main
 from budgetlora.config import RunConfig, load_config
-from budgetlora.planner import MAX_RANK, Candidate, plan
+from budgetlora.planner import HEAD_CHOICES, MAX_RANK, Candidate, plan
 
 BUDGET = 5000
 
@@ -23,7 +23,7 @@ def candidates(tiny_roberta_dir: Path) -> tuple[RunConfig, list[Candidate]]:
 
 def from_overrides(config: RunConfig, candidate: Candidate, *extra: str) -> RunConfig:
     """The config a user gets by pasting the candidate's overrides (plus `extra`) on the command line."""
-    return load_config(None, [f"model.name={config.model.name}", *candidate.overrides().split(" "), *extra])
+    return load_config(None, [f"model.name={config.model.name}", *candidate.overrides(), *extra])
 
 
 def test_every_candidate_fits_at_its_largest_rank(candidates: tuple[RunConfig, list[Candidate]]) -> None:
@@ -45,10 +45,13 @@ def test_candidate_overrides_reproduce_the_count(candidates: tuple[RunConfig, li
         assert report.groups == candidate.report.groups
 
 
-def test_candidates_are_ordered_by_coverage_then_lora_share(candidates: tuple[RunConfig, list[Candidate]]) -> None:
+def test_candidates_are_ordered_by_coverage_then_head_then_lora_share(
+        candidates: tuple[RunConfig, list[Candidate]]) -> None:
     _, found = candidates
-    keys = [(candidate.coverage, candidate.lora_params) for candidate in found]
+    keys = [(candidate.coverage, -HEAD_CHOICES.index(candidate.head), candidate.lora_params) for candidate in found]
     assert keys == sorted(keys, reverse=True)
+    assert (found[0].targets, found[0].head, found[0].layers) == ("all-linear", "mean", None)
+    assert all(f"lora.alpha={4 * c.rank}" in c.overrides() for c in found)  # as the shipped configs and the sweep
 
 
 def test_cli_plan_lists_the_candidates(tiny_roberta_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:

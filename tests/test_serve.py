@@ -22,7 +22,8 @@ from fastapi import FastAPI
 from budgetlora.config import RunConfig, from_dict
 from budgetlora.infer import predict_logits
 from budgetlora.modeling import load_run_model, load_tokenizer
-from budgetlora.serve import create_app
+from budgetlora.cli import main
+from budgetlora.serve import ServeError, create_app, serve
 from budgetlora.train import train
 
 from .conftest import LABELS, isolated_cache, tiny_config_dict, write_news_csv
@@ -173,8 +174,94 @@ def test_openapi_schema_documents_predict(server: Server) -> None:
         "labels", "label_names", "probabilities"}
 
 
+def test_openapi_schema_documents_the_error_answers(server: Server) -> None:
+    responses = httpx.get(f"{server.url}/openapi.json").json()["paths"]["/predict"]["post"]["responses"]
+    assert {"200", "413", "422", "503"} <= set(responses)
+    assert "max_texts x max_chars" in responses["413"]["description"]
+    assert responses["413"]["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/ErrorMessage"}
+    assert responses["422"]["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/InvalidRequest"}
+
+
+@pytest.mark.parametrize("page", ["/docs", "/redoc"])
+def test_docs_pages_load_their_scripts_and_styles_from_the_server_itself(server: Server, page: str) -> None:
+    answer = httpx.get(f"{server.url}{page}")
+    assert answer.status_code == 200 and answer.headers["content-type"].startswith("text/html")
+    assert not re.search(r"https?://", answer.text), "a CDN (or any other host) is named: blank offline"
+    assets = re.findall(r'(?:src|href)="([^"]+)"', answer.text)
+    assert any(url.endswith(".js") for url in assets), assets
+    for url in assets:
+        assert url.startswith("/"), url
+        asset = httpx.get(f"{server.url}{url}")
+        assert asset.status_code == 200 and len(asset.content) > 1000, (url, asset.status_code)
+
+
+def test_a_large_request_does_not_hold_up_a_small_one(server: Server, news_rows: Rows, expected: Logits) -> None:
+    # 2,000 texts in micro-batches of 16: the large request needs 125 of them, a 1-text one sent meanwhile rides in
+    # the next one. Completion order, not wall-clock time, is what is asserted.
+    app = create_app(server.run_dir, max_texts=2000, max_chars=MAX_CHARS, batch_window_ms=1, batch_texts=16)
+    large, small = [text for text, _ in news_rows] * 10, [news_rows[7][0]]
+    finished: list[str] = []
+
+    async def send(client: httpx.AsyncClient, name: str, texts: list[str]) -> httpx.Response:
+        answer = await client.post("/predict", json={"texts": texts})
+        finished.append(name)
+        return answer
+
+    async def large_then_small(base: str) -> tuple[httpx.Response, httpx.Response]:
+        async with httpx.AsyncClient(base_url=base, timeout=120) as client:
+            large_answer = asyncio.create_task(send(client, "large", large))
+            while app.state.batch_stats.batches < 2:  # the large request is being served
+                assert not large_answer.done(), large_answer.result().text
+                await asyncio.sleep(0.005)
+            small_answer = await send(client, "small", small)
+            return await large_answer, small_answer
+
+    with running(app) as base:
+        large_answer, small_answer = asyncio.run(large_then_small(base))
+    assert finished == ["small", "large"]
+    assert app.state.batch_stats.largest_batch_requests == 2  # the small one shared a micro-batch with the large
+    assert small_answer.status_code == 200 and large_answer.status_code == 200, large_answer.text
+    check_answer(small_answer.json(), expected(small))
+    answer = large_answer.json()
+    picked = list(range(0, len(large), 97))  # texts from many micro-batches: the parts are put back in order
+    check_answer({key: [answer[key][i] for i in picked] for key in answer}, expected([large[i] for i in picked]))
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    ({"port": 70000}, "--port: must be 0-65535, got 70000"),
+    ({"port": -1}, "--port: must be 0-65535, got -1"),
+    ({"host": " "}, "--host: must not be empty"),
+    ({"max_texts": 0}, "--max-texts: must be at least 1, got 0"),
+    ({"max_chars": -5}, "--max-chars: must be at least 1, got -5"),
+    ({"batch_window_ms": -1.0}, "--batch-window-ms: must be 0-60000, got -1.0"),
+    ({"batch_window_ms": float("nan")}, "--batch-window-ms: must be 0-60000, got nan"),
+    ({"port": 70000, "max_texts": 0}, "--port: .*; --max-texts: "),
+])
+def test_out_of_range_options_are_refused_before_the_run_is_loaded(tmp_path: Path, options: dict,
+                                                                   message: str) -> None:
+    with pytest.raises(ServeError, match=message):  # not the missing run's error: the options come first
+        serve(tmp_path / "no-run", **options)
+
+
+def test_a_port_in_use_is_a_clear_error(tmp_path: Path) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        with pytest.raises(ServeError, match=f"--port: 127.0.0.1:{port} is already in use"):
+            serve(tmp_path / "no-run", port=port)
+
+
+def test_the_cli_prints_one_line_for_a_bad_option(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["serve", "--run", str(tmp_path / "no-run"), "--port", "70000"]) == 2
+    error = capsys.readouterr().err
+    assert error == "budgetlora: error: --port: must be 0-65535, got 70000\n"
+
+
 def test_bad_limits_and_missing_runs_are_refused(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="max_texts and max_chars must be >= 1"):
+    with pytest.raises(ServeError, match="--max-texts: must be at least 1, got 0"):
         create_app(tmp_path, max_texts=0)
+    with pytest.raises(ServeError, match="batch_texts: must be at least 1, got 0"):
+        create_app(tmp_path, batch_texts=0)
     with pytest.raises(FileNotFoundError, match="is not a budgetlora run folder"):
         create_app(tmp_path / "nope")

@@ -117,7 +117,9 @@ def test_glob_to_regex_escapes_regex_characters() -> None:
 def test_per_pattern_match_counts() -> None:
     match = resolve_targets(LoraSettings(target_modules=QUICKSTART_TARGETS), HAND_NAMES)
     assert {pattern: len(names) for pattern, names in match.matches.items()} == dict.fromkeys(QUICKSTART_TARGETS, 12)
-    assert match.summary().splitlines() == [f"  {pattern!r}: 12 modules" for pattern in QUICKSTART_TARGETS]
+    lines = match.summary().splitlines()
+    assert [line.split(" (")[0] for line in lines] == [f"  {pattern!r}: 12 modules" for pattern in QUICKSTART_TARGETS]
+    assert lines[0].endswith("(roberta.encoder.layer.*.attention.self.query)")  # the family's names, blocks as *
     overlapping = resolve_targets(LoraSettings(target_modules=["output.dense", "dense", "**"]), HAND_NAMES)
     assert {p: len(n) for p, n in overlapping.matches.items()} == {"output.dense": 24, "dense": 37,
                                                                    "**": len(HAND_NAMES)}

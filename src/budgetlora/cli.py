@@ -49,7 +49,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from .modeling import CONFIG_FILE
-    from .train import TrainingInterrupted, train
+    from .selftrain import run_training
+    from .train import TrainingInterrupted
 
     if args.resume:
         run_dir = Path(args.resume)
@@ -59,7 +60,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     else:
         config = load_config(args.config, args.overrides)
     try:
-        result = train(config, resume=bool(args.resume))
+        result = run_training(config, resume=bool(args.resume))
     except TrainingInterrupted as stopped:
         print(f"budgetlora: {stopped}", file=sys.stderr)
         return 130
@@ -73,19 +74,27 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from .infer import evaluate_run
 
-    metrics = evaluate_run(Path(args.run), args.data, trust_pickle=args.trust_pickle)
-    print(f"{args.data}: accuracy {metrics['accuracy']:.4f}, macro-F1 {metrics['macro_f1']:.4f} "
+    metrics = evaluate_run(Path(args.run), args.data, labels=args.labels, label_shift=args.label_shift,
+                           trust_pickle=args.trust_pickle)
+    labelled = f" (labels: {args.labels})" if args.labels else ""
+    print(f"{args.data}{labelled}: accuracy {metrics['accuracy']:.4f}, macro-F1 {metrics['macro_f1']:.4f} "
           f"on {metrics['rows']:,} rows")
     for name, scores in metrics["per_class"].items():
         print(f"  {name:<12} precision {scores['precision']:.3f}  recall {scores['recall']:.3f}  "
               f"F1 {scores['f1-score']:.3f}")
+    for column, subset in metrics["subsets"].items():
+        print(f"  rows with {column}=1: accuracy {subset['accuracy']:.4f}, macro-F1 {subset['macro_f1']:.4f} "
+              f"on {subset['rows']:,} rows")
+    if "estimated_priors" in metrics:
+        print(f"  label shift: estimated class priors {metrics['estimated_priors']}")
     return 0
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
     from .infer import predict_run
 
-    labels = predict_run(Path(args.run), args.input, Path(args.output), trust_pickle=args.trust_pickle)
+    labels = predict_run(Path(args.run), args.input, Path(args.output), label_shift=args.label_shift,
+                         trust_pickle=args.trust_pickle)
     print(f"wrote {len(labels):,} predictions to {args.output}")
     if args.format == "kaggle":
         from .modeling import read_labels
@@ -125,6 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     overrides_help = "dotted overrides such as lora.r=4 train.epochs=1"
     trust_help = "unpickle a .pkl input without restriction (it can run code); default: datasets/DataFrames only"
+    shift_help = ("adjust predictions to the input's own class priors, estimated by EM (Saerens et al. 2002), "
+                  "for inputs whose class balance differs from the training data's")
 
     params = commands.add_parser("params", help="count trainable parameters per group against the budget")
     params.add_argument("--config", help="YAML config (default: built-in defaults)")
@@ -151,9 +162,12 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("overrides", nargs="*", help=overrides_help)
     train.set_defaults(func=cmd_train)
 
-    evaluate = commands.add_parser("evaluate", help="metrics of a run on a labelled data set")
+    evaluate = commands.add_parser("evaluate", help="metrics of a run on a labelled data set (or --labels)")
     evaluate.add_argument("--run", required=True)
     evaluate.add_argument("--data", required=True, help="file or Hub dataset (name or name:split)")
+    evaluate.add_argument("--labels", help="labels for an unlabelled --data, joined by ID (columns ID,label; "
+                          "IDs as predict numbers them); 0/1 columns also get their own metrics")
+    evaluate.add_argument("--label-shift", action="store_true", help=shift_help)
     evaluate.add_argument("--trust-pickle", action="store_true", help=trust_help)
     evaluate.set_defaults(func=cmd_evaluate)
 
@@ -161,6 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--run", required=True)
     predict.add_argument("--input", required=True, help="file or Hub dataset (name or name:split)")
     predict.add_argument("--output", required=True, help="CSV to write (atomically)")
+    predict.add_argument("--label-shift", action="store_true", help=shift_help)
     predict.add_argument("--trust-pickle", action="store_true", help=trust_help)
     predict.add_argument("--format", choices=["csv", "kaggle"], default="csv",
                          help="kaggle: also check the file (header ID,Label, IDs 0..N-1, labels in range)")

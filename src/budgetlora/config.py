@@ -16,6 +16,8 @@ from typing import Any, Literal
 
 import yaml
 
+from .augment import NoiseSettings
+
 AG_NEWS_LABELS = ("World", "Sports", "Business", "Sci/Tech")
 
 
@@ -38,19 +40,25 @@ class ModelConfig:
     tokenizer: str | None = None
     # Build the architecture from its config with random weights (speed and parameter-count work only).
     random_init: bool = False
-    # Longer texts are truncated to this many tokens (the count of truncated rows is reported).
-    max_length: int = 512
+    # Longer texts are truncated to this many tokens (the count of truncated rows is reported). "auto": chosen by
+    # `train` from the token lengths of the training texts and of data.unlabelled (its 99.5th percentile, rounded up
+    # to a multiple of 16, at most the model's limit); the run folder's config.yaml and metrics.json say what it chose.
+    max_length: int | Literal["auto"] = 512
     # Pad every text to max_length, as the reference script does. Off: pad each batch to its longest text.
     pad_to_max_length: bool = False
-    # Attention kernel; "sdpa" uses PyTorch's fused scaled-dot-product attention.
-    attn_implementation: Literal["sdpa", "eager"] = "sdpa"
-    # Classification head (see heads.py): the model's own; one linear layer on the first token or on the mean of the
+    # Attention kernel. "auto": PyTorch's fused scaled-dot-product attention ("sdpa") where the model class supports
+    # it, else the family's own ("eager"); the run's log says which. Any name transformers knows ("eager", "sdpa",
+    # "flash_attention_2", ...) asks for that one, and a model that cannot honour it is an error naming this key.
+    attn_implementation: str = "auto"
+    # Classification head (see heads.py): the family's own; one linear layer on the first token or on the mean of the
     # token states (roberta-base: 3,076 parameters instead of 593,668); or the standard head with LoRA on its dense.
     head: Literal["standard", "first_token", "mean", "lora_dense"] = "standard"
 
     def __post_init__(self) -> None:
         _require(bool(self.name.strip()), "model.name", "must not be empty")
-        _require(self.max_length > 0, "model.max_length", f"must be > 0, got {self.max_length}")
+        _require(self.max_length == "auto" or self.max_length > 0, "model.max_length",
+                 f"must be > 0 or 'auto', got {self.max_length}")
+        _require(bool(self.attn_implementation.strip()), "model.attn_implementation", "must not be empty")
 
 
 @dataclass
@@ -74,6 +82,9 @@ class DataConfig:
     # Unpickle .pkl inputs without restriction. Off: only what a pickled Dataset or DataFrame needs (a pickle can
     # run any code it likes when loaded).
     trust_pickle: bool = False
+    # Unlabelled texts from the distribution the model will be scored on (any supported source, e.g. a competition's
+    # test_unlabelled.pkl): used by self_training and by model.max_length: auto. Never their labels.
+    unlabelled: str | None = None
 
     def __post_init__(self) -> None:
         _require(bool(self.text_columns), "data.text_columns", "must name at least one column")
@@ -93,7 +104,9 @@ class LoraSettings:
     alpha: float = 32
     dropout: float = 0.1
     bias: Literal["none", "lora_only", "all"] = "none"
-    # Module-name patterns. Every entry must match at least one module.
+    # Module-name patterns, or a preset that reads the same on every encoder family: "all-linear" (every linear layer
+    # of the encoder, never the head or a pooler), "attention", "ffn" (also as list entries). Every entry must match
+    # at least one module.
     target_modules: list[str] | str = field(default_factory=lambda: ["query", "value"])
     # "glob": entries match a suffix of dotted module names, "*" matches one name part, "**" any number of parts;
     #         a plain string (not a list) is a full regular expression, as in peft.
@@ -102,6 +115,8 @@ class LoraSettings:
     layers_to_transform: list[int] | None = None
     rank_pattern: dict[str, int] = field(default_factory=dict)
     alpha_pattern: dict[str, float] = field(default_factory=dict)
+    # rsLoRA (peft's use_rslora): scale the update by alpha/sqrt(r) instead of alpha/r.
+    use_rslora: bool = False
 
     def __post_init__(self) -> None:
         _require(self.r > 0, "lora.r", f"must be > 0, got {self.r}")
@@ -110,6 +125,45 @@ class LoraSettings:
         _require(bool(self.target_modules), "lora.target_modules", "must not be empty")
         for key, rank in self.rank_pattern.items():
             _require(rank > 0, f"lora.rank_pattern.{key}", f"must be > 0, got {rank}")
+
+
+@dataclass
+class AugmentSettings:
+    """Noisy copies of the labelled training rows (augment.py): word dropout, local shuffles, repeated and inserted
+    words, entity and number swaps, to make clean training text look like machine-generated, garbled text."""
+
+    # Noisy copies added per labelled training row (0: off). Validation rows are never augmented.
+    copies: int = 0
+    noise: NoiseSettings = field(default_factory=NoiseSettings)
+
+    def __post_init__(self) -> None:
+        _require(self.copies >= 0, "augment.copies", f"must be >= 0, got {self.copies}")
+
+
+@dataclass
+class SelfTrainSettings:
+    """Self-training on data.unlabelled: train, pseudo-label the unlabelled texts, train a fresh student on labelled +
+    pseudo-labelled rows; repeat. Same budget: the student is the same adapter shape (selftrain.py)."""
+
+    # Student rounds after the first (teacher) training; 0: off.
+    rounds: int = 0
+    # A pseudo-label is kept when the model's probability for it is at least this.
+    threshold: float = 0.9
+    # Keep as many pseudo-labels of each class as of the rarest one (the most confident first).
+    balance: bool = True
+    # At most this many pseudo-labels per class (None: no limit).
+    max_per_class: int | None = None
+    # Loss weight of a pseudo-labelled row (labelled rows weigh 1).
+    weight: float = 1.0
+    # Pseudo-label with probabilities adjusted to the unlabelled set's class priors, estimated by EM (label_shift.py).
+    label_shift: bool = False
+
+    def __post_init__(self) -> None:
+        _require(self.rounds >= 0, "self_training.rounds", f"must be >= 0, got {self.rounds}")
+        _require(0.0 <= self.threshold < 1.0, "self_training.threshold", f"must be in [0, 1), got {self.threshold}")
+        _require(self.max_per_class is None or self.max_per_class > 0, "self_training.max_per_class",
+                 f"must be > 0, got {self.max_per_class}")
+        _require(self.weight > 0, "self_training.weight", f"must be > 0, got {self.weight}")
 
 
 @dataclass
@@ -139,6 +193,8 @@ class TrainSettings:
     head_learning_rate: float | None = None
     # Stop when validation accuracy has not improved for this many evaluations (epochs); None: never.
     early_stopping_patience: int | None = None
+    # LoRA+ (peft's create_loraplus_optimizer): lora_B learns this many times faster than lora_A; None: off.
+    loraplus_lr_ratio: float | None = None
 
     def __post_init__(self) -> None:
         _require(self.epochs > 0, "train.epochs", f"must be > 0, got {self.epochs}")
@@ -154,6 +210,10 @@ class TrainSettings:
                  f"must be > 0, got {self.head_learning_rate}")
         _require(self.early_stopping_patience is None or self.early_stopping_patience > 0,
                  "train.early_stopping_patience", f"must be > 0, got {self.early_stopping_patience}")
+        _require(self.loraplus_lr_ratio is None or self.loraplus_lr_ratio >= 1, "train.loraplus_lr_ratio",
+                 f"must be >= 1, got {self.loraplus_lr_ratio}")
+        _require(self.loraplus_lr_ratio is None or self.head_learning_rate is None, "train.loraplus_lr_ratio",
+                 "cannot be combined with train.head_learning_rate (LoRA+ sets the learning rate of each group)")
 
 
 @dataclass
@@ -167,6 +227,8 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     lora: LoraSettings = field(default_factory=LoraSettings)
     train: TrainSettings = field(default_factory=TrainSettings)
+    augment: AugmentSettings = field(default_factory=AugmentSettings)
+    self_training: SelfTrainSettings = field(default_factory=SelfTrainSettings)
 
     def __post_init__(self) -> None:
         _require(self.budget > 0, "budget", f"must be > 0, got {self.budget}")
@@ -174,6 +236,8 @@ class RunConfig:
         # peft applies layers_to_transform to every target, so it would silently skip the head's dense layer.
         _require(self.model.head != "lora_dense" or self.lora.layers_to_transform is None, "model.head",
                  "'lora_dense' cannot be combined with lora.layers_to_transform (peft would skip the head's dense)")
+        _require(self.self_training.rounds == 0 or self.data.unlabelled is not None, "self_training.rounds",
+                 "needs unlabelled texts: set data.unlabelled to a file (e.g. the test set's test_unlabelled.pkl)")
 
     @property
     def run_dir(self) -> Path:
@@ -244,7 +308,12 @@ def from_dict(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
             kwargs[name] = from_dict(annotation, value or {}, f"{prefix}{name}.")
         else:
             kwargs[name] = _check_type(value, annotation, f"{prefix}{name}")
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except ValueError as error:  # a dataclass from another module (augment.NoiseSettings) validates itself
+        raise ConfigError(str(error).replace(f"{cls.__name__}.", prefix, 1)) from None
 
 
 def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -286,6 +355,14 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     except ConfigError as error:
         where = f"{path}: " if path is not None else ""
         raise ConfigError(f"{where}{error}") from None
+
+
+def with_overrides(config: RunConfig, overrides: list[str]) -> RunConfig:
+    """A variant of a validated config, built and validated through the loader (configs are never mutated)."""
+    try:
+        return from_dict(RunConfig, apply_overrides(config.to_dict(), overrides))
+    except ConfigError as error:
+        raise ConfigError(f"{error} (in overrides {' '.join(overrides)})") from None
 
 
 def dump_config(config: RunConfig) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import math
 import pickle
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -164,6 +165,38 @@ def load_table(source: str, data: DataConfig, *, labelled: bool) -> datasets.Dat
             seen[value] = row
         table["id"] = ids
     return datasets.Dataset.from_dict(table)
+
+
+@dataclass(frozen=True)
+class JoinedLabels:
+    """Labels from a separate file, joined by ID to the rows of an unlabelled table."""
+
+    rows: list[int]  # row positions in the table, in the labels file's order
+    labels: list[int]
+    columns: dict[str, list[Any]]  # the labels file's other columns (e.g. a subset flag such as both_high)
+
+
+def join_labels(table: datasets.Dataset, labels_path: str, data: DataConfig) -> JoinedLabels:
+    """Read `labels_path` (ID and label columns) and join it by ID to `table` (IDs as `predict` numbers them:
+    data.id_column where the table has one, else row numbers 0..N-1). An ID the table lacks is an error naming it."""
+    columns, where = load_columns(labels_path, data)
+    for needed, key in ((data.id_column, "data.id_column"), (data.label_column, "data.label_column")):
+        if needed not in columns:
+            raise DataError(f"{where}: no column {needed!r} ({key}); columns present: {sorted(columns)}")
+    ids = table["id"][:] if "id" in table.column_names else [str(i) for i in range(len(table))]
+    position = {value: i for i, value in enumerate(ids)}
+    rows = []
+    for row, value in enumerate(columns[data.id_column]):
+        key = str(int(value)) if isinstance(value, float) and value.is_integer() else str(value).strip()
+        if key not in position:
+            raise DataError(f"{where}, row {row + 1}: ID {key!r} is not in the input ({len(ids):,} rows, IDs "
+                            f"{'from column ' + repr(data.id_column) if 'id' in table.column_names else '0..N-1'})")
+        rows.append(position[key])
+    if len(set(rows)) != len(rows):
+        raise DataError(f"{where}: an ID appears more than once")
+    labels = _labels(columns[data.label_column], data.label_names, where)
+    other = {k: v for k, v in columns.items() if k not in (data.id_column, data.label_column)}
+    return JoinedLabels(rows, labels, other)
 
 
 def split_train_validation(table: datasets.Dataset, data: DataConfig) -> tuple[datasets.Dataset, datasets.Dataset]:

@@ -1,9 +1,18 @@
-"""The `export` stage: a run as one plain transformers model folder, LoRA merged in, loadable without peft.
+"""The `export` stage: a run as one folder that serves without peft or budgetlora, LoRA merged in.
 
-The folder holds model.safetensors, config.json (id2label/label2id: the run's label names) and the run's tokenizer,
-so `transformers.pipeline("text-classification", model=folder, truncation=True)` serves it as it is. The tokenizer's
-model_max_length is set to the run's model.max_length: with truncation=True the pipeline cuts long texts where
-budgetlora's own inference does, and its labels are those of `predict_run` (at the same precision).
+Two formats:
+- "transformers": model.safetensors, config.json (id2label/label2id: the run's label names) and the run's tokenizer,
+  for `transformers.pipeline("text-classification", model=folder, truncation=True)`. Heads "standard" and
+  "lora_dense" are stock `*ForSequenceClassification` folders. The compact heads ("mean", "first_token") are
+  budgetlora modules, so their folder carries modeling_budgetlora.py (export_pooled_model.py, which imports only
+  torch and transformers) and config.json's auto_map points at it: the pipeline needs `trust_remote_code=True`.
+- "onnx": model.onnx, the tokenizer and labels.json, for onnxruntime (export_onnx.py).
+
+The tokenizer's model_max_length is the run's model.max_length: with truncation=True texts are cut where budgetlora's
+own inference cuts them, and the labels are those of `predict_run` (at the same precision). Every folder has a model
+card (export_card.py). An export is checked before it is published: reloaded (or run by onnxruntime), it must give
+the merged model's logits on probe texts; it is written to a temporary folder and renamed into place, never over a
+non-empty folder. Files and folders get their modes from the umask, like every other output.
 """
 
 from __future__ import annotations
@@ -13,22 +22,27 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import torch
-from transformers import (
-    AutoModelForSequenceClassification,
-    AutoTokenizer,
-    PreTrainedModel,
-    PreTrainedTokenizerBase,
-)
+from torch import nn
+from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedTokenizerBase
 
 from .config import ConfigError
-from .heads import PooledLinearHead, Pooler
+from .export_card import write_card
+from .export_onnx import onnx_logits, require_onnx, write_onnx
+from .export_pooled_model import BudgetloraPooledConfig, BudgetloraPooledForSequenceClassification
+from .heads import COMPACT_HEADS, PooledClassifier
 from .modeling import load_run_config, load_run_model, load_tokenizer
 
-# Heads that stay stock transformers modules once LoRA is merged; the others are budgetlora's own modules (heads.py).
-EXPORTABLE_HEADS = ("standard", "lora_dense")
-# Texts run through both the merged model and its reloaded export: a folder that does not reload exactly is an error.
+EXPORT_FORMATS = ("transformers", "onnx")
+# The compact head's modeling file, under the name it has in an exported folder (config.json's auto_map names it).
+POOLED_MODEL_SOURCE = Path(__file__).with_name("export_pooled_model.py")
+REMOTE_CODE_FILE = "modeling_budgetlora.py"
+# Texts run through both the merged model and its export: a folder that does not reproduce them is an error. Two
+# lengths, so the batch is padded and the attention mask matters.
 PROBE_TEXTS = ["budgetlora export check", "A longer probe text, with punctuation: 1, 2, 3 - and more words."]
+# The ONNX graph is checked on a batch of another size and length than the one it was traced with (dynamic axes).
+ONNX_CHECK_TEXTS = [*reversed(PROBE_TEXTS), "a third text"]
 
 
 class ExportError(ValueError):
@@ -45,63 +59,100 @@ def _check_target(out: Path) -> None:
                                       f"pick another --out")
 
 
-def _unexportable(head: str) -> ConfigError:
-    return ConfigError(f"model.head: {head!r} is a budgetlora module (heads.py) that stock transformers classes "
-                       f"cannot represent, so this run cannot be exported as a plain transformers model; heads that "
-                       f"export: {', '.join(EXPORTABLE_HEADS)}")
-
-
 @torch.inference_mode()
-def _probe_logits(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, max_length: int) -> torch.Tensor:
-    batch = tokenizer(PROBE_TEXTS, truncation=True, max_length=max_length, padding=True, return_tensors="pt")
-    return model.eval().to("cpu")(**batch).logits.float()
+def _probe_logits(model: nn.Module, tokenizer: PreTrainedTokenizerBase, texts: list[str],
+                  max_length: int) -> np.ndarray:
+    batch = tokenizer(texts, truncation=True, max_length=max_length, padding=True, return_tensors="pt")
+    return model.eval().to("cpu")(**batch).logits.float().numpy()
 
 
-def _write_card(folder: Path, run_dir: Path, head: str, max_length: int, label_names: list[str]) -> None:
-    (folder / "README.md").write_text(
-        f"# budgetlora export of `{run_dir.name}`\n\n"
-        f"LoRA merged into the base weights (model.head: {head}); labels: {', '.join(label_names)}.\n\n"
-        "```python\nfrom transformers import pipeline\n\n"
-        "classify = pipeline(\"text-classification\", model=\"<this folder>\", truncation=True)\n```\n\n"
-        f"`truncation=True` cuts texts at {max_length} tokens, as the run was trained and evaluated.\n",
-        encoding="utf-8")
+def _check_logits(expected: np.ndarray, got: np.ndarray, atol: float, what: str) -> None:
+    if got.shape != expected.shape or not np.allclose(expected, got, atol=atol, rtol=0):
+        difference = float(np.abs(expected - got).max()) if got.shape == expected.shape else float("inf")
+        raise ExportError(f"{what} does not reproduce the run's logits (max difference {difference:.2e})")
 
 
-def export_run(run_dir: Path, out: Path) -> Path:
-    """Write the run's merged model, label map and tokenizer to `out` (atomically: a temp folder renamed); return out.
+def _as_remote_code_model(model: PooledClassifier,
+                          label_names: list[str]) -> BudgetloraPooledForSequenceClassification:
+    """The compact-head model as the PreTrainedModel subclass the exported folder's modeling file defines."""
+    config = BudgetloraPooledConfig(
+        encoder_config=model.encoder.config.to_dict(), pooling=model.pooling, classifier_dropout=model.dropout.p,
+        id2label=dict(enumerate(label_names)), label2id={name: i for i, name in enumerate(label_names)})
+    # auto_map: AutoConfig and AutoModelForSequenceClassification find the classes in the folder's own file.
+    module = Path(REMOTE_CODE_FILE).stem
+    config.auto_map = {"AutoConfig": f"{module}.{BudgetloraPooledConfig.__name__}",
+                       "AutoModelForSequenceClassification":
+                           f"{module}.{BudgetloraPooledForSequenceClassification.__name__}"}
+    wrapped = BudgetloraPooledForSequenceClassification(config).to(model.classifier.weight.dtype)
+    wrapped.encoder_model.load_state_dict(model.encoder.state_dict())  # strict: no weight left at its random init
+    wrapped.classifier.load_state_dict(model.classifier.state_dict())
+    return wrapped.eval()
 
-    Refuses an `out` that exists and is not empty, and heads that stock transformers classes cannot hold.
+
+def _write_transformers(model: nn.Module, tokenizer: PreTrainedTokenizerBase, folder: Path,
+                        label_names: list[str], max_length: int) -> None:
+    """A model folder that `pipeline` serves, reloaded here to prove it reproduces the merged model."""
+    remote_code = isinstance(model, PooledClassifier)
+    saved = _as_remote_code_model(model, label_names) if remote_code else model
+    if not remote_code:  # the label map is rewritten from labels.json: classes are named exactly as the run names them
+        saved.config.id2label = dict(enumerate(label_names))
+        saved.config.label2id = {name: i for i, name in enumerate(label_names)}
+    saved.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    if remote_code:
+        shutil.copyfile(POOLED_MODEL_SOURCE, folder / REMOTE_CODE_FILE)
+    if not (folder / "model.safetensors").is_file():
+        raise ExportError(f"{folder}: transformers wrote no model.safetensors (sharded or another format)")
+    # Reloaded the way a user loads it: for the compact heads this runs the folder's copy of the modeling file.
+    reloaded = AutoModelForSequenceClassification.from_pretrained(folder, trust_remote_code=remote_code)
+    if remote_code and type(reloaded).__module__.startswith("budgetlora"):
+        raise ExportError(f"{folder}: reloading used budgetlora's module instead of the folder's {REMOTE_CODE_FILE}")
+    reloaded_tokenizer = AutoTokenizer.from_pretrained(folder)
+    _check_logits(_probe_logits(model, tokenizer, PROBE_TEXTS, max_length),
+                  _probe_logits(reloaded, reloaded_tokenizer, PROBE_TEXTS, max_length), 1e-4,
+                  f"{folder}: the exported model")
+
+
+def _apply_umask(folder: Path) -> None:
+    """Modes as a plain write would give them (mkdtemp makes 0700 and safetensors writes 0600)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in [folder, *folder.rglob("*")]:
+        os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
+
+
+def export_run(run_dir: Path, out: Path, format: str = "transformers") -> Path:  # noqa: A002 (the CLI's --format)
+    """Write the run's merged model, label map, tokenizer and model card to `out`; return out.
+
+    format: "transformers" (a folder for transformers.pipeline) or "onnx" (model.onnx for onnxruntime). Written
+    atomically (a temporary folder, checked, then renamed); refuses an `out` that exists and is not empty.
     """
     run_dir, out = Path(run_dir), Path(out)
+    if format not in EXPORT_FORMATS:
+        raise ConfigError(f"export format {format!r}: use one of {', '.join(EXPORT_FORMATS)}")
     config = load_run_config(run_dir)
     _check_target(out)  # before any weights are read
-    head = config.model.head
-    if head not in EXPORTABLE_HEADS:
-        raise _unexportable(head)  # from the config: no weights read
+    if format == "onnx":
+        require_onnx()
     model, config, label_names = load_run_model(run_dir, merge=True)
-    # Checked on the model too: a custom module saved by a stock class would reload as random weights.
-    if any(isinstance(module, (Pooler, PooledLinearHead)) for module in model.modules()):
-        raise _unexportable(head)
-    # The label map is rewritten from labels.json: the export must name classes exactly as the run does.
-    model.config.id2label = dict(enumerate(label_names))
-    model.config.label2id = {name: i for i, name in enumerate(label_names)}
+    if isinstance(model, PooledClassifier) != (config.model.head in COMPACT_HEADS):
+        raise ExportError(f"{run_dir}: model.head {config.model.head!r} rebuilt as {type(model).__name__}")
     tokenizer = load_tokenizer(config.model)
     tokenizer.model_max_length = config.model.max_length
+    max_length = config.model.max_length
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
     try:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        _write_card(tmp, run_dir, head, config.model.max_length, label_names)
-        if not (tmp / "model.safetensors").is_file():
-            raise ExportError(f"{tmp}: transformers wrote no model.safetensors (sharded or another format)")
-        reloaded = AutoModelForSequenceClassification.from_pretrained(tmp)
-        reloaded_tokenizer = AutoTokenizer.from_pretrained(tmp)
-        expected = _probe_logits(model, tokenizer, config.model.max_length)
-        got = _probe_logits(reloaded, reloaded_tokenizer, config.model.max_length)
-        if not torch.allclose(expected, got, atol=1e-4, rtol=0):
-            raise ExportError(f"{run_dir}: the exported model does not reproduce the run's logits "
-                              f"(max difference {float((expected - got).abs().max()):.2e})")
+        if format == "onnx":
+            expected = _probe_logits(model, tokenizer, ONNX_CHECK_TEXTS, max_length)
+            write_onnx(model, tokenizer, tmp, label_names, max_length, PROBE_TEXTS)
+            _check_logits(expected, onnx_logits(tmp, tokenizer, ONNX_CHECK_TEXTS, max_length), 1e-3,
+                          f"{tmp}: onnxruntime running the exported graph")
+        else:
+            _write_transformers(model, tokenizer, tmp, label_names, max_length)
+        write_card(tmp, run_dir, config, label_names, format,
+                   remote_code=format == "transformers" and isinstance(model, PooledClassifier))
+        _apply_umask(tmp)
         _check_target(out)  # again: another process may have filled it while this one worked
         if out.exists():
             out.rmdir()  # empty: replaced by the finished folder

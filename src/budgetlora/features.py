@@ -5,22 +5,20 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import shutil
-from pathlib import Path
 
 import datasets
+import numpy as np
 from transformers import PreTrainedTokenizerBase
 
 from .config import ModelConfig
+from .model_sources import cache_root
 
 log = logging.getLogger(__name__)
 # Bump when the tokenized layout changes, so stale caches are not reused.
 CACHE_VERSION = 1
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("BUDGETLORA_CACHE", Path.home() / ".cache" / "budgetlora"))
 
 
 def _fingerprint(table: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, model: ModelConfig) -> str:
@@ -61,3 +59,13 @@ def tokenize_table(table: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, 
         log.warning("%d of %d texts are longer than model.max_length=%d tokens and were truncated",
                     truncated, len(tokenized), model.max_length)
     return tokenized
+
+
+def choose_max_length(tokenizer: PreTrainedTokenizerBase, texts: list[str], limit: int) -> dict[str, int]:
+    """model.max_length: auto. The 99.5th percentile of the texts' token counts, rounded up to a multiple of 16 (few
+    distinct shapes), at most `limit` (the model's position limit); with the percentiles it was chosen from."""
+    lengths = np.array([len(ids) for ids in tokenizer(texts, truncation=False)["input_ids"]])
+    chosen = min(limit, int(math.ceil(np.percentile(lengths, 99.5) / 16) * 16))
+    return {"chosen": chosen, "limit": limit, "texts": len(texts), "p50": int(np.percentile(lengths, 50)),
+            "p95": int(np.percentile(lengths, 95)), "p99": int(np.percentile(lengths, 99)), "max": int(lengths.max()),
+            "truncated": int((lengths > chosen).sum())}

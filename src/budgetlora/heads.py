@@ -1,121 +1,142 @@
-"""Classification heads: the model's standard head, or a compact one that spends the budget on LoRA instead.
+"""Classification heads: the family's standard head, or a compact one that spends the budget on LoRA instead.
 
 roberta-base's standard head (dense 768x768 + out_proj 768x4 = 593,668 parameters) is 59% of a 1M budget. The
 compact heads train one linear layer (3,076 parameters) on the first token or on the mean of the token states;
-"lora_dense" keeps the head's shape but trains its dense layer through LoRA.
+"lora_dense" keeps the standard head's shape but trains its dense layer through LoRA.
 
-Two head layouts exist in transformers' encoders, and both are handled by swapping modules in place, so the model
-stays a stock `*ForSequenceClassification` that peft, Trainer and save/load know:
-- RoBERTa-like: `classifier` reads the token states (dense + tanh + out_proj on the first token);
-- BERT-like: the encoder's `pooler` (dense + tanh on the first token, pretrained) feeds a linear `classifier`.
+- "standard" and "lora_dense" use the family's own `*ForSequenceClassification`, whatever its head looks like: the
+  modules outside the encoder (RoBERTa's `classifier`, DeBERTa's `pooler` + `classifier`, DistilBERT's
+  `pre_classifier` + `classifier`, ModernBERT's `head` + `classifier`, ...) are the head.
+- "first_token" and "mean" are `PooledClassifier`: the bare encoder (`AutoModel`) and one linear layer. The attention
+  mask is an argument of its forward pass, so mean pooling never counts padding and a text's logits do not depend on
+  its batch, with no state kept between calls (safe under DataParallel and overlapping forward passes).
 """
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import nn
 from transformers import PreTrainedModel
+from transformers.modeling_outputs import SequenceClassifierOutput
 
 from .config import ConfigError
 
 HEADS = ("standard", "first_token", "mean", "lora_dense")
+COMPACT_HEADS = ("first_token", "mean")
 
 
-class Pooler(nn.Module):
-    """Token states (batch, tokens, hidden) to one vector per text: the first token, or the mean over real tokens.
+def pool(hidden: torch.Tensor, attention_mask: torch.Tensor | None, mode: str) -> torch.Tensor:
+    """Token states (batch, tokens, hidden) to one vector per text: the first token, or the mean over real tokens."""
+    if mode == "first_token":
+        return hidden[:, 0]
+    if attention_mask is None:
+        return hidden.mean(dim=1)
+    mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)
 
-    The attention mask is not passed to heads by transformers, so a forward pre-hook on the encoder stores it here
-    (`remember_attention_mask`); without it, padding would change the mean and a text's label would depend on its
-    batch.
+
+def classifier_dropout(config) -> float:
+    """The dropout the family's own head uses before its last layer (the names differ between families)."""
+    for key in ("classifier_dropout", "seq_classif_dropout", "hidden_dropout_prob", "dropout"):
+        value = getattr(config, key, None)
+        if isinstance(value, float):
+            return value
+    return 0.1
+
+
+class PooledClassifier(nn.Module):
+    """A bare encoder and one linear layer on its pooled token states (model.head: first_token or mean).
+
+    The encoder sits under the family's own prefix (`roberta`, `bert`, ...), so module names, and the target patterns
+    that match them, are the same as in the family's `*ForSequenceClassification`.
     """
 
-    def __init__(self, mode: str) -> None:
+    def __init__(self, encoder: PreTrainedModel, pooling: str) -> None:
         super().__init__()
-        self.mode = mode
-        self.attention_mask: torch.Tensor | None = None
+        if pooling not in COMPACT_HEADS:
+            raise ValueError(f"pooling must be one of {COMPACT_HEADS}, got {pooling!r}")
+        self.pooling = pooling
+        self.config = encoder.config
+        self.base_model_prefix = encoder.base_model_prefix
+        # The compact head reads token states: an encoder pooler would be unused compute and a module that LoRA
+        # patterns (e.g. "dense") could silently waste parameters on.
+        if getattr(encoder, "pooler", None) is not None:
+            encoder.pooler = None
+        self.add_module(encoder.base_model_prefix, encoder)
+        self.dropout = nn.Dropout(classifier_dropout(encoder.config))
+        self.classifier = nn.Linear(encoder.config.hidden_size, encoder.config.num_labels)
 
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        if self.mode == "first_token":
-            return hidden[:, 0]
-        if self.attention_mask is None:
-            return hidden.mean(dim=1)
-        mask = self.attention_mask.unsqueeze(-1).to(hidden.dtype)
-        return (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)
+    @property
+    def encoder(self) -> PreTrainedModel:
+        return getattr(self, self.base_model_prefix)
 
-
-class PooledLinearHead(nn.Module):
-    """RoBERTa-like replacement for `classifier`: pool, dropout, one linear layer."""
-
-    def __init__(self, pooler: Pooler, hidden_size: int, num_labels: int, dropout: float) -> None:
-        super().__init__()
-        self.pooler = pooler
-        self.dropout = nn.Dropout(dropout)
-        self.out_proj = nn.Linear(hidden_size, num_labels)
-
-    def forward(self, features: torch.Tensor, **kwargs: Any) -> torch.Tensor:
-        return self.out_proj(self.dropout(self.pooler(features)))
-
-
-def _encoder(model: PreTrainedModel) -> nn.Module:
-    return getattr(model, model.base_model_prefix)
-
-
-def head_layout(model: PreTrainedModel) -> str:
-    """"roberta" (classifier reads token states), "bert" (pooler feeds a linear classifier), or "other"."""
-    classifier = getattr(model, "classifier", None)
-    if isinstance(classifier, PooledLinearHead) or (hasattr(classifier, "dense") and hasattr(classifier, "out_proj")):
-        return "roberta"
-    if isinstance(classifier, nn.Linear) and getattr(_encoder(model), "pooler", None) is not None:
-        return "bert"
-    return "other"
+    def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+                token_type_ids: torch.Tensor | None = None, labels: torch.Tensor | None = None,
+                inputs_embeds: torch.Tensor | None = None) -> SequenceClassifierOutput:
+        # Only what the caller gave: DistilBERT and ModernBERT take no token_type_ids.
+        inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "token_type_ids": token_type_ids,
+                  "inputs_embeds": inputs_embeds}
+        hidden = self.encoder(**{k: v for k, v in inputs.items() if v is not None}).last_hidden_state
+        logits = self.classifier(self.dropout(pool(hidden, attention_mask, self.pooling)))
+        loss = nn.functional.cross_entropy(logits.float(), labels) if labels is not None else None
+        return SequenceClassifierOutput(loss=loss, logits=logits)
 
 
-def _remember_attention_mask(pooler: Pooler):
-    def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-        pooler.attention_mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
-    return hook
+def head_modules(model: nn.Module) -> list[str]:
+    """Names of the standard head's modules: the parameterised children outside the encoder."""
+    prefix = model.base_model_prefix
+    return [name for name, child in model.named_children()
+            if name != prefix and any(True for _ in child.parameters())]
 
 
-def install_head(model: PreTrainedModel, head: str) -> PreTrainedModel:
-    """Swap the model's head for the one the config names (in place); "standard" leaves it as it is."""
+def head_dense_name(model: nn.Module) -> str:
+    """The dense (hidden -> hidden) layer of the standard head, which "lora_dense" adapts.
+
+    Outside the encoder where the family's head has one (RoBERTa, ELECTRA, MPNet, DeBERTa, DistilBERT, ModernBERT),
+    else the encoder's pretrained pooler (BERT, ALBERT); a family with neither cannot use lora_dense.
+    """
+    hidden = model.config.hidden_size
+    for head in head_modules(model):
+        for name, module in getattr(model, head).named_modules():
+            if isinstance(module, nn.Linear) and module.in_features == module.out_features == hidden:
+                return f"{head}.{name}" if name else head
+    pooler = getattr(getattr(model, model.base_model_prefix), "pooler", None)
+    for name, module in (pooler.named_modules() if pooler is not None else ()):
+        if isinstance(module, nn.Linear) and module.in_features == module.out_features == hidden:
+            return f"{model.base_model_prefix}.pooler" + (f".{name}" if name else "")
+    raise ConfigError(f"model.head: 'lora_dense' needs a dense layer in the classification head, and "
+                      f"{type(model).__name__}'s head has none; use 'mean', 'first_token' or 'standard'")
+
+
+def trainable_head_modules(model: nn.Module, head: str) -> list[str]:
+    """Module names trained in full (peft's modules_to_save) for this head."""
+    if isinstance(model, PooledClassifier):
+        return ["classifier"]
     if head == "standard":
-        return model
-    layout = head_layout(model)
-    if layout == "other":
-        raise ConfigError(f"model.head: {head!r} is not available for {type(model).__name__}; use 'standard'")
-    config = model.config
-    if head == "lora_dense":
-        if layout == "roberta":
-            # The checkpoint has no head, so this dense layer would be random and frozen: it could not be rebuilt
-            # from the config alone on reload. The identity makes it exact; LoRA learns the update on top.
-            with torch.no_grad():
-                dense = model.classifier.dense
-                dense.weight.copy_(torch.eye(dense.out_features, dense.in_features, device=dense.weight.device))
-                dense.bias.zero_()
-        return model  # BERT-like: LoRA goes on the pretrained pooler's dense layer
-    pooler = Pooler(head)
-    if layout == "roberta":
-        dropout = config.classifier_dropout if config.classifier_dropout is not None else config.hidden_dropout_prob
-        model.classifier = PooledLinearHead(pooler, config.hidden_size, config.num_labels, dropout)
-    else:
-        _encoder(model).pooler = pooler  # the linear classifier now reads the pooled token states
-    # On the encoder: every *ForSequenceClassification passes the mask to it, whatever its own call convention.
-    _encoder(model).register_forward_pre_hook(_remember_attention_mask(pooler), with_kwargs=True)
-    return model
+        return head_modules(model)
+    dense = head_dense_name(model)  # lora_dense: the rest of the head is trained in full, the dense through LoRA
+    return [name for module in head_modules(model) for name in _parameterised_leaves(model, module) if name != dense]
 
 
-def head_dense_name(model: PreTrainedModel) -> str:
-    """The dense layer of the standard head that "lora_dense" adapts."""
-    return "classifier.dense" if head_layout(model) == "roberta" else f"{model.base_model_prefix}.pooler.dense"
+def _parameterised_leaves(model: nn.Module, head: str) -> list[str]:
+    module = getattr(model, head)
+    if not list(module.children()):
+        return [head]
+    return [f"{head}.{name}" for name, leaf in module.named_modules()
+            if name and not list(leaf.children()) and any(True for _ in leaf.parameters(recurse=False))]
 
 
-def trainable_head_modules(model: PreTrainedModel, head: str) -> list[str]:
-    """Module names trained in full (peft's modules_to_save) for this head.
+def init_new_dense_as_identity(model: nn.Module, missing_keys: set[str] | None) -> None:
+    """Make the lora_dense head's dense layer the identity when the checkpoint does not hold it.
 
-    peft trains a copy of each; the pooler must stay out of it, or the copy would not see the attention mask.
+    A random frozen layer could not be rebuilt exactly on reload (random initialisation differs between versions);
+    the identity can, and LoRA learns the update on top. missing_keys None: the model was built without weights.
     """
-    if head != "standard" and head_layout(model) == "roberta":
-        return ["classifier.out_proj"]
-    return ["classifier"]
+    dense = head_dense_name(model)
+    if missing_keys is not None and f"{dense}.weight" not in missing_keys:
+        return  # pretrained (e.g. BERT's pooler): kept
+    layer = model.get_submodule(dense)
+    with torch.no_grad():
+        layer.weight.copy_(torch.eye(layer.out_features, layer.in_features, device=layer.weight.device))
+        if layer.bias is not None:
+            layer.bias.zero_()

@@ -3,22 +3,29 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
+import json
+import logging
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from scipy.special import softmax
 from sklearn.metrics import accuracy_score, classification_report, confusion_matrix, f1_score
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from .config import RunConfig
-from .data import load_table
+from .config import RunConfig, with_overrides
+from .data import join_labels, load_table
 from .files import atomic_write_text, write_json
 from .hardware import autocast, device, resolve_precision
+from .label_shift import estimate_priors
 from .modeling import load_run_config, load_run_model, load_tokenizer
+
+log = logging.getLogger(__name__)
 
 
 def classification_metrics(labels: list[int], predictions: list[int], label_names: list[str]) -> dict[str, Any]:
@@ -73,29 +80,77 @@ def run_predictor(model: PreTrainedModel, config: RunConfig) -> Callable[..., np
     return predict
 
 
-def _run_on_source(run_dir: Path, source: str, *, labelled: bool, trust_pickle: bool):
-    """Load a saved run and the source's checked table; return the table, its logits and the run's label names."""
-    config = load_run_config(run_dir)
-    config.data.trust_pickle = trust_pickle
-    table = load_table(source, config.data, labelled=labelled)  # bad input fails before the model is loaded
+def _read_source(run_dir: Path, source: str, *, labelled: bool, trust_pickle: bool):
+    """The run's config (input-reading settings as trained, trust_pickle as asked) and the source's checked table."""
+    config = with_overrides(load_run_config(run_dir), [f"data.trust_pickle={str(trust_pickle).lower()}"])
+    return config, load_table(source, config.data, labelled=labelled)  # bad input fails before the model is loaded
+
+
+def train_priors(run_dir: Path, label_count: int) -> np.ndarray:
+    """The class shares of the run's training rows (uniform for runs that did not record them)."""
+    counts = json.loads((Path(run_dir) / "metrics.json").read_text()).get("train_label_counts")
+    counts = np.asarray(counts if counts else [1] * label_count, dtype=np.float64)
+    return counts / counts.sum()
+
+
+def _predicted(run_dir: Path, logits: np.ndarray, label_shift: bool) -> tuple[np.ndarray, dict[str, Any]]:
+    """Labels from logits; with label_shift, from probabilities adjusted to the input's class priors (EM)."""
+    if not label_shift:
+        return logits.argmax(-1), {}
+    shift = estimate_priors(softmax(logits.astype(np.float64), axis=1), train_priors(run_dir, logits.shape[1]))
+    return shift.adjusted.argmax(-1), {"estimated_priors": shift.priors.round(4).tolist(),
+                                       "em_iterations": shift.iterations}
+
+
+def evaluate_run(run_dir: Path, source: str, *, labels: str | None = None, label_shift: bool = False,
+                 trust_pickle: bool = False) -> dict[str, Any]:
+    """Metrics of a saved run on a labelled source, or on an unlabelled one with `labels` joined by ID (IDs as
+    `predict` numbers them). A 0/1 column of the labels file (e.g. both_high) also gets the metrics of its 1-rows,
+    under `subsets`. With label_shift, predictions are adjusted to the whole input's class priors (EM) first.
+    Written to <run>/evaluations/ under a name of the source (and labels) that different files never share."""
+    config, table = _read_source(run_dir, source, labelled=labels is None, trust_pickle=trust_pickle)
+    joined = join_labels(table, labels, config.data) if labels is not None else None
     model, config, label_names = load_run_model(run_dir)
-    logits = run_predictor(model, config)(table["text"][:], progress=True)
-    return table, logits, label_names
-
-
-def evaluate_run(run_dir: Path, source: str, *, trust_pickle: bool = False) -> dict[str, Any]:
-    """Metrics of a saved run on a labelled data source; also written to <run>/evaluations/<source name>.json."""
-    table, logits, label_names = _run_on_source(run_dir, source, labelled=True, trust_pickle=trust_pickle)
-    metrics = classification_metrics(table["label"][:], logits.argmax(-1).tolist(), label_names)
-    metrics["source"] = source
-    write_json(Path(run_dir) / "evaluations" / f"{Path(source).stem.replace(':', '_')}.json", metrics)
+    predict = run_predictor(model, config)
+    texts = table["text"][:]
+    if joined is not None and not label_shift:  # only the labelled rows need the model
+        rows = joined.rows
+        predicted, extra = _predicted(run_dir, predict([texts[i] for i in rows], progress=True), False)
+    else:
+        rows = joined.rows if joined is not None else list(range(len(texts)))
+        predicted, extra = _predicted(run_dir, predict(texts, progress=True), label_shift)
+        predicted = predicted[rows]
+    truth = joined.labels if joined is not None else table["label"][:]
+    metrics = classification_metrics(truth, predicted.tolist(), label_names) | extra
+    metrics |= {"source": source, "labels": labels, "label_shift": label_shift, "subsets": {}}
+    for column, values in (joined.columns.items() if joined is not None else ()):
+        flags = [str(value).strip() for value in values]
+        if set(flags) <= {"0", "1"} and "1" in flags:
+            chosen = [i for i, flag in enumerate(flags) if flag == "1"]
+            metrics["subsets"][column] = classification_metrics(
+                [truth[i] for i in chosen], predicted[chosen].tolist(), label_names)
+    write_json(Path(run_dir) / "evaluations" / f"{_evaluation_key(source, labels, label_shift)}.json", metrics)
     return metrics
 
 
-def predict_run(run_dir: Path, source: str, output: Path, *, trust_pickle: bool = False) -> list[int]:
-    """Write an `ID,Label` CSV for an unlabelled source, in input order (IDs from data.id_column, else 0..N-1)."""
-    table, logits, _ = _run_on_source(run_dir, source, labelled=False, trust_pickle=trust_pickle)
-    labels = logits.argmax(-1).tolist()
+def _evaluation_key(source: str, labels: str | None, label_shift: bool) -> str:
+    """`<file stem>-<hash of where it is>`: d/test.csv and d2/test.csv never overwrite each other."""
+    where = [str(Path(source).resolve()) if Path(source).exists() else source, str(labels), str(label_shift)]
+    return f"{Path(source).stem.replace(':', '_')}-{hashlib.sha256('|'.join(where).encode()).hexdigest()[:8]}"
+
+
+def predict_run(run_dir: Path, source: str, output: Path, *, label_shift: bool = False,
+                trust_pickle: bool = False) -> list[int]:
+    """Write an `ID,Label` CSV for an unlabelled source, in input order (IDs from data.id_column, else 0..N-1).
+
+    With label_shift, predictions are adjusted to the input's class priors, estimated by EM (label_shift.py)."""
+    config, table = _read_source(run_dir, source, labelled=False, trust_pickle=trust_pickle)
+    model, config, _ = load_run_model(run_dir)
+    predicted, extra = _predicted(run_dir, run_predictor(model, config)(table["text"][:], progress=True),
+                                  label_shift)
+    if extra:
+        log.info("label shift: estimated class priors %s", extra["estimated_priors"])
+    labels = predicted.tolist()
     ids = table["id"][:] if "id" in table.column_names else range(len(labels))
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")

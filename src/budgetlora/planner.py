@@ -1,32 +1,29 @@
 """`budgetlora plan`: adapter shapes that fit the budget, with exact counts, from the model config alone.
 
-Rule, in order: adapt more module types (then more layers) before raising the rank; at equal coverage, spend more of
-the budget on LoRA rather than on the head. Public results back breadth over rank under a fixed budget (roberta-base on
-AG News under 1M: r=2 on query, key, value and both FFN layers beat r=8 on query/value). Each candidate takes the
-largest rank that fits.
+Rule, in order: adapt more module types (then more layers) before raising the rank; at equal coverage, a compact head
+(the mean of the token states, measured best in docs/results.md) before the standard head, and more of the budget on
+LoRA. Public results back breadth over rank under a fixed budget (roberta-base on AG News under 1M: r=2 on query,
+key, value and both FFN layers beat r=8 on query/value). Each candidate takes the largest rank that fits. The target
+sets are the family-neutral presets (targets.py), so the plan works for every encoder family.
 """
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 
 from transformers import AutoConfig
 
 from .budget import ParamReport, count_parameters
-from .config import RunConfig
-from .modeling import resolve_model_path
+from .config import ConfigError, RunConfig, with_overrides
+from .model_sources import resolve_model_path
+from .targets import PRESETS
 
-TARGET_SETS: dict[str, list[str]] = {
-    "all-linear": ["query", "key", "value", "attention.output.dense", "intermediate.dense", "layer.*.output.dense"],
-    "attention": ["query", "key", "value", "attention.output.dense"],
-    "qkv+ffn": ["query", "key", "value", "intermediate.dense", "layer.*.output.dense"],
-    "ffn": ["intermediate.dense", "layer.*.output.dense"],
-    "qkv": ["query", "key", "value"],
-    "qv": ["query", "value"],
-}
-HEAD_CHOICES = ("standard", "mean", "lora_dense")  # first_token costs what mean costs
+# Best first at equal coverage: the compact mean head, then the standard head's shape with LoRA on its dense, then the
+# standard head trained in full (first_token costs what mean costs).
+HEAD_CHOICES = ("mean", "lora_dense", "standard")
 MAX_RANK = 64
+COVERAGE = {"all-linear": 3, "attention": 2, "ffn": 1}
+assert set(COVERAGE) == set(PRESETS)
 
 
 @dataclass
@@ -39,7 +36,7 @@ class Candidate:
 
     @property
     def coverage(self) -> tuple[int, int]:
-        return len(TARGET_SETS[self.targets]), 2 if self.layers is None else 1
+        return COVERAGE[self.targets], 2 if self.layers is None else 1
 
     @property
     def layers_label(self) -> str:
@@ -49,22 +46,20 @@ class Candidate:
     def lora_params(self) -> int:
         return self.report.trainable - self.report.groups.get("head", 0)
 
-    def overrides(self) -> str:
-        parts = [f"lora.target_modules=[{','.join(TARGET_SETS[self.targets])}]", f"lora.r={self.rank}",
-                 f"lora.alpha={2 * self.rank}", f"model.head={self.head}", "lora.bias=none"]
-        if self.layers is not None:
-            parts.append(f"lora.layers_to_transform=[{','.join(map(str, self.layers))}]")
-        return " ".join(parts)
+    @property
+    def rank_key(self) -> tuple:
+        return self.coverage, -HEAD_CHOICES.index(self.head), self.lora_params
+
+    def overrides(self) -> list[str]:
+        return candidate_overrides(self.targets, self.head, self.layers, self.rank)
 
 
-def _variant(config: RunConfig, targets: str, head: str, layers: list[int] | None, rank: int) -> RunConfig:
-    variant = copy.deepcopy(config)
-    variant.lora.target_modules = TARGET_SETS[targets]
-    variant.lora.pattern_syntax = "glob"
-    variant.lora.r, variant.lora.bias = rank, "none"
-    variant.lora.layers_to_transform, variant.lora.rank_pattern, variant.lora.alpha_pattern = layers, {}, {}
-    variant.model.head = head
-    return variant
+def candidate_overrides(targets: str, head: str, layers: list[int] | None, rank: int) -> list[str]:
+    """The dotted overrides that give a config this adapter shape (alpha = 4r, as in the shipped configs)."""
+    return [f"lora.target_modules={targets}", f"lora.r={rank}", f"lora.alpha={4 * rank}", f"model.head={head}",
+            "lora.bias=none", "lora.pattern_syntax=glob", "lora.rank_pattern={}", "lora.alpha_pattern={}",
+            f"lora.layers_to_transform=[{','.join(map(str, layers))}]" if layers is not None
+            else "lora.layers_to_transform=null"]
 
 
 def plan(config: RunConfig, budget: int) -> list[Candidate]:
@@ -74,18 +69,23 @@ def plan(config: RunConfig, budget: int) -> list[Candidate]:
     """
     layer_count = AutoConfig.from_pretrained(resolve_model_path(config.model.name)).num_hidden_layers
     candidates = []
-    for targets in TARGET_SETS:
+    for targets in PRESETS:
         for head in HEAD_CHOICES:
             for layers in (None, list(range(layer_count // 2, layer_count))):
                 if head == "lora_dense" and layers is not None:
                     continue  # peft applies layers_to_transform to the head's dense too (see config.py)
-                # LoRA parameters grow linearly with r, so two exact counts give every rank; the pick is recounted.
-                one, two = (count_parameters(_variant(config, targets, head, layers, r)).trainable for r in (1, 2))
-                rank = min(MAX_RANK, (budget - one) // (two - one) + 1) if budget >= one else 0
+                try:  # LoRA parameters grow linearly with r, so two exact counts give every rank
+                    one, two = (count_parameters(with_overrides(config, candidate_overrides(targets, head, layers, r)))
+                                for r in (1, 2))
+                except ConfigError:
+                    continue  # a head or preset this family cannot use (the message names it in `params`)
+                rank = min(MAX_RANK, (budget - one.trainable) // (two.trainable - one.trainable) + 1) \
+                    if budget >= one.trainable else 0
                 if rank >= 1:
-                    report = count_parameters(_variant(config, targets, head, layers, rank))
+                    report = one if rank == 1 else count_parameters(
+                        with_overrides(config, candidate_overrides(targets, head, layers, rank)))
                     candidates.append(Candidate(targets, head, layers, rank, report))
-    return sorted(candidates, key=lambda c: (c.coverage, c.lora_params), reverse=True)
+    return sorted(candidates, key=lambda c: c.rank_key, reverse=True)
 
 
 def format_plan(candidates: list[Candidate], budget: int, limit: int) -> str:
@@ -96,7 +96,7 @@ def format_plan(candidates: list[Candidate], budget: int, limit: int) -> str:
         rows.append(f"{i:>3}  {c.targets:<11}{c.layers_label:<10}{c.head:<12}{c.rank:>3}{c.lora_params:>10,}{head:>10,}"
                     f"{c.report.trainable:>11,}{c.report.trainable / budget:>8.1%}")
     rows.append("\noverrides, best first:")
-    rows += [f"{i:>3}  {c.overrides()}" for i, c in enumerate(candidates[:limit], 1)]
-    rows.append(f"\n{len(candidates)} shapes fit {budget:,}; targets: "
-                + "; ".join(f"{name} = {', '.join(t)}" for name, t in TARGET_SETS.items()))
+    rows += [f"{i:>3}  {' '.join(c.overrides())}" for i, c in enumerate(candidates[:limit], 1)]
+    rows.append(f"\n{len(candidates)} shapes fit {budget:,}; targets are presets (`budgetlora params` shows what each "
+                f"matches on this model)")
     return "\n".join(rows)

@@ -1,15 +1,21 @@
-"""The `serve` stage: a trained run behind an HTTP API (FastAPI + uvicorn), with micro-batching.
+"""The `serve` stage: a trained run behind an HTTP API (FastAPI + uvicorn), with fair micro-batching.
 
-Concurrent requests are queued; one background worker takes what arrives within `batch_window_ms` of the first and
-runs it through the merged model as one batch, in a thread, so the event loop keeps accepting requests meanwhile.
+Concurrent requests are pooled; one background worker runs micro-batches of at most `batch_texts` texts through the
+merged model, in a thread, so the event loop keeps accepting requests meanwhile. Every pending request has a share
+of each micro-batch, so a request of thousands of texts is split over many and a small one sent meanwhile is answered
+after about one. When the worker is idle, it waits `batch_window_ms` after the first request for others to join.
 Limits are checked before anything is queued: request bodies over a byte size derived from max_texts x max_chars get
-413; an empty list, too many texts, an empty, blank or too long text get 422 with pydantic's message.
+413; an empty list, too many texts, an empty, blank or too long text get 422 with pydantic's message. /docs and
+/redoc load their JavaScript and CSS from this server (fastapi-offline's copies), so they work offline.
 
 No `from __future__ import annotations` here: FastAPI must resolve the request model defined inside create_app.
 """
 
 import asyncio
 import contextlib
+import errno
+import math
+import socket
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,15 +24,57 @@ from typing import Annotated, Any
 import numpy as np
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi_offline import FastAPIOffline
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from .config import ConfigError
 from .infer import run_predictor
 from .modeling import load_run_model
 
-# A batch never grows past this many texts (or one request's max_texts, if larger): bounded memory and latency.
+# The most texts in one micro-batch: a larger request is split, so others wait behind at most about this many.
 MAX_BATCH_TEXTS = 256
+# A longer batch window would make every request outlast common client timeouts.
+MAX_BATCH_WINDOW_MS = 60_000
+
+
+class ServeError(ConfigError):
+    """A serve option is out of range, or the server cannot listen on its address (a user error in the CLI)."""
+
+
+def _limit_problems(max_texts: int, max_chars: int, batch_window_ms: float, batch_texts: int) -> list[str]:
+    problems = [f"{flag}: must be at least 1, got {value}"
+                for flag, value in (("--max-texts", max_texts), ("--max-chars", max_chars),
+                                    ("batch_texts", batch_texts)) if value < 1]
+    if not (math.isfinite(batch_window_ms) and 0 <= batch_window_ms <= MAX_BATCH_WINDOW_MS):
+        problems.append(f"--batch-window-ms: must be 0-{MAX_BATCH_WINDOW_MS}, got {batch_window_ms}")
+    return problems
+
+
+def _refuse(problems: list[str]) -> None:
+    if problems:
+        raise ServeError("; ".join(problems))
+
+
+def _address_problems(host: str, port: int) -> list[str]:
+    problems = [] if host.strip() else ["--host: must not be empty (127.0.0.1, or 0.0.0.0 for every interface)"]
+    return problems if 0 <= port <= 65535 else [*problems, f"--port: must be 0-65535, got {port}"]
+
+
+def _listen_socket(host: str, port: int) -> socket.socket:
+    """A socket bound to host:port, as uvicorn binds one, for uvicorn to serve on; a busy port fails here, early."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: a restart need not wait for TIME_WAIT
+    try:
+        sock.bind((host, port))
+    except OSError as error:
+        sock.close()
+        if error.errno == errno.EADDRINUSE:
+            raise ServeError(f"--port: {host}:{port} is already in use (another server?); choose another --port") \
+                from None
+        raise ServeError(f"--host/--port: cannot listen on {host}:{port}: {error.strerror or error}") from None
+    return sock
 
 
 class PredictResponse(BaseModel):
@@ -35,40 +83,60 @@ class PredictResponse(BaseModel):
     probabilities: list[list[float]] = Field(description="softmax over the classes (labels.json order) per text")
 
 
+class ErrorMessage(BaseModel):
+    detail: str
+
+
+class InvalidItem(BaseModel):
+    loc: list[str] = Field(description='where in the body, e.g. ["body", "texts", "1"]')
+    type: str
+    msg: str
+
+
+class InvalidRequest(BaseModel):
+    detail: list[InvalidItem]
+
+
 @dataclass
 class BatchStats:
     """Counters of the batch worker, kept in app.state.batch_stats."""
 
     batches: int = 0
-    requests: int = 0
+    requests: int = 0  # requests answered
     texts: int = 0
-    largest_batch_requests: int = 0
+    largest_batch_requests: int = 0  # the most requests with texts in one micro-batch
 
 
 @dataclass
 class _Job:
     texts: list[str]
     future: asyncio.Future
+    sent: int = 0  # texts run so far; their logits, a part a micro-batch:
+    logits: list[np.ndarray] = field(default_factory=list)
+
+    @property
+    def left(self) -> int:
+        return len(self.texts) - self.sent
 
 
 @dataclass
 class MicroBatcher:
-    """An asyncio queue of requests and the one worker task that runs them through `predict` together."""
+    """The pending requests and the one worker task that runs them through `predict`, a micro-batch at a time."""
 
     predict: Callable[[list[str]], np.ndarray]
     window_s: float
-    max_batch_texts: int
+    batch_texts: int
     stats: BatchStats = field(default_factory=BatchStats)
-    _queue: asyncio.Queue[_Job] | None = None
+    _pending: list[_Job] = field(default_factory=list)  # in turn order: those just served go to the back
+    _arrived: asyncio.Event | None = None
     _task: asyncio.Task | None = None
-    _held: _Job | None = None  # taken from the queue but did not fit the last batch: first in the next one
 
     @property
     def alive(self) -> bool:
         return self._task is not None and not self._task.done()
 
     def start(self) -> None:
-        self._queue = asyncio.Queue()
+        self._arrived = asyncio.Event()
         self._task = asyncio.create_task(self._run())
 
     async def stop(self) -> None:
@@ -76,57 +144,69 @@ class MicroBatcher:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-        # uvicorn finishes open requests before the lifespan ends; anything still queued is failed, not left hanging.
-        waiting = [self._held] if self._held else []
-        while self._queue is not None and not self._queue.empty():
-            waiting.append(self._queue.get_nowait())
-        for job in waiting:
+        # uvicorn finishes open requests before the lifespan ends; anything still pending is failed, not left hanging.
+        for job in self._pending:
             if not job.future.done():
                 job.future.set_exception(RuntimeError("the server is shutting down"))
+        self._pending.clear()
 
     async def submit(self, texts: list[str]) -> np.ndarray:
-        """Queue `texts`; their logits once a batch holding them has run."""
-        if not self.alive or self._queue is None:
+        """Queue `texts`; their logits once the micro-batches holding them have run."""
+        if not self.alive or self._arrived is None:
             raise HTTPException(503, "the batch worker is not running")
-        future = asyncio.get_running_loop().create_future()
-        await self._queue.put(_Job(texts, future))
-        return await future
+        job = _Job(texts, asyncio.get_running_loop().create_future())
+        self._pending.append(job)
+        self._arrived.set()
+        return await job.future
 
-    async def _collect(self) -> list[_Job]:
-        assert self._queue is not None
-        first, self._held = self._held or await self._queue.get(), None
-        await asyncio.sleep(self.window_s)  # the window: requests arriving meanwhile join this batch
-        jobs, size = [first], len(first.texts)
-        while not self._queue.empty():
-            job = self._queue.get_nowait()
-            if size + len(job.texts) > self.max_batch_texts:
-                self._held = job
-                break
-            jobs.append(job)
-            size += len(job.texts)
-        return [job for job in jobs if not job.future.done()]  # a client that went away cancelled its future
+    def _next_batch(self) -> list[tuple[_Job, int]]:
+        """(request, how many of its next texts) for the next micro-batch: a max-min fair share each, in turn order.
+
+        Requests needing less than an equal share take all they need and leave the rest to the larger ones. When more
+        requests wait than a micro-batch holds texts, the first `batch_texts` of them send one text each.
+        """
+        self._pending = [job for job in self._pending if not job.future.done()]  # the client went away: cancelled
+        jobs = self._pending[:self.batch_texts]
+        takes, room = [0] * len(jobs), self.batch_texts
+        for rank, index in enumerate(sorted(range(len(jobs)), key=lambda i: jobs[i].left)):
+            takes[index] = min(jobs[index].left, room // (len(jobs) - rank))  # >= 1: room never drops below jobs left
+            room -= takes[index]
+        return list(zip(jobs, takes, strict=True))
 
     async def _run(self) -> None:
+        assert self._arrived is not None
         while True:
-            jobs = await self._collect()
-            if not jobs:
+            if not self._pending:
+                self._arrived.clear()
+                await self._arrived.wait()
+                await asyncio.sleep(self.window_s)  # the window: requests arriving meanwhile join this micro-batch
+            batch = self._next_batch()
+            if not batch:
                 continue
+            texts = [text for job, take in batch for text in job.texts[job.sent:job.sent + take]]
             try:
-                logits = await asyncio.to_thread(self.predict, [text for job in jobs for text in job.texts])
-            except Exception as error:  # handed to each waiting request (a 500); the worker serves the next batch
-                for job in jobs:
+                logits = await asyncio.to_thread(self.predict, texts)
+            except Exception as error:  # handed to each request in it (a 500); the worker serves the next batch
+                for job, _ in batch:
                     if not job.future.done():
                         job.future.set_exception(error)
+                failed = {id(job) for job, _ in batch}
+                self._pending = [job for job in self._pending if id(job) not in failed]
                 continue
             self.stats.batches += 1
-            self.stats.requests += len(jobs)
             self.stats.texts += len(logits)
-            self.stats.largest_batch_requests = max(self.stats.largest_batch_requests, len(jobs))
+            self.stats.largest_batch_requests = max(self.stats.largest_batch_requests, len(batch))
             start = 0
-            for job in jobs:
-                if not job.future.done():
-                    job.future.set_result(logits[start:start + len(job.texts)])
-                start += len(job.texts)
+            for job, take in batch:
+                job.logits.append(logits[start:start + take])
+                job.sent, start = job.sent + take, start + take
+                if not job.left and not job.future.done():
+                    job.future.set_result(np.concatenate(job.logits))
+                    self.stats.requests += 1
+            # Round robin: requests that arrived during this batch, or did not fit in it, go before those just served.
+            served = {id(job) for job, _ in batch}
+            self._pending = [job for job in self._pending if id(job) not in served] + [job for job, _ in batch
+                                                                                        if job.left]
 
 
 class BodySizeLimit:
@@ -179,14 +259,32 @@ def _request_model(max_texts: int, max_chars: int) -> type[BaseModel]:
     return PredictRequest
 
 
-def create_app(run_dir: Path, *, max_texts: int = 64, max_chars: int = 2000, batch_window_ms: float = 5) -> FastAPI:
-    """The API of a trained run: POST /predict, GET /health, and FastAPI's /openapi.json and /docs."""
-    if max_texts < 1 or max_chars < 1 or batch_window_ms < 0:
-        raise ValueError(f"serve limits: max_texts and max_chars must be >= 1 and batch_window_ms >= 0, got "
-                         f"{max_texts}, {max_chars}, {batch_window_ms}")
+def _request_model(max_texts: int, max_chars: int) -> type[BaseModel]:
+    Text = Annotated[str, StringConstraints(min_length=1, max_length=max_chars)]
+
+    class PredictRequest(BaseModel):
+        model_config = ConfigDict(extra="forbid")  # {"text": [...]} is a typo to report, not an empty request
+        texts: list[Text] = Field(min_length=1, max_length=max_texts,
+                                  description=f"1 to {max_texts} texts of 1 to {max_chars} characters each")
+
+        @field_validator("texts")
+        @classmethod
+        def _not_blank(cls, texts: list[str]) -> list[str]:
+            for index, text in enumerate(texts):
+                if not text.strip():
+                    raise ValueError(f"texts[{index}] is blank (only whitespace); send the text to classify")
+            return texts
+
+    return PredictRequest
+
+
+def create_app(run_dir: Path, *, max_texts: int = 64, max_chars: int = 2000, batch_window_ms: float = 5,
+               batch_texts: int = MAX_BATCH_TEXTS) -> FastAPI:
+    """The API of a trained run: POST /predict, GET /health, and FastAPI's /openapi.json, /docs and /redoc."""
+    _refuse(_limit_problems(max_texts, max_chars, batch_window_ms, batch_texts))
     run_dir = Path(run_dir)
     model, config, label_names = load_run_model(run_dir, merge=True)  # a broken run fails here, not per request
-    batcher = MicroBatcher(run_predictor(model, config), batch_window_ms / 1000, max(MAX_BATCH_TEXTS, max_texts))
+    batcher = MicroBatcher(run_predictor(model, config), batch_window_ms / 1000, batch_texts)
     PredictRequest = _request_model(max_texts, max_chars)
 
     @contextlib.asynccontextmanager
@@ -195,11 +293,13 @@ def create_app(run_dir: Path, *, max_texts: int = 64, max_chars: int = 2000, bat
         yield
         await batcher.stop()
 
-    app = FastAPI(title=f"budgetlora: {run_dir.name}", lifespan=lifespan,
-                  description=f"Text classification into {', '.join(label_names)} (model.head: {config.model.head}).")
+    app = FastAPIOffline(title=f"budgetlora: {run_dir.name}", lifespan=lifespan,
+                         description=f"Text classification into {', '.join(label_names)} "
+                                     f"(model.head: {config.model.head}).")
     app.state.batch_stats = batcher.stats
     # 12 bytes a character: the longest JSON escape (a surrogate pair); the rest is the list's own syntax.
-    app.add_middleware(BodySizeLimit, limit=max_texts * (12 * max_chars + 8) + 1024)
+    body_limit = max_texts * (12 * max_chars + 8) + 1024
+    app.add_middleware(BodySizeLimit, limit=body_limit)
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, error: RequestValidationError) -> JSONResponse:
@@ -210,14 +310,18 @@ def create_app(run_dir: Path, *, max_texts: int = 64, max_chars: int = 2000, bat
                   for item in error.errors()]
         return JSONResponse(status_code=422, content={"detail": detail})
 
-    @app.get("/health")
+    @app.get("/health", responses={503: {"model": ErrorMessage, "description": "the batch worker is not running"}})
     async def health() -> dict[str, Any]:
         if not batcher.alive:
             raise HTTPException(503, "the batch worker is not running")
         return {"status": "ok", "run": run_dir.name, "label_names": label_names, "max_texts": max_texts,
                 "max_chars": max_chars, "batches": batcher.stats.batches}
 
-    @app.post("/predict", response_model=PredictResponse)
+    @app.post("/predict", response_model=PredictResponse, responses={
+        413: {"model": ErrorMessage, "description": f"request body over {body_limit} bytes (max_texts x max_chars)"},
+        422: {"model": InvalidRequest, "description": "not a list of 1 to max_texts non-blank texts of at most "
+                                                      "max_chars characters; each item says where and why"},
+        503: {"model": ErrorMessage, "description": "the batch worker is not running"}})
     async def predict_texts(request: PredictRequest) -> PredictResponse:  # type: ignore[valid-type]
         logits = (await batcher.submit(request.texts)).astype(np.float64)
         probabilities = np.exp(logits - logits.max(-1, keepdims=True))
@@ -229,8 +333,12 @@ def create_app(run_dir: Path, *, max_texts: int = 64, max_chars: int = 2000, bat
     return app
 
 
-def serve(run_dir: Path, host: str = "127.0.0.1", port: int = 8000, **limits: Any) -> None:
-    """Serve the run with uvicorn until interrupted; `limits` are create_app's keyword arguments."""
+def serve(run_dir: Path, host: str = "127.0.0.1", port: int = 8000, *, max_texts: int = 64, max_chars: int = 2000,
+          batch_window_ms: float = 5) -> None:
+    """Serve the run with uvicorn until interrupted. Options are checked and the port taken before the model loads."""
     import uvicorn
 
-    uvicorn.run(create_app(run_dir, **limits), host=host, port=port)
+    _refuse(_address_problems(host, port) + _limit_problems(max_texts, max_chars, batch_window_ms, MAX_BATCH_TEXTS))
+    with _listen_socket(host, port) as sock:
+        app = create_app(run_dir, max_texts=max_texts, max_chars=max_chars, batch_window_ms=batch_window_ms)
+        uvicorn.Server(uvicorn.Config(app, host=host, port=port)).run(sockets=[sock])

@@ -7,7 +7,6 @@ run folder under the sweep folder; the objective is its best validation accuracy
 
 from __future__ import annotations
 
-import copy
 import logging
 from pathlib import Path
 
@@ -15,13 +14,14 @@ import optuna
 import yaml
 
 from .budget import count_parameters
-from .config import RunConfig, dump_config
+from .config import RunConfig, dump_config, with_overrides
 from .files import atomic_write_text
-from .planner import TARGET_SETS
+from .planner import candidate_overrides
+from .targets import PRESETS
 
 log = logging.getLogger(__name__)
 SEARCH_SPACE = """\
-lora.target_modules  one of the planner's target sets (all-linear, attention, qkv+ffn, ffn, qkv, qv)
+lora.target_modules  a preset: all-linear, attention, ffn (the same on every encoder family)
 lora.r               1, 2, 4, 8, 16 (lora.alpha = 4 r)
 model.head           standard, mean
 train.learning_rate  3e-4 .. 5e-3 (log)
@@ -35,23 +35,23 @@ def sweep_dir(config: RunConfig) -> Path:
 
 
 def suggest(trial: optuna.Trial, base: RunConfig) -> RunConfig:
-    """The trial's config: `base` with the sampled adapter shape and optimisation settings."""
-    config = copy.deepcopy(base)
-    config.lora.target_modules = TARGET_SETS[trial.suggest_categorical("targets", list(TARGET_SETS))]
-    config.lora.pattern_syntax = "glob"
-    config.lora.r = trial.suggest_categorical("r", [1, 2, 4, 8, 16])
-    config.lora.alpha = 4 * config.lora.r
-    config.lora.bias = "none"
-    config.lora.layers_to_transform, config.lora.rank_pattern, config.lora.alpha_pattern = None, {}, {}
-    config.model.head = trial.suggest_categorical("head", ["standard", "mean"])
-    config.train.learning_rate = trial.suggest_float("learning_rate", 3e-4, 5e-3, log=True)
-    config.train.head_learning_rate = config.train.learning_rate * trial.suggest_categorical("head_lr_x", [1, 3, 10])
-    config.train.scheduler = trial.suggest_categorical("scheduler", ["linear", "cosine"])
-    config.train.warmup_steps = trial.suggest_float("warmup_fraction", 0.0, 0.1)  # below 1: a fraction of the steps
-    config.train.label_smoothing = trial.suggest_categorical("label_smoothing", [0.0, 0.1])
-    config.runs_dir = str(sweep_dir(base))
-    config.name = f"trial-{trial.number:03d}"
-    return config
+    """The trial's config: `base` with the sampled adapter shape and optimisation settings (built by the loader)."""
+    rank = trial.suggest_categorical("r", [1, 2, 4, 8, 16])
+    shape = candidate_overrides(trial.suggest_categorical("targets", list(PRESETS)),
+                                trial.suggest_categorical("head", ["standard", "mean"]), None, rank)
+    learning_rate = trial.suggest_float("learning_rate", 3e-4, 5e-3, log=True)
+    return with_overrides(base, [
+        *shape,
+        f"train.learning_rate={learning_rate}",
+        f"train.head_learning_rate={learning_rate * trial.suggest_categorical('head_lr_x', [1, 3, 10])}",
+        f"train.scheduler={trial.suggest_categorical('scheduler', ['linear', 'cosine'])}",
+        # below 1: a fraction of the steps
+        f"train.warmup_steps={trial.suggest_float('warmup_fraction', 0.0, 0.1)}",
+        f"train.label_smoothing={trial.suggest_categorical('label_smoothing', [0.0, 0.1])}",
+        "train.loraplus_lr_ratio=null",
+        f"runs_dir={sweep_dir(base)}",
+        f"name=trial-{trial.number:03d}",
+    ])
 
 
 def run_sweep(base: RunConfig, trials: int) -> optuna.Study:

@@ -3,6 +3,10 @@
 peft matches a list entry against module names by suffix only (`name == entry` or `name.endswith("." + entry)`), so
 an entry such as `roberta.encoder.layer.*.output.dense` silently matches nothing. Here every entry must match at
 least one module, and the error lists the closest real names.
+
+Presets read the same on every encoder family, whatever its module names (`query`/`q_lin`/`Wqkv`/`attn.q`, ...):
+`all-linear` is every linear layer of the encoder (never the head or a pooler), `attention` those inside an
+attention block, `ffn` the other linear layers of the transformer blocks.
 """
 
 from __future__ import annotations
@@ -14,6 +18,9 @@ from dataclasses import dataclass
 from .config import ConfigError, LoraSettings
 
 GLOB_CHARS = "*?["
+PRESETS = ("all-linear", "attention", "ffn")
+ATTENTION_PART = re.compile(r"attn|attention", re.IGNORECASE)
+IN_BLOCK = re.compile(r"\.\d+\.")  # a numbered block (layer.3., layers.3., albert_layers.0., ...)
 # How peft finds a module's layer index for layers_to_transform (its default layers_pattern names).
 LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|layer|h|block|blocks)\.(\d+)\.")
 
@@ -26,7 +33,23 @@ class TargetMatch:
     matches: dict[str, list[str]]
 
     def summary(self) -> str:
-        return "\n".join(f"  {pattern!r}: {len(names)} modules" for pattern, names in self.matches.items())
+        return "\n".join(f"  {pattern!r}: {len(names)} modules ({', '.join(module_kinds(names))})"
+                         for pattern, names in self.matches.items())
+
+
+def module_kinds(names: list[str]) -> list[str]:
+    """Matched names with block numbers as `*`, once each: what a pattern chose, in the family's own names."""
+    return list(dict.fromkeys(re.sub(r"\.\d+\.", ".*.", name) for name in names))
+
+
+def preset_modules(preset: str, linear_names: list[str]) -> list[str]:
+    """The encoder's linear layers that a preset names (linear_names: the encoder's, pooler excluded)."""
+    attention = [name for name in linear_names if any(ATTENTION_PART.search(part) for part in name.split("."))]
+    if preset == "all-linear":
+        return list(linear_names)
+    if preset == "attention":
+        return attention
+    return [name for name in linear_names if IN_BLOCK.search(name) and name not in attention]
 
 
 def glob_to_regex(pattern: str) -> str:
@@ -65,10 +88,13 @@ def _closest(entry: str, names: list[str], count: int = 5) -> list[str]:
     return difflib.get_close_matches(entry, sorted(suffixes), n=count, cutoff=0.4)
 
 
-def resolve_targets(lora: LoraSettings, module_names: list[str]) -> TargetMatch:
-    """Match `lora.target_modules` against the model's targetable module names; raise if any entry matches none."""
+def resolve_targets(lora: LoraSettings, module_names: list[str], linear_names: list[str] | None = None) -> TargetMatch:
+    """Match `lora.target_modules` against the model's targetable module names; raise if any entry matches none.
+
+    linear_names: the encoder's linear layers, for the presets (default: module_names).
+    """
     targets = lora.target_modules
-    if isinstance(targets, str):  # a full regular expression, exactly as peft treats a string
+    if isinstance(targets, str) and targets not in PRESETS:  # a full regular expression, as peft treats a string
         if lora.layers_to_transform is not None:
             raise ConfigError("lora.target_modules: a regular expression cannot be combined with "
                               "lora.layers_to_transform (peft refuses it); use a list of patterns")
@@ -83,8 +109,11 @@ def resolve_targets(lora: LoraSettings, module_names: list[str]) -> TargetMatch:
         return TargetMatch(targets, {targets: matched})
 
     matches = {}
-    for entry in targets:
-        matched = [name for name in module_names if _entry_matcher(entry, lora.pattern_syntax)(name)]
+    for entry in [targets] if isinstance(targets, str) else targets:
+        if entry in PRESETS:
+            matched = preset_modules(entry, module_names if linear_names is None else linear_names)
+        else:
+            matched = [name for name in module_names if _entry_matcher(entry, lora.pattern_syntax)(name)]
         if not matched:
             raise ConfigError(_no_match_message(entry, lora.pattern_syntax, module_names))
         if lora.layers_to_transform is not None:
@@ -93,7 +122,7 @@ def resolve_targets(lora: LoraSettings, module_names: list[str]) -> TargetMatch:
                 raise ConfigError(f"lora.target_modules: entry {entry!r} matches no module in "
                                   f"lora.layers_to_transform={lora.layers_to_transform}")
         matches[entry] = matched
-    if lora.pattern_syntax == "peft":
+    if lora.pattern_syntax == "peft" and not any(entry in PRESETS for entry in matches):
         return TargetMatch(list(targets), matches)
     # peft gets the exact module names the globs matched, layers already chosen: what is counted is what is adapted,
     # by construction (peft's own layer filter is not applied to exact names).

@@ -17,9 +17,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import datasets
 import numpy as np
 import torch
 from peft import PeftModel
+from peft.optimizers import create_loraplus_optimizer
 from torch.utils.tensorboard import SummaryWriter
 from transformers import (
     DataCollatorWithPadding,
@@ -31,10 +33,11 @@ from transformers import (
 )
 from transformers.integrations import TensorBoardCallback
 
+from .augment import augment_texts
 from .budget import ParamReport, check_budget, parameter_group
-from .config import RunConfig, dump_config
+from .config import RunConfig, dump_config, with_overrides
 from .data import load_table, split_train_validation
-from .features import tokenize_table
+from .features import choose_max_length, tokenize_table
 from .files import atomic_write_text, write_json
 from .hardware import resolve_precision
 from .infer import classification_metrics
@@ -57,14 +60,41 @@ class TrainResult:
 
 
 class BudgetTrainer(Trainer):
-    """Trainer whose optimizer can give the classification head its own learning rate (train.head_learning_rate)."""
+    """Trainer whose optimizer can give the classification head its own learning rate (train.head_learning_rate), or
+    lora_B a multiple of lora_A's (LoRA+, train.loraplus_lr_ratio, through peft's own optimizer factory)."""
 
-    def __init__(self, *args: Any, head_learning_rate: float | None = None, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, head_learning_rate: float | None = None, loraplus_lr_ratio: float | None = None,
+                 **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.head_learning_rate = head_learning_rate
+        self.loraplus_lr_ratio = loraplus_lr_ratio
+
+    def _set_signature_columns_if_needed(self) -> None:
+        super()._set_signature_columns_if_needed()
+        if "weight" not in self._signature_columns:  # a row's loss weight (pseudo-labels): kept for compute_loss
+            self._signature_columns.append("weight")
+
+    def compute_loss(self, model: torch.nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
+                     num_items_in_batch: Any = None) -> Any:
+        weight = inputs.pop("weight", None)
+        if weight is None:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        labels = inputs.pop("labels")
+        outputs = model(**inputs)
+        losses = torch.nn.functional.cross_entropy(outputs.logits.float(), labels, reduction="none",
+                                                   label_smoothing=self.args.label_smoothing_factor)
+        loss = (losses * weight).sum() / weight.sum()
+        return (loss, outputs) if return_outputs else loss
 
     def create_optimizer(self, model: torch.nn.Module | None = None) -> torch.optim.Optimizer:
         fresh = self.optimizer is None
+        if fresh and self.loraplus_lr_ratio is not None:
+            optimizer_cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(self.args, model or self.model)
+            self.optimizer = create_loraplus_optimizer(
+                model or self.model, optimizer_cls, lr=self.args.learning_rate,
+                loraplus_lr_ratio=self.loraplus_lr_ratio, loraplus_weight_decay=self.args.weight_decay,
+                **{k: v for k, v in kwargs.items() if k != "lr"})
+            return self.optimizer
         optimizer = super().create_optimizer(model)
         if not fresh or self.head_learning_rate is None:
             return optimizer
@@ -149,7 +179,7 @@ def training_arguments(config: RunConfig, train_rows: int) -> TrainingArguments:
     )
 
 
-def _check_run_dir(config: RunConfig, resume: bool) -> None:
+def check_run_dir(config: RunConfig, resume: bool) -> None:
     """Refuse to overwrite a run that has started training, and to resume one with another config."""
     run_dir = config.run_dir
     started = (run_dir / "checkpoints").is_dir()
@@ -179,19 +209,49 @@ def _latest_checkpoint(run_dir: Path) -> str | None:
     return str(complete[-1]) if complete else None
 
 
-def train(config: RunConfig, *, resume: bool = False, callbacks: Sequence[TrainerCallback] = ()) -> TrainResult:
+def _resolve_max_length(config: RunConfig, tokenizer: Any, train_rows: datasets.Dataset) -> tuple[RunConfig, dict]:
+    """model.max_length: auto becomes a number, from the training texts and data.unlabelled's (features.py)."""
+    if config.model.max_length != "auto":
+        return config, {"chosen": config.model.max_length}
+    texts = train_rows["text"][:]
+    if config.data.unlabelled is not None:
+        texts += load_table(config.data.unlabelled, config.data, labelled=False)["text"][:]
+    stats = choose_max_length(tokenizer, texts, limit=min(tokenizer.model_max_length, 512))
+    log.info("model.max_length: auto chose %d tokens (%s)", stats["chosen"], stats)
+    return with_overrides(config, [f"model.max_length={stats['chosen']}"]), stats
+
+
+def _training_rows(config: RunConfig, train_rows: datasets.Dataset,
+                   extra: datasets.Dataset | None) -> datasets.Dataset:
+    """The labelled training rows, their noisy copies (augment.copies) and extra weighted rows (pseudo-labels)."""
+    parts = [train_rows.select_columns(["text", "label"])]
+    if config.augment.copies:
+        texts = train_rows["text"][:]
+        for copy in range(config.augment.copies):
+            noisy = augment_texts(texts, config.augment.noise, seed=config.train.seed + copy)
+            parts.append(datasets.Dataset.from_dict({"text": noisy, "label": train_rows["label"][:]}))
+    if extra is None:
+        return datasets.concatenate_datasets(parts)
+    parts = [part.add_column("weight", [1.0] * len(part)) for part in parts]
+    return datasets.concatenate_datasets([*parts, extra.select_columns(["text", "label", "weight"])])
+
+
+def train(config: RunConfig, *, resume: bool = False, callbacks: Sequence[TrainerCallback] = (),
+          extra: datasets.Dataset | None = None) -> TrainResult:
     """Train a LoRA adapter and head under the budget; write everything to config.run_dir.
 
-    `callbacks` are extra transformers TrainerCallbacks (the benchmarks time steps with one).
+    `callbacks` are extra transformers TrainerCallbacks (the benchmarks time steps with one). `extra`: rows added to
+    the training split only, with a `weight` column for their loss (self-training's pseudo-labels).
     """
     params = check_budget(config)  # from the config alone: no weights, no data yet
-    _check_run_dir(config, resume)
+    check_run_dir(config, resume)
     config.run_dir.mkdir(parents=True, exist_ok=True)  # an unwritable runs folder fails now, not after an epoch
     log.info("trainable parameters:\n%s", params.format())
     tokenizer = load_tokenizer(config.model)
     table = load_table(config.data.train, config.data, labelled=True)
     train_rows, val_rows = split_train_validation(table, config.data)
-    train_set = tokenize_table(train_rows, tokenizer, config.model)
+    config, max_length = _resolve_max_length(config, tokenizer, train_rows)
+    train_set = tokenize_table(_training_rows(config, train_rows, extra), tokenizer, config.model)
     # Validation order does not change its metrics; sorted by length, its batches carry almost no padding.
     val_set = tokenize_table(val_rows, tokenizer, config.model).sort("length")
 
@@ -202,7 +262,8 @@ def train(config: RunConfig, *, resume: bool = False, callbacks: Sequence[Traine
     interrupt = StopOnInterrupt()
     callbacks = [interrupt, *callbacks]
     if main_process:
-        _write_run_header(config, params, {"source": len(table), "train": len(train_set), "validation": len(val_set)})
+        rows = {"source": len(table), "train": len(train_set), "validation": len(val_set)}
+        _write_run_header(config, params, rows if extra is None else {**rows, "pseudo_labelled": len(extra)})
         callbacks = [TensorBoardCallback(SummaryWriter(str(run_dir / "tensorboard"))), *callbacks]
     label_names = config.data.label_names
     if config.train.early_stopping_patience:
@@ -210,6 +271,7 @@ def train(config: RunConfig, *, resume: bool = False, callbacks: Sequence[Traine
     trainer = BudgetTrainer(
         model=model,
         head_learning_rate=config.train.head_learning_rate,
+        loraplus_lr_ratio=config.train.loraplus_lr_ratio,
         args=training_arguments(config, len(train_set)),
         train_dataset=train_set,
         eval_dataset=val_set,
@@ -236,6 +298,8 @@ def train(config: RunConfig, *, resume: bool = False, callbacks: Sequence[Traine
         "truncated_rows": sum(train_set["truncated"]) + sum(val_set["truncated"]),
         "precision": resolve_precision(config.train.precision),
         "trainable_params": params.trainable,
+        "max_length": max_length,
+        "train_label_counts": np.bincount(train_rows["label"][:], minlength=len(label_names)).tolist(),
     }
     if trainer.is_world_process_zero():
         save_run_model(trainer.model, run_dir)  # the best checkpoint: load_best_model_at_end restored it

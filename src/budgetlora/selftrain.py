@@ -1,0 +1,130 @@
+"""Self-training on unlabelled texts from the distribution the model is scored on (config section self_training).
+
+Round 0 trains a teacher on the labelled rows. Each later round pseudo-labels data.unlabelled with the previous
+round's model, keeps the confident predictions (optionally adjusted to the unlabelled set's class priors, estimated by
+EM, and balanced across classes), and trains a fresh student of the same adapter shape on the labelled rows plus the
+pseudo-labelled ones (with their own loss weight). The budget is the same in every round: nothing extra is trained.
+
+Layout: the last student is the run folder itself (`runs/<name>/`, so predict, evaluate, export and serve use it as
+any run); earlier rounds are complete run folders in `runs/<name>/rounds/round-<k>/`, with the pseudo-labels each
+student saw in `rounds/pseudo-<k>.jsonl`. metrics.json gains `self_training`: every round's validation accuracy and
+its pseudo-label statistics (how many per class, mean confidence, estimated priors). A round that finished is reused
+on --resume; an interrupted one resumes from its checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import datasets
+import numpy as np
+from scipy.special import softmax
+from transformers import TrainerCallback
+
+from .budget import count_parameters
+from .config import RunConfig, SelfTrainSettings, with_overrides
+from .data import load_table
+from .files import atomic_write_text, write_json
+from .infer import run_predictor
+from .label_shift import estimate_priors
+from .modeling import load_run_model
+from .train import TrainResult, check_run_dir, train
+
+log = logging.getLogger(__name__)
+
+
+def select_pseudo_labels(logits: np.ndarray, settings: SelfTrainSettings,
+                         train_priors: np.ndarray) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+    """Rows to pseudo-label, their labels and confidences' statistics, from the previous model's logits."""
+    probs = softmax(logits.astype(np.float64), axis=1)
+    stats: dict[str, Any] = {"unlabelled": len(probs), "threshold": settings.threshold}
+    if settings.label_shift:
+        shift = estimate_priors(probs, train_priors)
+        probs = shift.adjusted
+        stats["estimated_priors"] = [round(float(p), 4) for p in shift.priors]
+    confidence, predicted = probs.max(axis=1), probs.argmax(axis=1)
+    by_class = [np.flatnonzero((predicted == c) & (confidence >= settings.threshold)) for c in range(probs.shape[1])]
+    by_class = [rows[np.argsort(-confidence[rows], kind="stable")] for rows in by_class]  # most confident first
+    keep = min(len(rows) for rows in by_class) if settings.balance else max(len(rows) for rows in by_class)
+    if settings.max_per_class is not None:
+        keep = min(keep, settings.max_per_class)
+    rows = np.sort(np.concatenate([class_rows[:keep] for class_rows in by_class]))
+    stats |= {"selected": len(rows), "per_class": [int(min(len(r), keep)) for r in by_class],
+              "above_threshold_per_class": [len(r) for r in by_class],
+              "mean_confidence": float(confidence[rows].mean()) if len(rows) else None}
+    return rows, predicted[rows], stats
+
+
+def _round_config(config: RunConfig, round_index: int) -> RunConfig:
+    if round_index == config.self_training.rounds:
+        return config  # the last student is the run itself
+    return with_overrides(config, [f"runs_dir={config.run_dir / 'rounds'}", f"name=round-{round_index}",
+                                   "self_training.rounds=0"])
+
+
+def _train_round(config: RunConfig, *, resume: bool, callbacks: Sequence[TrainerCallback],
+                 extra: datasets.Dataset | None) -> tuple[Any, dict[str, Any]]:
+    """The round's model and metrics: reused when the round finished earlier (resume), else trained."""
+    metrics_file = config.run_dir / "metrics.json"
+    if resume and metrics_file.is_file() and config.self_training.rounds == 0:
+        model, _, _ = load_run_model(config.run_dir)
+        return model, json.loads(metrics_file.read_text())
+    result = train(config, resume=resume and (config.run_dir / "checkpoints").is_dir(), callbacks=callbacks,
+                   extra=extra)
+    return result.model, result.metrics
+
+
+def self_train(config: RunConfig, *, resume: bool = False,
+               callbacks: Sequence[TrainerCallback] = ()) -> TrainResult:
+    """Teacher, then config.self_training.rounds students; returns the last student's result."""
+    settings = config.self_training
+    check_run_dir(config, resume)
+    unlabelled = load_table(config.data.unlabelled, config.data, labelled=False)  # bad input fails before training
+    texts = unlabelled["text"][:]
+    rounds_dir = config.run_dir / "rounds"
+    history: list[dict[str, Any]] = []
+    extra, metrics = None, {}
+    for index in range(settings.rounds + 1):
+        round_config = _round_config(config, index)
+        if index > 0:  # pseudo-label with the previous round's model, resolved config (max_length) and all
+            previous = _round_config(config, index - 1)
+            model, run_config, _ = load_run_model(previous.run_dir)
+            logits = run_predictor(model, run_config)(texts, progress=True)
+            counts = np.asarray(metrics["train_label_counts"], dtype=np.float64)  # the previous round's
+            rows, labels, stats = select_pseudo_labels(logits, settings, counts / counts.sum())
+            log.info("round %d: %d pseudo-labels %s (mean confidence %s)", index, stats["selected"],
+                     stats["per_class"], stats["mean_confidence"])
+            if not stats["selected"]:
+                log.warning("round %d: no pseudo-label passed self_training.threshold=%s%s; the student trains on the "
+                            "labelled rows alone", index, settings.threshold,
+                            " in every class (balance: the rarest class sets the count)" if settings.balance else "")
+            extra = datasets.Dataset.from_dict({"text": [texts[i] for i in rows], "label": labels.tolist(),
+                                                "weight": [settings.weight] * len(rows)})
+            _write_pseudo_labels(rounds_dir / f"pseudo-{index}.jsonl", extra)
+            extra = extra if len(extra) else None
+            history[-1]["pseudo_labels_for_next_round"] = stats
+        _, metrics = _train_round(round_config, resume=resume, callbacks=callbacks, extra=extra)
+        history.append({"round": index, "run": str(round_config.run_dir),
+                        "validation_accuracy": metrics["validation"]["accuracy"],
+                        "train_rows": metrics["train_rows"], "train_runtime_s": metrics["train_runtime_s"]})
+    metrics = {**metrics, "self_training": history}
+    write_json(config.run_dir / "metrics.json", metrics)
+    model, _, _ = load_run_model(config.run_dir, merge=False)
+    return TrainResult(config.run_dir, model, metrics, count_parameters(config))
+
+
+def _write_pseudo_labels(path: Path, rows: datasets.Dataset) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, "".join(json.dumps(row) + "\n" for row in rows))
+
+
+def run_training(config: RunConfig, *, resume: bool = False,
+                 callbacks: Sequence[TrainerCallback] = ()) -> TrainResult:
+    """What `budgetlora train` runs: self-training when the config turns it on, else one training."""
+    if config.self_training.rounds:
+        return self_train(config, resume=resume, callbacks=callbacks)
+    return train(config, resume=resume, callbacks=callbacks)

@@ -1,0 +1,175 @@
+"""Scoring where users are scored, and the methods for it: labels joined by ID to an unlabelled input, label shift at
+prediction, noisy copies of the training rows, max_length: auto, weighted rows, and self-training on unlabelled texts.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from transformers import TrainingArguments
+
+from budgetlora.cli import main
+from budgetlora.config import ConfigError, RunConfig, SelfTrainSettings, load_config
+from budgetlora.data import DataError
+from budgetlora.infer import evaluate_run, predict_run
+from budgetlora.modeling import build_peft_model, load_run_config
+from budgetlora.selftrain import run_training, select_pseudo_labels
+from budgetlora.train import BudgetTrainer, train
+
+from .conftest import LABELS, write_news_csv
+
+Rows = list[tuple[str, int]]
+
+
+def write_csv(path: Path, header: list[str], rows: list[list[object]]) -> Path:
+    with path.open("w", newline="", encoding="utf-8") as handle:
+        csv.writer(handle).writerows([header, *rows])
+    return path
+
+
+@pytest.fixture
+def tiny_run(tmp_path: Path, tiny_roberta_dir: Path, make_config: Callable[..., RunConfig],
+             news_rows: Rows) -> Path:
+    data = write_news_csv(tmp_path / "news.csv", news_rows)
+    return train(make_config(tiny_roberta_dir, {"data": {"train": str(data)}, "train": {"max_steps": 4}})).run_dir
+
+
+def test_labels_joined_by_id_give_the_metrics_of_the_labelled_rows(tmp_path: Path, tiny_run: Path,
+                                                                   news_rows: Rows) -> None:
+    texts = [text for text, _ in news_rows[::4]]  # 50 texts, no labels, no ID column: IDs are 0..49
+    unlabelled = write_csv(tmp_path / "unlabelled.csv", ["text"], [[t] for t in texts])
+    picked = list(range(0, 50, 2))  # labels for 25 of them, as a user hand-labels a sample, in another order
+    labels = write_csv(tmp_path / "labels.csv", ["ID", "label", "both_high"],
+                       [[i, news_rows[::4][i][1], int(i % 4 == 0)] for i in reversed(picked)])
+    joined = evaluate_run(tiny_run, str(unlabelled), labels=str(labels))
+    labelled = write_news_csv(tmp_path / "labelled.csv", [news_rows[::4][i] for i in reversed(picked)])
+    direct = evaluate_run(tiny_run, str(labelled))
+    assert joined["rows"] == 25
+    assert joined["accuracy"] == direct["accuracy"] and joined["confusion_matrix"] == direct["confusion_matrix"]
+    high = [news_rows[::4][i] for i in reversed(picked) if i % 4 == 0]
+    assert joined["subsets"]["both_high"]["rows"] == len(high) == 13
+    assert joined["subsets"]["both_high"]["accuracy"] == evaluate_run(
+        tiny_run, str(write_news_csv(tmp_path / "high.csv", high)))["accuracy"]
+    # Both evaluations are kept: files of the same name in different folders never overwrite each other.
+    assert len(list((tiny_run / "evaluations").glob("*.json"))) == 3
+
+
+def test_a_label_for_an_id_the_input_lacks_names_the_row(tmp_path: Path, tiny_run: Path, news_rows: Rows) -> None:
+    unlabelled = write_csv(tmp_path / "unlabelled.csv", ["text"], [[t] for t, _ in news_rows[:10]])
+    labels = write_csv(tmp_path / "labels.csv", ["ID", "label"], [[3, 1], [10, 2]])
+    with pytest.raises(DataError, match=r"labels\.csv, row 2: ID '10' is not in the input \(10 rows, IDs 0\.\.N-1\)"):
+        evaluate_run(tiny_run, str(unlabelled), labels=str(labels))
+
+
+def test_cli_evaluate_with_labels_prints_the_subsets_and_label_shift(tmp_path: Path, tiny_run: Path,
+                                                                     news_rows: Rows,
+                                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    unlabelled = write_csv(tmp_path / "unlabelled.csv", ["text"], [[t] for t, _ in news_rows[::10]])
+    labels = write_csv(tmp_path / "labels.csv", ["ID", "label", "both_high"],
+                       [[i, label, i % 2] for i, (_, label) in enumerate(news_rows[::10])])
+    assert main(["evaluate", "--run", str(tiny_run), "--data", str(unlabelled), "--labels", str(labels),
+                 "--label-shift"]) == 0
+    out = capsys.readouterr().out
+    assert "on 20 rows" in out and "rows with both_high=1:" in out and "on 10 rows" in out
+    assert "label shift: estimated class priors [" in out
+    assert main(["predict", "--run", str(tiny_run), "--input", str(unlabelled), "--output",
+                 str(tmp_path / "shifted.csv"), "--label-shift"]) == 0
+    assert (tmp_path / "shifted.csv").read_text().splitlines()[0] == "ID,Label"
+
+
+def test_label_shift_follows_the_inputs_class_balance(tmp_path: Path, tiny_run: Path, news_rows: Rows) -> None:
+    """An input that is all one class: EM moves the priors towards it, so at least as many texts get that class."""
+    texts = [text for text, label in news_rows if label == 1]
+    source = write_csv(tmp_path / "sports.csv", ["text"], [[t] for t in texts])
+    plain = predict_run(tiny_run, str(source), tmp_path / "plain.csv")
+    shifted = predict_run(tiny_run, str(source), tmp_path / "shifted.csv", label_shift=True)
+    majority = max(set(plain), key=plain.count)
+    assert shifted.count(majority) >= plain.count(majority)
+
+
+def test_select_pseudo_labels_threshold_balance_and_cap() -> None:
+    logits = np.log(np.array([
+        [0.97, 0.01, 0.01, 0.01], [0.95, 0.02, 0.02, 0.01], [0.92, 0.04, 0.02, 0.02], [0.50, 0.30, 0.10, 0.10],
+        [0.01, 0.96, 0.02, 0.01], [0.02, 0.91, 0.05, 0.02],
+        [0.01, 0.01, 0.97, 0.01],
+        [0.02, 0.02, 0.02, 0.94], [0.01, 0.01, 0.02, 0.96],
+    ]))
+    uniform = np.full(4, 0.25)
+    rows, labels, stats = select_pseudo_labels(logits, SelfTrainSettings(threshold=0.9), uniform)
+    # Balanced to the rarest class (one above 0.9), the most confident of each: rows 0, 4, 6, 8.
+    assert rows.tolist() == [0, 4, 6, 8] and labels.tolist() == [0, 1, 2, 3]
+    assert stats["above_threshold_per_class"] == [3, 2, 1, 2] and stats["per_class"] == [1, 1, 1, 1]
+    rows, _, stats = select_pseudo_labels(logits, SelfTrainSettings(threshold=0.9, balance=False, max_per_class=2),
+                                          uniform)
+    assert rows.tolist() == [0, 1, 4, 5, 6, 7, 8] and stats["selected"] == 7
+    _, _, stats = select_pseudo_labels(logits, SelfTrainSettings(threshold=0.9, label_shift=True), uniform)
+    assert len(stats["estimated_priors"]) == 4 and stats["estimated_priors"][0] > 0.25  # class 0 is the most common
+
+
+def test_weighted_rows_scale_their_loss(tiny_roberta_dir: Path, make_config: Callable[..., RunConfig],
+                                        tmp_path: Path) -> None:
+    model, _ = build_peft_model(make_config(tiny_roberta_dir), LABELS)
+    trainer = BudgetTrainer(model=model, args=TrainingArguments(output_dir=str(tmp_path), use_cpu=True,
+                                                                report_to="none"))
+    inputs = {"input_ids": torch.tensor([[0, 100, 200, 2], [0, 300, 2, 1]]),
+              "attention_mask": torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]]), "labels": torch.tensor([1, 3])}
+    with torch.no_grad():
+        per_row = torch.nn.functional.cross_entropy(model(**{k: v for k, v in inputs.items() if k != "labels"})
+                                                    .logits.float(), inputs["labels"], reduction="none")
+        weighted = trainer.compute_loss(model, {**inputs, "weight": torch.tensor([1.0, 0.25])})
+        plain = trainer.compute_loss(model, dict(inputs))
+    assert torch.allclose(weighted, (per_row[0] + 0.25 * per_row[1]) / 1.25)
+    assert torch.allclose(plain, per_row.mean())
+
+
+def test_noisy_copies_and_max_length_auto(tmp_path: Path, tiny_roberta_dir: Path,
+                                          make_config: Callable[..., RunConfig], news_rows: Rows) -> None:
+    data = write_news_csv(tmp_path / "news.csv", news_rows)
+    unlabelled = write_csv(tmp_path / "unlabelled.csv", ["text"], [[t + " " + t] for t, _ in news_rows[:40]])
+    config = make_config(tiny_roberta_dir, {"data": {"train": str(data), "unlabelled": str(unlabelled)},
+                                            "model": {"max_length": "auto"}, "augment": {"copies": 2},
+                                            "train": {"max_steps": 2}})
+    result = train(config)
+    assert result.metrics["train_rows"] == 3 * 160  # 160 labelled training rows and two noisy copies of each
+    chosen = result.metrics["max_length"]
+    assert chosen["chosen"] % 16 == 0 and chosen["p99"] <= chosen["chosen"] <= 512
+    assert chosen["texts"] == 160 + 40  # the training texts and the unlabelled ones
+    assert load_run_config(result.run_dir).model.max_length == chosen["chosen"]  # the run is reproducible as saved
+
+
+def test_self_training_needs_unlabelled_texts() -> None:
+    with pytest.raises(ConfigError, match=r"^self_training\.rounds: needs unlabelled texts"):
+        load_config(None, ["self_training.rounds=1"])
+
+
+def test_self_training_writes_each_round_and_its_pseudo_labels(tmp_path: Path, tiny_roberta_dir: Path,
+                                                               make_config: Callable[..., RunConfig],
+                                                               news_rows: Rows) -> None:
+    data = write_news_csv(tmp_path / "news.csv", news_rows[::2])
+    unlabelled = write_csv(tmp_path / "unlabelled.csv", ["text"], [[t] for t, _ in news_rows[1::2]])
+    config = make_config(tiny_roberta_dir, {
+        "name": "st", "data": {"train": str(data), "unlabelled": str(unlabelled)},
+        # Unbalanced: a random tiny model may never predict some class, and balancing would then keep nothing.
+        "self_training": {"rounds": 2, "threshold": 0.0, "balance": False, "max_per_class": 5, "weight": 0.5},
+        "train": {"max_steps": 3, "learning_rate": 1e-2}})
+    result = run_training(config)
+    run = config.run_dir
+    rounds = json.loads((run / "metrics.json").read_text())["self_training"]
+    assert [r["round"] for r in rounds] == [0, 1, 2]
+    assert (run / "rounds" / "round-0" / "metrics.json").is_file() and (run / "rounds" / "round-1").is_dir()
+    for index in (1, 2):
+        pseudo = [json.loads(line) for line in (run / "rounds" / f"pseudo-{index}.jsonl").read_text().splitlines()]
+        stats = rounds[index - 1]["pseudo_labels_for_next_round"]
+        assert len(pseudo) == stats["selected"] == sum(stats["per_class"]) > 0
+        assert max(stats["per_class"]) <= 5  # capped
+        assert {row["weight"] for row in pseudo} == {0.5}
+        assert {row["text"] for row in pseudo} <= {t for t, _ in news_rows[1::2]}
+    assert rounds[2]["train_rows"] > rounds[0]["train_rows"]  # the student saw the pseudo-labelled rows
+    assert result.run_dir == run and (run / "adapter" / "adapter_model.safetensors").is_file()
+    assert len(predict_run(run, str(unlabelled), tmp_path / "out.csv")) == 100
