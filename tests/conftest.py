@@ -15,10 +15,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import contextlib  # noqa: E402
 import copy  # noqa: E402
 import csv  # noqa: E402
+import dataclasses  # noqa: E402
 import string  # noqa: E402
-from collections.abc import Callable, Iterator  # noqa: E402
+from collections.abc import Callable, Collection, Iterator  # noqa: E402
 from pathlib import Path  # noqa: E402
-from typing import Any  # noqa: E402
+from typing import TYPE_CHECKING, Any  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -33,6 +34,9 @@ from transformers import (  # noqa: E402
 )
 
 from budgetlora.config import AG_NEWS_LABELS, RunConfig, from_dict  # noqa: E402
+
+if TYPE_CHECKING:
+    from budgetlora.train import TrainResult
 
 # Tiny models gain nothing from intra-op threads, and on a small shared CPU the thread hand-offs cost milliseconds
 # per matmul (measured: 7.8 ms with 2 threads against 0.03 ms with 1 for a 1024x32 @ 32x32 product).
@@ -224,3 +228,59 @@ def make_config(tmp_path: Path) -> Callable[..., RunConfig]:
         return from_dict(RunConfig, tiny_config_dict(model_dir, tmp_path / "runs", updates))
 
     return make
+
+
+# --- one trained tiny run, shared by the whole session --------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class TrainedRun:
+    config: RunConfig
+    result: TrainResult  # result.model: the in-memory model training ended with (the best checkpoint's)
+
+    @property
+    def run_dir(self) -> Path:
+        return self.result.run_dir
+
+
+# What `trained_tiny_run` trains: tiny_config_dict's fp32 defaults on the 200 real rows (160 train, 40 validation),
+# 8 optimizer steps at a learning rate that moves the weights, and trained LoRA biases (which must travel with the
+# adapter too).
+TRAINED_TINY_RUN = {"name": "shared-tiny", "lora": {"bias": "lora_only"},
+                    "train": {"max_steps": 8, "learning_rate": 5e-3, "seed": 42}}
+
+
+@pytest.fixture(scope="session")
+def trained_tiny_run(tmp_path_factory: pytest.TempPathFactory, tiny_roberta_dir: Path,
+                     news_rows: list[tuple[str, int]]) -> TrainedRun:
+    """Some finished tiny RoBERTa run (settings: TRAINED_TINY_RUN), trained once a session with its own cache.
+
+    Shared by every module that asks for it: read it, never write into its run folder or change the in-memory model
+    (copy the folder with shutil.copytree first where a test must write there, e.g. evaluate or export into it).
+    """
+    from budgetlora.train import train  # imported here: conftest's import stays light for the tests that train nothing
+
+    folder = tmp_path_factory.mktemp("trained-tiny-run")
+    values = tiny_config_dict(tiny_roberta_dir, folder / "runs", TRAINED_TINY_RUN)
+    values["data"]["train"] = str(write_news_csv(folder / "news.csv", news_rows))
+    config = from_dict(RunConfig, values)
+    with isolated_cache(folder):
+        return TrainedRun(config, train(config))
+
+
+def logged_train_steps(tensorboard_dir: Path, skip: Collection[Path] = ()) -> list[int]:
+    """The optimizer steps whose training loss the run's TensorBoard files record, leaving out the files in `skip`.
+
+    Every training process (a first run, each resume) writes its own events file: the files a resume adds show which
+    steps that resume trained.
+    """
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    steps = []
+    for path in sorted(tensorboard_dir.glob("events.out.tfevents.*")):
+        if path in skip:
+            continue
+        events = EventAccumulator(str(path))
+        events.Reload()
+        if "train/loss" in events.Tags()["scalars"]:
+            steps += [event.step for event in events.Scalars("train/loss")]
+    return sorted(steps)

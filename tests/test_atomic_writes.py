@@ -292,3 +292,75 @@ def test_cli_evaluate_of_a_read_only_run_is_an_error_message(run_dir: Path, news
     with read_only(run_dir, monkeypatch):
         code, err = cli(["evaluate", "--run", str(run_dir), "--data", str(data)], capsys)
     assert code == 2 and "evaluations" in err, err
+
+
+# --- what --output names --------------------------------------------------------------------------------------------
+
+def test_output_through_a_symlink_writes_its_target(run_dir: Path, news_rows: Rows, tmp_path: Path,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    source = write_texts(tmp_path / "few.csv", [text for text, _ in news_rows[:20]])
+    (tmp_path / "real").mkdir()
+    (tmp_path / "links").mkdir()
+    target = tmp_path / "real" / "predictions.csv"
+    target.write_text(PREVIOUS)
+    target.chmod(0o640)
+    link = tmp_path / "links" / "predictions.csv"
+    link.symlink_to(Path("..") / "real" / "predictions.csv")  # relative, as `ln -s` users write them
+    code, err = cli(["predict", "--run", str(run_dir), "--input", str(source), "--output", str(link)], capsys)
+    assert code == 0, err
+    assert link.is_symlink() and os.readlink(link) == str(Path("..") / "real" / "predictions.csv")
+    assert is_complete_predictions(target.read_text(), 20)
+    assert stat.S_IMODE(target.stat().st_mode) == 0o640  # the target's own mode, as for any replaced file
+    assert leftovers(tmp_path / "real", target) == [] and leftovers(tmp_path / "links", link) == []
+
+
+def special_files(tmp_path: Path) -> list[tuple[str, Path]]:
+    """A FIFO, a folder, a symlink to the FIFO and, as root, a character device (/dev/null's numbers) in tmp_path."""
+    os.mkfifo(tmp_path / "fifo")
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "to-fifo").symlink_to(tmp_path / "fifo")
+    made = [("a FIFO", tmp_path / "fifo"), ("a directory", tmp_path / "folder"), ("a FIFO", tmp_path / "to-fifo")]
+    if AS_ROOT:
+        os.mknod(tmp_path / "null", stat.S_IFCHR | 0o666, os.makedev(1, 3))
+        made.append(("a character device", tmp_path / "null"))
+    return made
+
+
+def test_special_files_are_never_replaced(tmp_path: Path) -> None:
+    from budgetlora.files import atomic_write_text
+
+    for kind, path in special_files(tmp_path):
+        before = os.lstat(path)
+        with pytest.raises(OSError, match=rf"is {kind}, not a regular file: refusing to replace it"):
+            atomic_write_text(path, PREVIOUS)
+        after = os.lstat(path)
+        assert (after.st_mode, after.st_ino) == (before.st_mode, before.st_ino), path
+    assert not [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_cli_predict_to_a_fifo_is_refused_before_predicting(run_dir: Path, news_rows: Rows, tmp_path: Path,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    source = write_texts(tmp_path / "few.csv", [text for text, _ in news_rows[:20]])
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    code, err = cli(["predict", "--run", str(tmp_path / "no-such-run"), "--input", str(source),
+                     "--output", str(fifo)], capsys)  # refused before the run is even looked at
+    assert code == 2 and f"{fifo} is a FIFO, not a regular file" in err, err
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode)
+
+
+def test_cli_predict_to_stdout(run_dir: Path, news_rows: Rows, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                               capsys: pytest.CaptureFixture[str]) -> None:
+    source = write_texts(tmp_path / "few.csv", [text for text, _ in news_rows[:20]])
+    written = tmp_path / "predictions.csv"
+    assert main(["predict", "--run", str(run_dir), "--input", str(source), "--output", str(written)]) == 0
+    monkeypatch.chdir(tmp_path)
+    capsys.readouterr()
+    assert main(["predict", "--run", str(run_dir), "--input", str(source), "--output", "-"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out == written.read_text()  # the CSV and nothing else on stdout
+    assert "wrote 20 predictions to stdout" in captured.err
+    assert not (tmp_path / "-").exists()
+    code, err = cli(["predict", "--run", str(run_dir), "--input", str(source), "--output", "-", "--format", "kaggle"],
+                    capsys)
+    assert code == 2 and "--format kaggle checks the written file" in err, err

@@ -205,15 +205,21 @@ def test_a_pickle_of_something_else_is_refused(tmp_path: Path) -> None:
         load_table(str(path), DataConfig(), labelled=False)
 
 
-def test_json_array_file_loads_or_is_a_data_error_naming_the_file(tmp_path: Path, news_rows: Rows) -> None:
+def test_json_array_of_records_loads(tmp_path: Path, news_rows: Rows) -> None:
     path = tmp_path / "news.json"
     path.write_text(json.dumps([{"text": t, "label": y} for t, y in news_rows[:10]], indent=2), encoding="utf-8")
-    try:
-        table = load_table(str(path), DataConfig(), labelled=True)
-    except DataError as error:
-        assert str(path) in str(error)
-        return
+    table = load_table(str(path), DataConfig(), labelled=True)
     assert table["text"][:] == texts_of(news_rows[:10])
+    assert table["label"][:] == labels_of(news_rows[:10])
+
+
+@pytest.mark.parametrize("content", [{"text": "one record, not in an array", "label": 1}, 3])
+def test_json_that_is_not_an_array_of_records_is_a_data_error_naming_the_file(tmp_path: Path, content: object) -> None:
+    path = tmp_path / "news.json"
+    path.write_text(json.dumps(content), encoding="utf-8")
+    expected = f"{path}: not an array of records ([{{...}}, ...]): "
+    with pytest.raises(DataError, match=f"^{re.escape(expected)}"):
+        load_table(str(path), DataConfig(), labelled=True)
 
 
 # --- Hub names ----------------------------------------------------------------------------------------------------

@@ -1,18 +1,21 @@
 """End to end on real AG News rows with a tiny random RoBERTa: train, the run folder, evaluate, predict, reload.
 
-Two short trainings are shared by the tests of this module: one through the command line (`budgetlora train`), one
-through `budgetlora.train.train`, whose in-memory model is compared with the model reloaded from its run folder.
+Two short trainings are shared by the tests of this module: one through the command line (`budgetlora train`, this
+module's own `cli_run`), and the session's `trained_tiny_run` (conftest.py) through `budgetlora.train.train`, whose
+in-memory model is compared with the model reloaded from its run folder.
 """
 
 from __future__ import annotations
 
 import contextlib
 import csv
+import dataclasses
 import datetime
 import hashlib
 import io
 import json
 import os
+import signal
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,15 +25,26 @@ import pandas as pd
 import pytest
 import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from transformers import TrainerCallback
 
 from budgetlora.cli import main
 from budgetlora.config import RunConfig, from_dict, load_config
 from budgetlora.data import load_table, split_train_validation
-from budgetlora.infer import predict_logits
+from budgetlora.hardware import resolve_precision
+from budgetlora.infer import predict_logits, run_predictor
 from budgetlora.modeling import build_base_model, load_run_model, load_tokenizer
-from budgetlora.train import RunExistsError, TrainResult, train
+from budgetlora.train import RunExistsError, train
 
-from .conftest import AG_NEWS_DIR, LABELS, isolated_cache, requires_shared_ag_news, tiny_config_dict, write_news_csv
+from .conftest import (
+    AG_NEWS_DIR,
+    LABELS,
+    TrainedRun,
+    isolated_cache,
+    logged_train_steps,
+    requires_shared_ag_news,
+    tiny_config_dict,
+    write_news_csv,
+)
 
 Rows = list[tuple[str, int]]
 TRAIN_SETTINGS = {
@@ -71,19 +85,6 @@ def cli_run(tmp_path_factory: pytest.TempPathFactory, tiny_roberta_dir: Path, ne
     with isolated_cache(folder):
         code, stdout = run_cli(["train", "--config", str(config_path)])
     return CliRun(folder, config_path, folder / "runs" / "cli", code, stdout, news_rows)
-
-
-@pytest.fixture(scope="module")
-def direct_run(tmp_path_factory: pytest.TempPathFactory, tiny_roberta_dir: Path,
-               news_rows: Rows) -> tuple[RunConfig, TrainResult]:
-    folder = tmp_path_factory.mktemp("direct-run")
-    values = tiny_config_dict(tiny_roberta_dir, folder / "runs", TRAIN_SETTINGS)
-    values["name"] = "direct"
-    values["lora"]["bias"] = "lora_only"  # trained biases must travel with the adapter too
-    values["data"]["train"] = str(write_news_csv(folder / "news.csv", news_rows))
-    config = from_dict(RunConfig, values)
-    with isolated_cache(folder):
-        return config, train(config)
 
 
 def read_json(path: Path) -> Any:
@@ -293,17 +294,16 @@ def test_cli_evaluate_of_a_missing_run_is_a_user_error(tmp_path: Path, capsys: p
 
 # --- the reloaded run is the trained model -----------------------------------------------------------------------
 
-def test_train_result_matches_its_run_folder(direct_run: tuple[RunConfig, TrainResult]) -> None:
-    config, result = direct_run
+def test_train_result_matches_its_run_folder(trained_tiny_run: TrainedRun) -> None:
+    config, result = trained_tiny_run.config, trained_tiny_run.result
     assert result.run_dir == config.run_dir
     assert result.metrics == read_json(config.run_dir / "metrics.json")
     assert result.params.trainable == read_json(config.run_dir / "params.json")["trainable"]
     assert result.params.groups["bias"] == 2 * 2 * 32  # lora_only: the biases of query and value
 
 
-def test_reloaded_model_equals_the_in_memory_model(direct_run: tuple[RunConfig, TrainResult],
-                                                   news_rows: Rows) -> None:
-    config, result = direct_run
+def test_reloaded_model_equals_the_in_memory_model(trained_tiny_run: TrainedRun, news_rows: Rows) -> None:
+    config, result = trained_tiny_run.config, trained_tiny_run.result
     texts = [text for text, _ in news_rows[::4]]
     tokenizer = load_tokenizer(config.model)
 
@@ -324,8 +324,44 @@ def test_reloaded_model_equals_the_in_memory_model(direct_run: tuple[RunConfig, 
     assert not np.allclose(logits(untrained), in_memory, atol=1e-3)
 
 
-def test_predictions_do_not_depend_on_batch_size(direct_run: tuple[RunConfig, TrainResult], news_rows: Rows) -> None:
-    config, result = direct_run
+# bf16 keeps 8 significant bits: one step at these logits (|logit| < 2) is up to 2**-7 = 0.0078. Merged weights
+# (W + BA, rounded once) and the adapter's separate products (Wx + BAx, each rounded) take different roundings:
+# measured up to 0.025 apart over 200 real texts (seeds 1, 7, 42), so the tolerance is twice that.
+BF16_ATOL = 5e-2
+
+
+@pytest.mark.skipif(resolve_precision("auto") != "bf16",
+                    reason=f"train.precision: auto is {resolve_precision('auto')} on this machine, not bf16")
+def test_bf16_reload_predicts_what_the_trained_model_predicts(tmp_path: Path, tiny_roberta_dir: Path,
+                                                              news_rows: Rows) -> None:
+    """What ships: a run trained with precision auto (bf16), reloaded as evaluate and predict reload it (merged
+    weights, the run's own precision and batch size), against the model training ended with at the same precision."""
+    values = tiny_config_dict(tiny_roberta_dir, tmp_path / "runs", TRAIN_SETTINGS)
+    values["train"]["precision"] = "auto"
+    values["data"]["train"] = str(write_news_csv(tmp_path / "news.csv", news_rows))
+    result = train(from_dict(RunConfig, values))
+    assert result.metrics["precision"] == "bf16"
+    texts = [text for text, _ in news_rows]
+
+    model, config, _ = load_run_model(result.run_dir)  # merge=True, as evaluate_run and predict_run load it
+    assert config.train.precision == "auto"
+    reloaded = run_predictor(model, config)(texts)
+    in_memory = predict_logits(result.model, load_tokenizer(config.model), texts, max_length=64,
+                               batch_size=config.train.eval_batch_size, precision="auto")
+    np.testing.assert_allclose(reloaded, in_memory, atol=BF16_ATOL, rtol=0)
+    # Labels: equal wherever the trained model's top two logits are more than 2 x BF16_ATOL apart; closer than that,
+    # a difference within the tolerance may swap them (seeds 1 and 7 swap 2 and 3 such near-ties of 200).
+    top_two = np.sort(in_memory, axis=-1)[:, -2:]
+    clear = top_two[:, 1] - top_two[:, 0] > 2 * BF16_ATOL
+    assert clear.sum() >= len(texts) // 2, f"only {clear.sum()} clear predictions: the comparison says little"
+    assert reloaded.argmax(-1)[clear].tolist() == in_memory.argmax(-1)[clear].tolist()
+    # bf16 really ran: fp32 gives other logits (the tolerance above is not hiding a precision that was ignored).
+    assert not np.array_equal(run_predictor(model, dataclasses.replace(
+        config, train=dataclasses.replace(config.train, precision="fp32")))(texts), reloaded)
+
+
+def test_predictions_do_not_depend_on_batch_size(trained_tiny_run: TrainedRun, news_rows: Rows) -> None:
+    config, result = trained_tiny_run.config, trained_tiny_run.result
     texts = [text for text, _ in news_rows[::3]]
     tokenizer = load_tokenizer(config.model)
     by_8 = predict_logits(result.model, tokenizer, texts, max_length=64, batch_size=8, precision="fp32")
@@ -335,6 +371,17 @@ def test_predictions_do_not_depend_on_batch_size(direct_run: tuple[RunConfig, Tr
 
 # --- resuming ---------------------------------------------------------------------------------------------------
 
+class Crash(Exception):
+    pass
+
+
+class CrashAfterFirstCheckpoint(TrainerCallback):
+    """A crash right after the first checkpoint is written: training stops there, and nothing after it runs."""
+
+    def on_save(self, args, state, control, **kwargs):  # noqa: ANN001, ANN201
+        raise Crash(state.global_step)
+
+
 def test_resume_continues_the_given_run_folder_from_any_directory(
         tmp_path: Path, tiny_roberta_dir: Path, news_rows: Rows, monkeypatch: pytest.MonkeyPatch) -> None:
     first, elsewhere = tmp_path / "first", tmp_path / "elsewhere"
@@ -342,18 +389,30 @@ def test_resume_continues_the_given_run_folder_from_any_directory(
     elsewhere.mkdir()
     values = tiny_config_dict(tiny_roberta_dir, Path("runs"), TRAIN_SETTINGS)  # runs_dir relative, as by default
     values["data"]["train"] = str(write_news_csv(tmp_path / "news.csv", news_rows))
-    values["train"]["max_steps"] = 2
+    values["data"]["max_train_rows"] = 40  # 32 training rows (4 steps an epoch, a checkpoint after each), 8 validation
+    values["train"]["epochs"] = 2
     config_path = tmp_path / "config.yaml"
     config_path.write_text(yaml.safe_dump(values))
     monkeypatch.chdir(first)
-    assert run_cli(["train", "--config", str(config_path)])[0] == 0
+    sigint = signal.getsignal(signal.SIGINT)
+    try:
+        with pytest.raises(Crash):
+            train(load_config(config_path), callbacks=[CrashAfterFirstCheckpoint()])
+    finally:  # the crash skipped on_train_end, which gives Ctrl-C back to pytest
+        signal.signal(signal.SIGINT, sigint)
     run_dir = first / "runs" / "tiny"
-    assert (run_dir / "checkpoints" / "checkpoint-2").is_dir()
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["checkpoint-4"]
+    assert not (run_dir / "metrics.json").exists()
+    before = set((run_dir / "tensorboard").iterdir())
     monkeypatch.chdir(elsewhere)
     code, stdout = run_cli(["train", "--resume", str(run_dir)])
     assert os.listdir(elsewhere) == []  # nothing trained here
     assert code == 0
     assert f"run folder: {run_dir}" in stdout
+    # The resume trained epoch 2 only (steps 5-8) into the given folder, and finished the run there.
+    assert logged_train_steps(run_dir / "tensorboard", skip=before) == [5, 6, 7, 8]
+    assert "checkpoint-8" in os.listdir(run_dir / "checkpoints")
+    assert read_json(run_dir / "metrics.json")["validation"]["rows"] == 8
 
 
 def test_padding_to_max_length_gives_the_same_labels(tiny_roberta_dir: Path, roberta_tokenizer) -> None:  # noqa: ANN001

@@ -5,18 +5,39 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pytest
 
 from budgetlora.config import RunConfig, from_dict
 from budgetlora.infer import evaluate_run
-from budgetlora.report import ReportError, write_report
+from budgetlora.report import ReportError, confusion_figure, training_figure, write_report
 from budgetlora.train import train
 
 from .conftest import LABELS, isolated_cache, tiny_config_dict, write_news_csv
 
 Rows = list[tuple[str, int]]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def read_json(path: Path) -> Any:
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def heldout_file(run_dir: Path) -> Path:
+    """evaluations/heldout-<key>.json: evaluate_run names it after the source and a key of it."""
+    (path,) = (run_dir / "evaluations").glob("heldout*.json")
+    return path
+
+
+def whole(values: Any) -> bool:
+    return len(values) > 0 and all(float(value).is_integer() for value in values)
+
+
+def visible_ticks(axis: Any) -> list[float]:
+    low, high = sorted(axis.get_view_interval())
+    return [tick for tick in axis.get_ticklocs() if low <= tick <= high]
 
 
 @pytest.fixture(scope="module")
@@ -39,8 +60,8 @@ def written(run_dir: Path) -> list[Path]:
 
 def test_report_writes_valid_pngs(run_dir: Path, written: list[Path]) -> None:
     report = run_dir / "report"
-    assert [path.name for path in written] == ["training.png", "confusion_validation.png", "confusion_heldout.png",
-                                               "summary.md"]
+    assert [path.name for path in written] == ["training.png", "confusion_validation.png",
+                                               f"confusion_{heldout_file(run_dir).stem}.png", "summary.md"]
     assert all(path.parent == report for path in written)
     for path in written[:-1]:
         data = path.read_bytes()
@@ -55,7 +76,7 @@ def test_summary_holds_metrics_params_and_timings(run_dir: Path, written: list[P
     summary = (run_dir / "report" / "summary.md").read_text()
     metrics = json.loads((run_dir / "metrics.json").read_text())
     params = json.loads((run_dir / "params.json").read_text())
-    heldout = json.loads((run_dir / "evaluations" / "heldout.json").read_text())
+    heldout = read_json(heldout_file(run_dir))
     assert f"accuracy **{metrics['validation']['accuracy']:.4f}**" in summary
     assert f"accuracy **{heldout['accuracy']:.4f}**" in summary
     assert f"| **trainable** | **{params['trainable']:,}** |" in summary
@@ -65,7 +86,7 @@ def test_summary_holds_metrics_params_and_timings(run_dir: Path, written: list[P
     assert f"training: {metrics['train_runtime_s']:.1f} s" in summary
     for name in LABELS:
         assert f"| {name} |" in summary
-    assert "![training](training.png)" in summary and "(confusion_heldout.png)" in summary
+    assert "![training](training.png)" in summary and f"(confusion_{heldout_file(run_dir).stem}.png)" in summary
 
 
 def test_report_can_be_written_again(run_dir: Path, written: list[Path]) -> None:
@@ -85,3 +106,50 @@ def test_report_of_an_unfinished_run_names_the_missing_file(run_dir: Path, tmp_p
     (partial / "metrics.json").write_text("{}")
     with pytest.raises(ReportError, match="no 'validation' entry"):
         write_report(partial)
+
+
+def test_training_figure_rings_the_kept_epoch_with_whole_epoch_ticks_and_an_outside_legend(run_dir: Path) -> None:
+    history, metrics = read_json(run_dir / "log_history.json"), read_json(run_dir / "metrics.json")
+    evals = [entry for entry in history if "eval_loss" in entry]
+    assert [entry["epoch"] for entry in evals] == [1.0, 2.0]
+    kept = next(entry for entry in evals if metrics["best_checkpoint"].endswith(f"checkpoint-{entry['step']}"))
+    figure = training_figure(history, metrics["best_checkpoint"])
+    figure.draw_without_rendering()  # lays the figure out: legend and axes positions are final
+    steps, validation, accuracy = figure.axes
+    rings = [line for line in accuracy.get_lines() if line.get_label().startswith("kept model")]
+    assert len(rings) == 1 and rings[0].get_marker() == "o" and rings[0].get_markerfacecolor() == "none"
+    assert list(rings[0].get_xdata()) == [kept["epoch"]] and list(rings[0].get_ydata()) == [kept["eval_accuracy"]]
+    assert whole(visible_ticks(validation.xaxis)) and {1.0, 2.0} <= set(visible_ticks(validation.xaxis))
+    assert whole(visible_ticks(steps.xaxis))
+    legend = figure.legends[0]
+    assert [text.get_text() for text in legend.get_texts()] == [
+        "validation loss", "validation accuracy", f"kept model (epoch {kept['epoch']:g})"]
+    box = legend.get_window_extent()
+    for axes in figure.axes:
+        assert not box.overlaps(axes.get_window_extent()), axes.get_title()
+
+
+def test_training_figure_of_one_evaluation_and_no_kept_checkpoint(run_dir: Path) -> None:
+    history = [entry for entry in read_json(run_dir / "log_history.json") if entry.get("epoch", 0) <= 1]
+    figure = training_figure(history, None)
+    validation = figure.axes[1]
+    assert validation.get_xlim()[0] < 0 and whole(visible_ticks(validation.xaxis))  # 0 and 1: two epoch ticks
+    assert not [line for axes in figure.axes for line in axes.get_lines() if line.get_label().startswith("kept")]
+
+
+def test_confusion_figure_shows_counts_with_whole_ticks_and_row_shares_beside(run_dir: Path) -> None:
+    metrics = read_json(run_dir / "metrics.json")["validation"]
+    metrics["confusion_matrix"] = [[3, 0, 0, 0], [1, 2, 0, 0], [0, 0, 0, 0], [0, 1, 1, 1]]  # small counts; no class 2
+    figure = confusion_figure(metrics, "validation")
+    figure.draw_without_rendering()
+    counts, shares = [axes for axes in figure.axes if axes.images]
+    assert (counts.get_title(), shares.get_title()) == ("counts", "share of each true class (rows sum to 1)")
+    np.testing.assert_array_equal(counts.images[0].get_array(), metrics["confusion_matrix"])
+    np.testing.assert_allclose(shares.images[0].get_array(),
+                               [[1, 0, 0, 0], [1 / 3, 2 / 3, 0, 0], [0, 0, 0, 0], [0, 1 / 3, 1 / 3, 1 / 3]])
+    count_ticks = counts.images[0].colorbar.get_ticks()
+    assert whole(count_ticks) and {0, 3} <= set(count_ticks), count_ticks
+    assert shares.images[0].get_clim() == (0, 1)
+    assert [text.get_text() for text in counts.texts][:4] == ["3", "0", "0", "0"]
+    assert [text.get_text() for text in shares.texts][4:6] == ["0.33", "0.67"]
+    assert [label.get_text() for label in counts.get_yticklabels()] == LABELS

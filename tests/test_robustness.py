@@ -17,7 +17,7 @@ from transformers import TrainingArguments
 from budgetlora.cli import main
 from budgetlora.config import ConfigError, RunConfig, SelfTrainSettings, load_config
 from budgetlora.data import DataError
-from budgetlora.infer import evaluate_run, predict_run
+from budgetlora.infer import evaluate_run, predict_run, shift_to_input_priors
 from budgetlora.modeling import build_peft_model, load_run_config
 from budgetlora.selftrain import run_training, select_pseudo_labels
 from budgetlora.train import BudgetTrainer, train
@@ -74,12 +74,12 @@ def test_cli_evaluate_with_labels_prints_the_subsets_and_label_shift(tmp_path: P
     labels = write_csv(tmp_path / "labels.csv", ["ID", "label", "both_high"],
                        [[i, label, i % 2] for i, (_, label) in enumerate(news_rows[::10])])
     assert main(["evaluate", "--run", str(tiny_run), "--data", str(unlabelled), "--labels", str(labels),
-                 "--label-shift"]) == 0
+                 "--label-shift", "em"]) == 0
     out = capsys.readouterr().out
     assert "on 20 rows" in out and "rows with both_high=1:" in out and "on 10 rows" in out
-    assert "label shift: estimated class priors [" in out
+    assert "label shift (em): {'estimated_priors': [" in out
     assert main(["predict", "--run", str(tiny_run), "--input", str(unlabelled), "--output",
-                 str(tmp_path / "shifted.csv"), "--label-shift"]) == 0
+                 str(tmp_path / "shifted.csv"), "--label-shift", "uniform"]) == 0
     assert (tmp_path / "shifted.csv").read_text().splitlines()[0] == "ID,Label"
 
 
@@ -88,28 +88,48 @@ def test_label_shift_follows_the_inputs_class_balance(tmp_path: Path, tiny_run: 
     texts = [text for text, label in news_rows if label == 1]
     source = write_csv(tmp_path / "sports.csv", ["text"], [[t] for t in texts])
     plain = predict_run(tiny_run, str(source), tmp_path / "plain.csv")
-    shifted = predict_run(tiny_run, str(source), tmp_path / "shifted.csv", label_shift=True)
+    shifted = predict_run(tiny_run, str(source), tmp_path / "shifted.csv", label_shift="em")
     majority = max(set(plain), key=plain.count)
     assert shifted.count(majority) >= plain.count(majority)
 
 
 def test_select_pseudo_labels_threshold_balance_and_cap() -> None:
-    logits = np.log(np.array([
+    probs = np.array([
         [0.97, 0.01, 0.01, 0.01], [0.95, 0.02, 0.02, 0.01], [0.92, 0.04, 0.02, 0.02], [0.50, 0.30, 0.10, 0.10],
         [0.01, 0.96, 0.02, 0.01], [0.02, 0.91, 0.05, 0.02],
         [0.01, 0.01, 0.97, 0.01],
         [0.02, 0.02, 0.02, 0.94], [0.01, 0.01, 0.02, 0.96],
-    ]))
-    uniform = np.full(4, 0.25)
-    rows, labels, stats = select_pseudo_labels(logits, SelfTrainSettings(threshold=0.9), uniform)
+    ])
+    rows, labels, stats = select_pseudo_labels(probs, SelfTrainSettings(threshold=0.9))
     # Balanced to the rarest class (one above 0.9), the most confident of each: rows 0, 4, 6, 8.
     assert rows.tolist() == [0, 4, 6, 8] and labels.tolist() == [0, 1, 2, 3]
     assert stats["above_threshold_per_class"] == [3, 2, 1, 2] and stats["per_class"] == [1, 1, 1, 1]
-    rows, _, stats = select_pseudo_labels(logits, SelfTrainSettings(threshold=0.9, balance=False, max_per_class=2),
-                                          uniform)
+    rows, _, stats = select_pseudo_labels(probs, SelfTrainSettings(threshold=0.9, balance=False, max_per_class=2))
     assert rows.tolist() == [0, 1, 4, 5, 6, 7, 8] and stats["selected"] == 7
-    _, _, stats = select_pseudo_labels(logits, SelfTrainSettings(threshold=0.9, label_shift=True), uniform)
-    assert len(stats["estimated_priors"]) == 4 and stats["estimated_priors"][0] > 0.25  # class 0 is the most common
+
+
+def test_uniform_priors_balance_the_predictions(tmp_path: Path, tiny_run: Path, news_rows: Rows) -> None:
+    """news_rows are balanced (50 a class): with uniform priors imposed, the mean probability of each class is 1/4,
+    so no class can take most of the predictions the way a biased model's can."""
+    source = write_csv(tmp_path / "news.csv", ["text"], [[t] for t, _ in news_rows])
+    shifted = predict_run(tiny_run, str(source), tmp_path / "uniform.csv", label_shift="uniform")
+    validation = json.loads((tiny_run / "validation_logits.json").read_text())
+    adjusted, info = shift_to_input_priors(tiny_run, np.asarray(validation["logits"]), "uniform")
+    np.testing.assert_allclose(adjusted.mean(axis=0), np.full(4, 0.25), atol=1e-5)
+    assert len(info["offsets"]) == 4 and max(shifted.count(c) for c in range(4)) < 0.75 * len(shifted)
+
+
+def test_label_shift_calibrates_on_the_validation_rows_first(tiny_run: Path) -> None:
+    """An over-confident model (logits x 3) gets the same adjusted posteriors: the temperature undoes the scale."""
+    validation = json.loads((tiny_run / "validation_logits.json").read_text())
+    logits = np.asarray(validation["logits"])
+    adjusted, info = shift_to_input_priors(tiny_run, logits)
+    assert info["temperature"] > 0 and len(info["estimated_priors"]) == 4
+    (tiny_run / "validation_logits.json").write_text(json.dumps(
+        {"logits": (logits * 3).tolist(), "labels": validation["labels"]}))
+    scaled, scaled_info = shift_to_input_priors(tiny_run, logits * 3)
+    assert scaled_info["temperature"] == pytest.approx(info["temperature"] * 3, rel=1e-2)
+    np.testing.assert_allclose(scaled, adjusted, atol=1e-3)
 
 
 def test_weighted_rows_scale_their_loss(tiny_roberta_dir: Path, make_config: Callable[..., RunConfig],
@@ -173,3 +193,9 @@ def test_self_training_writes_each_round_and_its_pseudo_labels(tmp_path: Path, t
     assert rounds[2]["train_rows"] > rounds[0]["train_rows"]  # the student saw the pseudo-labelled rows
     assert result.run_dir == run and (run / "adapter" / "adapter_model.safetensors").is_file()
     assert len(predict_run(run, str(unlabelled), tmp_path / "out.csv")) == 100
+
+
+def test_noise_settings_in_a_config_are_checked_by_key() -> None:
+    with pytest.raises(ConfigError, match=r"^augment\.noise\.word_dropout must be a probability in \[0, 1\], got 2"):
+        load_config(None, ["augment.noise.word_dropout=2"])
+    assert load_config(None, ["augment.copies=1", "augment.noise.number_swap=1"]).augment.noise.number_swap == 1.0

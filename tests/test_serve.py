@@ -6,7 +6,10 @@ import asyncio
 import contextlib
 import json
 import re
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -19,10 +22,10 @@ import pytest
 import uvicorn
 from fastapi import FastAPI
 
+from budgetlora.cli import main
 from budgetlora.config import RunConfig, from_dict
 from budgetlora.infer import predict_logits
 from budgetlora.modeling import load_run_model, load_tokenizer
-from budgetlora.cli import main
 from budgetlora.serve import ServeError, create_app, serve
 from budgetlora.train import train
 
@@ -256,6 +259,32 @@ def test_the_cli_prints_one_line_for_a_bad_option(tmp_path: Path, capsys: pytest
     assert main(["serve", "--run", str(tmp_path / "no-run"), "--port", "70000"]) == 2
     error = capsys.readouterr().err
     assert error == "budgetlora: error: --port: must be 0-65535, got 70000\n"
+
+
+def test_the_cli_serves_a_run_until_ctrl_c(server: Server) -> None:
+    with socket.socket() as probe:  # a free port: serve binds it itself, before loading the model
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    command = [sys.executable, "-m", "budgetlora.cli", "serve", "--run", str(server.run_dir), "--port", str(port)]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            with contextlib.suppress(httpx.TransportError):
+                if httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200:
+                    break
+            assert process.poll() is None and time.monotonic() < deadline, "serve did not start"
+            time.sleep(0.1)
+        process.send_signal(signal.SIGINT)
+        output = process.communicate(timeout=30)[0]
+        # uvicorn shuts down cleanly, then re-raises the SIGINT: the CLI's exit status for Ctrl-C, 130.
+        assert process.returncode == 130, output
+        assert f"on http://127.0.0.1:{port} (API docs: http://127.0.0.1:{port}/docs)" in output
+        assert "Application shutdown complete" in output
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
 
 
 def test_bad_limits_and_missing_runs_are_refused(tmp_path: Path) -> None:

@@ -10,6 +10,7 @@ from pathlib import Path
 from .budget import BudgetError, count_parameters
 from .config import ConfigError, load_config
 from .data import DataError
+from .infer import PRIOR_ADJUSTMENTS
 from .modeling import ModelLoadError, RunFolderError
 from .report import ReportError
 from .submission import SubmissionError
@@ -63,7 +64,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         result = run_training(config, resume=bool(args.resume))
     except TrainingInterrupted as stopped:
         print(f"budgetlora: {stopped}", file=sys.stderr)
-        return 130
+        return 128 + stopped.signum  # 130 for Ctrl-C, 143 for SIGTERM, as the shell reports them
     validation = result.metrics["validation"]
     print(f"validation accuracy {validation['accuracy']:.4f}, macro-F1 {validation['macro_f1']:.4f} "
           f"({result.params.trainable:,} trainable parameters)")
@@ -85,17 +86,27 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     for column, subset in metrics["subsets"].items():
         print(f"  rows with {column}=1: accuracy {subset['accuracy']:.4f}, macro-F1 {subset['macro_f1']:.4f} "
               f"on {subset['rows']:,} rows")
-    if "estimated_priors" in metrics:
-        print(f"  label shift: estimated class priors {metrics['estimated_priors']}")
+    if "prior_adjustment" in metrics:
+        shift = {k: v for k, v in metrics.items() if k in ("estimated_priors", "temperature", "offsets")}
+        print(f"  label shift ({metrics['prior_adjustment']}): {shift}")
     return 0
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
+    from .files import write_target
     from .infer import predict_run
 
-    labels = predict_run(Path(args.run), args.input, Path(args.output), label_shift=args.label_shift,
-                         trust_pickle=args.trust_pickle)
-    print(f"wrote {len(labels):,} predictions to {args.output}")
+    to_stdout = args.output == "-"
+    if to_stdout and args.format == "kaggle":
+        print("budgetlora: error: --format kaggle checks the written file: give --output a file, not -",
+              file=sys.stderr)
+        return 2
+    if not to_stdout:
+        write_target(Path(args.output))  # a FIFO, device or folder is refused now, not after the whole input
+    labels = predict_run(Path(args.run), args.input, "-" if to_stdout else Path(args.output),
+                         label_shift=args.label_shift, trust_pickle=args.trust_pickle)
+    print(f"wrote {len(labels):,} predictions to {'stdout' if to_stdout else args.output}",
+          file=sys.stderr if to_stdout else sys.stdout)
     if args.format == "kaggle":
         from .modeling import read_labels
         from .submission import validate_submission
@@ -107,9 +118,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from .export import export_run
 
-    out = export_run(Path(args.run), Path(args.out))
-    print(f"exported {args.run} to {out}; load it with "
-          f"transformers.pipeline(\"text-classification\", model=\"{out}\", truncation=True)")
+    out = export_run(Path(args.run), Path(args.out), format=args.format)
+    print(f"exported {args.run} to {out} ({args.format}); how to load it: {out / 'README.md'}")
     return 0
 
 
@@ -134,8 +144,9 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     overrides_help = "dotted overrides such as lora.r=4 train.epochs=1"
     trust_help = "unpickle a .pkl input without restriction (it can run code); default: datasets/DataFrames only"
-    shift_help = ("adjust predictions to the input's own class priors, estimated by EM (Saerens et al. 2002), "
-                  "for inputs whose class balance differs from the training data's")
+    shift_help = ("adjust predictions to the input's class priors: em estimates them (Saerens et al. 2002, after "
+                  "calibration on the validation rows); uniform imposes equal priors, for an input balanced by "
+                  "construction (it also undoes a model's bias towards some class on unfamiliar texts)")
 
     params = commands.add_parser("params", help="count trainable parameters per group against the budget")
     params.add_argument("--config", help="YAML config (default: built-in defaults)")
@@ -167,23 +178,27 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--data", required=True, help="file or Hub dataset (name or name:split)")
     evaluate.add_argument("--labels", help="labels for an unlabelled --data, joined by ID (columns ID,label; "
                           "IDs as predict numbers them); 0/1 columns also get their own metrics")
-    evaluate.add_argument("--label-shift", action="store_true", help=shift_help)
+    evaluate.add_argument("--label-shift", choices=PRIOR_ADJUSTMENTS, help=shift_help)
     evaluate.add_argument("--trust-pickle", action="store_true", help=trust_help)
     evaluate.set_defaults(func=cmd_evaluate)
 
     predict = commands.add_parser("predict", help="write an ID,Label CSV for unlabelled texts")
     predict.add_argument("--run", required=True)
     predict.add_argument("--input", required=True, help="file or Hub dataset (name or name:split)")
-    predict.add_argument("--output", required=True, help="CSV to write (atomically)")
-    predict.add_argument("--label-shift", action="store_true", help=shift_help)
+    predict.add_argument("--output", required=True, help="CSV to write (atomically; a symlink's target), or - for "
+                         "stdout")
+    predict.add_argument("--label-shift", choices=PRIOR_ADJUSTMENTS, help=shift_help)
     predict.add_argument("--trust-pickle", action="store_true", help=trust_help)
     predict.add_argument("--format", choices=["csv", "kaggle"], default="csv",
                          help="kaggle: also check the file (header ID,Label, IDs 0..N-1, labels in range)")
     predict.set_defaults(func=cmd_predict)
 
-    export = commands.add_parser("export", help="merge LoRA into the model: a plain transformers folder (no peft)")
+    export = commands.add_parser("export", help="merge LoRA into the model: a transformers folder or ONNX (no peft)")
     export.add_argument("--run", required=True)
     export.add_argument("--out", required=True, help="folder to create (must not exist, or be empty)")
+    export.add_argument("--format", choices=["transformers", "onnx"], default="transformers",
+                        help="transformers: a folder pipeline() loads (compact heads: trust_remote_code=True); "
+                             "onnx: model.onnx + tokenizer for onnxruntime")
     export.set_defaults(func=cmd_export)
 
     report = commands.add_parser("report", help="plots and summary.md of a run, in <run>/report/")

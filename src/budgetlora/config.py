@@ -155,8 +155,10 @@ class SelfTrainSettings:
     max_per_class: int | None = None
     # Loss weight of a pseudo-labelled row (labelled rows weigh 1).
     weight: float = 1.0
-    # Pseudo-label with probabilities adjusted to the unlabelled set's class priors, estimated by EM (label_shift.py).
-    label_shift: bool = False
+    # Pseudo-label with probabilities adjusted to the unlabelled texts' class priors (infer.shift_to_input_priors):
+    # "em" estimates them (Saerens et al. 2002), "uniform" imposes equal priors (for a set balanced by construction;
+    # it also undoes the teacher's bias towards some class on texts unlike its training texts); null: as predicted.
+    label_shift: Literal["em", "uniform"] | None = None
 
     def __post_init__(self) -> None:
         _require(self.rounds >= 0, "self_training.rounds", f"must be >= 0, got {self.rounds}")

@@ -17,15 +17,19 @@ non-empty folder. Files and folders get their modes from the umask, like every o
 
 from __future__ import annotations
 
+import importlib.util
+import json
 import os
 import shutil
+import sys
 import tempfile
+import uuid
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
-from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedTokenizerBase
+from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from .config import ConfigError
 from .export_card import write_card
@@ -89,6 +93,31 @@ def _as_remote_code_model(model: PooledClassifier,
     return wrapped.eval()
 
 
+def _remote_code_class(folder: Path) -> type[PreTrainedModel]:
+    """The model class that config.json's auto_map names, from the folder's own modeling file.
+
+    Executed here under a private module name, not through transformers' remote-code loader, which would leave a
+    copy of the temporary folder's file in the user's modules cache (~/.cache/huggingface/modules) on every export.
+    """
+    auto_map = json.loads((folder / "config.json").read_text(encoding="utf-8")).get("auto_map", {})
+    module_name = Path(REMOTE_CODE_FILE).stem
+    targets = [auto_map.get(key, "") for key in ("AutoConfig", "AutoModelForSequenceClassification")]
+    if any(not target.startswith(f"{module_name}.") for target in targets):
+        raise ExportError(f"{folder / 'config.json'}: auto_map {auto_map} does not name {REMOTE_CODE_FILE}")
+    private = f"_budgetlora_export_check_{uuid.uuid4().hex}"
+    spec = importlib.util.spec_from_file_location(private, folder / REMOTE_CODE_FILE)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[private] = module  # dataclasses (the config class) look their module up while it executes
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        del sys.modules[private]
+    config_class, model_class = (getattr(module, target.split(".", 1)[1], None) for target in targets)
+    if config_class is None or model_class is None or model_class.config_class is not config_class:
+        raise ExportError(f"{folder / REMOTE_CODE_FILE}: lacks the classes auto_map names ({targets})")
+    return model_class
+
+
 def _write_transformers(model: nn.Module, tokenizer: PreTrainedTokenizerBase, folder: Path,
                         label_names: list[str], max_length: int) -> None:
     """A model folder that `pipeline` serves, reloaded here to prove it reproduces the merged model."""
@@ -103,11 +132,12 @@ def _write_transformers(model: nn.Module, tokenizer: PreTrainedTokenizerBase, fo
         shutil.copyfile(POOLED_MODEL_SOURCE, folder / REMOTE_CODE_FILE)
     if not (folder / "model.safetensors").is_file():
         raise ExportError(f"{folder}: transformers wrote no model.safetensors (sharded or another format)")
-    # Reloaded the way a user loads it: for the compact heads this runs the folder's copy of the modeling file.
-    reloaded = AutoModelForSequenceClassification.from_pretrained(folder, trust_remote_code=remote_code)
-    if remote_code and type(reloaded).__module__.startswith("budgetlora"):
-        raise ExportError(f"{folder}: reloading used budgetlora's module instead of the folder's {REMOTE_CODE_FILE}")
-    reloaded_tokenizer = AutoTokenizer.from_pretrained(folder)
+    if remote_code:  # the folder's own copy of the modeling file, as config.json's auto_map names it
+        reloaded = _remote_code_class(folder).from_pretrained(folder)
+        reloaded_tokenizer = type(tokenizer).from_pretrained(folder)
+    else:
+        reloaded = AutoModelForSequenceClassification.from_pretrained(folder)
+        reloaded_tokenizer = AutoTokenizer.from_pretrained(folder)
     _check_logits(_probe_logits(model, tokenizer, PROBE_TEXTS, max_length),
                   _probe_logits(reloaded, reloaded_tokenizer, PROBE_TEXTS, max_length), 1e-4,
                   f"{folder}: the exported model")
@@ -121,7 +151,7 @@ def _apply_umask(folder: Path) -> None:
         os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
 
 
-def export_run(run_dir: Path, out: Path, format: str = "transformers") -> Path:  # noqa: A002 (the CLI's --format)
+def export_run(run_dir: Path, out: Path, format: str = "transformers") -> Path:
     """Write the run's merged model, label map, tokenizer and model card to `out`; return out.
 
     format: "transformers" (a folder for transformers.pipeline) or "onnx" (model.onnx for onnxruntime). Written
@@ -144,8 +174,9 @@ def export_run(run_dir: Path, out: Path, format: str = "transformers") -> Path: 
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
     try:
         if format == "onnx":
-            expected = _probe_logits(model, tokenizer, ONNX_CHECK_TEXTS, max_length)
+            model = model.float()  # the graph is fp32, so is the reference it is checked against
             write_onnx(model, tokenizer, tmp, label_names, max_length, PROBE_TEXTS)
+            expected = _probe_logits(model, tokenizer, ONNX_CHECK_TEXTS, max_length)
             _check_logits(expected, onnx_logits(tmp, tokenizer, ONNX_CHECK_TEXTS, max_length), 1e-3,
                           f"{tmp}: onnxruntime running the exported graph")
         else:

@@ -8,8 +8,11 @@ attention_mask, and token_type_ids where the tokenizer gives them), all int64; i
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -61,6 +64,22 @@ def _encode(tokenizer: PreTrainedTokenizerBase, texts: list[str], max_length: in
     return {name: batch[name].astype(np.int64) for name in names}
 
 
+@contextlib.contextmanager
+def _quiet_exporter() -> Iterator[None]:
+    """The exporter logs each stage and a warning per torchvision operator it cannot register, warns that the inputs
+    share their axes (they do: one batch size, one sequence length) and about its own deprecations: not news."""
+    onnx_log = logging.getLogger("torch.onnx")
+    level = onnx_log.level
+    onnx_log.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r"# The axis name: \w+ will not be used")
+            warnings.filterwarnings("ignore", message=r".*LeafSpec.* is deprecated", category=FutureWarning)
+            yield
+    finally:
+        onnx_log.setLevel(level)
+
+
 def write_onnx(model: nn.Module, tokenizer: PreTrainedTokenizerBase, folder: Path, label_names: list[str],
                max_length: int, probe_texts: list[str]) -> None:
     """model.onnx, the tokenizer and labels.json in `folder` (export.py then checks it with onnxruntime)."""
@@ -69,19 +88,12 @@ def write_onnx(model: nn.Module, tokenizer: PreTrainedTokenizerBase, folder: Pat
     # Two texts of different lengths: a padded example batch, so no axis is traced as a size-1 constant.
     example = {name: torch.from_numpy(value) for name, value in _encode(tokenizer, probe_texts, max_length,
                                                                         names).items()}
-    batch, sequence = torch.export.Dim("batch"), torch.export.Dim("sequence")
     size = sum(p.numel() * p.element_size() for p in model.parameters())
-    # The exporter logs each stage, and a warning per torchvision operator it cannot register: not the user's news.
-    onnx_log = logging.getLogger("torch.onnx")
-    level = onnx_log.level
-    onnx_log.setLevel(logging.ERROR)
-    try:
-        torch.onnx.export(_Logits(model), tuple(example[name] for name in names), str(folder / ONNX_FILE),
+    with _quiet_exporter():
+        torch.onnx.export(_Logits(model).eval(), tuple(example[name] for name in names), str(folder / ONNX_FILE),
                           input_names=names, output_names=["logits"], dynamo=True, verbose=False,
-                          dynamic_shapes={name: {0: batch, 1: sequence} for name in names},
+                          dynamic_shapes={name: {0: "batch", 1: "sequence"} for name in names},
                           external_data=size > SINGLE_FILE_LIMIT)
-    finally:
-        onnx_log.setLevel(level)
     tokenizer.save_pretrained(folder)
     (folder / LABELS_FILE).write_text(json.dumps({
         "label_names": label_names, "id2label": dict(enumerate(label_names)),

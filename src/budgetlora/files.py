@@ -1,26 +1,61 @@
-"""Atomic writes: a reader (or a crash) never sees half a file, and a failed write leaves the old file in place."""
+"""Atomic writes: a reader (or a crash) never sees half a file, and a failed write leaves the old file in place.
+
+Also the lock that gives a run folder one owner: a second process training the same run stops at once.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
+import stat
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+LOCK_FILE = ".lock"
+_KINDS = {stat.S_IFDIR: "a directory", stat.S_IFIFO: "a FIFO", stat.S_IFCHR: "a character device",
+          stat.S_IFBLK: "a block device", stat.S_IFSOCK: "a socket"}
+
+
+class FolderLockedError(FileExistsError):
+    """Another process holds the folder's lock (it is training that run)."""
+
+
+def umask_mode() -> int:
+    """0666 less the umask: the mode a plainly written new file gets."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 def _file_mode(path: Path) -> int:
     """The mode the file would have if written plainly: the old file's, else 0666 less the umask (mkstemp: 0600)."""
     if path.exists():
         return path.stat().st_mode & 0o7777
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
+    return umask_mode()
+
+
+def write_target(path: Path) -> Path:
+    """The regular file a write to `path` must replace: a symlink's final target (renaming over the link would
+    replace the link and leave its target stale), never a device, FIFO or directory (a rename would replace it)."""
+    if path.is_symlink():
+        path = Path(os.path.realpath(path))
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        return path
+    if not stat.S_ISREG(mode):
+        kind = _KINDS.get(stat.S_IFMT(mode), "not a regular file")
+        raise OSError(f"{path} is {kind}, not a regular file: refusing to replace it (name a file)")
+    return path
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     """Write to a temporary file beside `path`, flush it to disk, then rename it over `path`."""
-    path = Path(path)
+    path = write_target(Path(path))
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -42,3 +77,29 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
 
 def write_json(path: str | Path, value: Any) -> Path:
     return atomic_write_text(path, json.dumps(value, indent=2) + "\n")
+
+
+@contextlib.contextmanager
+def lock_folder(folder: Path) -> Iterator[None]:
+    """Hold an exclusive, non-blocking lock on `folder` (flock on `folder/.lock`, which records the holder's pid).
+
+    The kernel drops the lock when the process ends, however it ends: a kill -9 leaves no stale lock. The file stays
+    (removing it would let two processes lock two different files of the same name).
+    """
+    lock = Path(folder) / LOCK_FILE
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, umask_mode())
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 64).decode(errors="replace").strip() or "unknown"
+            raise FolderLockedError(f"{folder} is in use: another process (pid {holder}) is training this run; wait "
+                                    f"for it to finish, or pick another name (name=...)") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        try:
+            yield
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)

@@ -7,6 +7,7 @@ import hashlib
 import io
 import json
 import logging
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -22,8 +23,8 @@ from .config import RunConfig, with_overrides
 from .data import join_labels, load_table
 from .files import atomic_write_text, write_json
 from .hardware import autocast, device, resolve_precision
-from .label_shift import estimate_priors
-from .modeling import load_run_config, load_run_model, load_tokenizer
+from .label_shift import estimate_priors, fit_temperature, match_priors
+from .modeling import VALIDATION_LOGITS_FILE, check_finite_logits, load_run_config, load_run_model, load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -93,20 +94,44 @@ def train_priors(run_dir: Path, label_count: int) -> np.ndarray:
     return counts / counts.sum()
 
 
-def _predicted(run_dir: Path, logits: np.ndarray, label_shift: bool) -> tuple[np.ndarray, dict[str, Any]]:
-    """Labels from logits; with label_shift, from probabilities adjusted to the input's class priors (EM)."""
-    if not label_shift:
+PRIOR_ADJUSTMENTS = ("em", "uniform")
+
+
+def shift_to_input_priors(run_dir: Path, logits: np.ndarray,
+                          method: str = "em") -> tuple[np.ndarray, dict[str, Any]]:
+    """Probabilities adjusted to the input's class priors: estimated by EM (Saerens et al. 2002) after calibrating
+    the run's logits with the temperature that fits its validation rows best (EM needs calibrated posteriors), or
+    (method "uniform") imposed as equal, for an input balanced by construction (label_shift.py)."""
+    run_dir = Path(run_dir)
+    if method == "uniform":
+        adjusted, offsets = match_priors(softmax(logits.astype(np.float64), axis=1),
+                                         np.full(logits.shape[1], 1 / logits.shape[1]))
+        return adjusted, {"prior_adjustment": "uniform", "offsets": offsets.round(4).tolist()}
+    saved = run_dir / VALIDATION_LOGITS_FILE
+    temperature = 1.0
+    if saved.is_file():  # runs from before it was recorded: uncalibrated
+        validation = json.loads(saved.read_text())
+        temperature = fit_temperature(np.asarray(validation["logits"]), np.asarray(validation["labels"]))
+    shift = estimate_priors(softmax(logits.astype(np.float64) / temperature, axis=1),
+                            train_priors(run_dir, logits.shape[1]))
+    return shift.adjusted, {"prior_adjustment": "em", "estimated_priors": shift.priors.round(4).tolist(),
+                            "temperature": round(temperature, 4), "em_iterations": shift.iterations}
+
+
+def _predicted(run_dir: Path, logits: np.ndarray, label_shift: str | None) -> tuple[np.ndarray, dict[str, Any]]:
+    """Labels from logits; with label_shift ("em" or "uniform"), from probabilities adjusted to the input's priors."""
+    if label_shift is None:
         return logits.argmax(-1), {}
-    shift = estimate_priors(softmax(logits.astype(np.float64), axis=1), train_priors(run_dir, logits.shape[1]))
-    return shift.adjusted.argmax(-1), {"estimated_priors": shift.priors.round(4).tolist(),
-                                       "em_iterations": shift.iterations}
+    adjusted, info = shift_to_input_priors(run_dir, logits, label_shift)
+    return adjusted.argmax(-1), info
 
 
-def evaluate_run(run_dir: Path, source: str, *, labels: str | None = None, label_shift: bool = False,
+def evaluate_run(run_dir: Path, source: str, *, labels: str | None = None, label_shift: str | None = None,
                  trust_pickle: bool = False) -> dict[str, Any]:
     """Metrics of a saved run on a labelled source, or on an unlabelled one with `labels` joined by ID (IDs as
     `predict` numbers them). A 0/1 column of the labels file (e.g. both_high) also gets the metrics of its 1-rows,
-    under `subsets`. With label_shift, predictions are adjusted to the whole input's class priors (EM) first.
+    under `subsets`. With label_shift ("em" or "uniform"), predictions are adjusted to the whole input's class
+    priors first (shift_to_input_priors).
     Written to <run>/evaluations/ under a name of the source (and labels) that different files never share."""
     config, table = _read_source(run_dir, source, labelled=labels is None, trust_pickle=trust_pickle)
     joined = join_labels(table, labels, config.data) if labels is not None else None
@@ -115,7 +140,7 @@ def evaluate_run(run_dir: Path, source: str, *, labels: str | None = None, label
     texts = table["text"][:]
     if joined is not None and not label_shift:  # only the labelled rows need the model
         rows = joined.rows
-        predicted, extra = _predicted(run_dir, predict([texts[i] for i in rows], progress=True), False)
+        predicted, extra = _predicted(run_dir, predict([texts[i] for i in rows], progress=True), None)
     else:
         rows = joined.rows if joined is not None else list(range(len(texts)))
         predicted, extra = _predicted(run_dir, predict(texts, progress=True), label_shift)
@@ -133,28 +158,34 @@ def evaluate_run(run_dir: Path, source: str, *, labels: str | None = None, label
     return metrics
 
 
-def _evaluation_key(source: str, labels: str | None, label_shift: bool) -> str:
+def _evaluation_key(source: str, labels: str | None, label_shift: str | None) -> str:
     """`<file stem>-<hash of where it is>`: d/test.csv and d2/test.csv never overwrite each other."""
     where = [str(Path(source).resolve()) if Path(source).exists() else source, str(labels), str(label_shift)]
     return f"{Path(source).stem.replace(':', '_')}-{hashlib.sha256('|'.join(where).encode()).hexdigest()[:8]}"
 
 
-def predict_run(run_dir: Path, source: str, output: Path, *, label_shift: bool = False,
+def predict_run(run_dir: Path, source: str, output: Path | str, *, label_shift: str | None = None,
                 trust_pickle: bool = False) -> list[int]:
     """Write an `ID,Label` CSV for an unlabelled source, in input order (IDs from data.id_column, else 0..N-1).
 
-    With label_shift, predictions are adjusted to the input's class priors, estimated by EM (label_shift.py)."""
+    output "-" (the string, not a Path) writes the CSV to stdout. With label_shift ("em" or "uniform"), predictions
+    are adjusted to the input's class priors first (shift_to_input_priors)."""
     config, table = _read_source(run_dir, source, labelled=False, trust_pickle=trust_pickle)
     model, config, _ = load_run_model(run_dir)
-    predicted, extra = _predicted(run_dir, run_predictor(model, config)(table["text"][:], progress=True),
-                                  label_shift)
+    logits = run_predictor(model, config)(table["text"][:], progress=True)
+    check_finite_logits(run_dir, logits)
+    predicted, extra = _predicted(run_dir, logits, label_shift)
     if extra:
-        log.info("label shift: estimated class priors %s", extra["estimated_priors"])
+        log.info("label shift: %s", extra)
     labels = predicted.tolist()
     ids = table["id"][:] if "id" in table.column_names else range(len(labels))
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(["ID", "Label"])
     writer.writerows(zip(ids, labels, strict=True))
-    atomic_write_text(output, buffer.getvalue())
+    if output == "-":  # stdout holds only the CSV: logs and progress bars go to stderr
+        sys.stdout.write(buffer.getvalue())
+        sys.stdout.flush()
+    else:
+        atomic_write_text(output, buffer.getvalue())
     return labels

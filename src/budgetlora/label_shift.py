@@ -13,7 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from scipy.special import softmax
+from scipy.optimize import minimize_scalar
+from scipy.special import log_softmax, softmax
 
 # Rows and priors must sum to 1 within this: float32 softmax outputs are off by ~1e-7, anything larger is a bug.
 SUM_TOLERANCE = 1e-3
@@ -99,3 +100,39 @@ def estimate_priors(probs: np.ndarray, train_priors: np.ndarray, *, max_iter: in
     # The posteriors handed back match the priors handed back, not the estimate one step before.
     adjusted = _reweight(log_probs, np.log(np.maximum(priors, TINY)) - log_source)
     return LabelShiftResult(priors=priors, adjusted=adjusted, iterations=iterations, converged=converged)
+
+
+def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
+    """The temperature T that makes softmax(logits / T) best calibrated on held-out rows (least negative
+    log-likelihood). EM trusts the posteriors it is given: an over-confident classifier drives it to degenerate priors
+    (one class near 0), which calibration on the validation rows prevents (Alexandari et al., 2020)."""
+    logits = np.asarray(logits, dtype=np.float64)
+    labels = np.asarray(labels)
+    if logits.ndim != 2 or len(logits) != len(labels) or not len(labels):
+        raise ValueError(f"logits (N, K) and labels (N,) must match, got {logits.shape} and {labels.shape}")
+
+    def nll(log_t: float) -> float:
+        log_probs = log_softmax(logits / np.exp(log_t), axis=1)
+        return float(-log_probs[np.arange(len(labels)), labels].mean())
+
+    return float(np.exp(minimize_scalar(nll, bounds=(np.log(0.01), np.log(100.0)), method="bounded").x))
+
+
+def match_priors(probs: np.ndarray, target_priors: np.ndarray, *, max_iter: int = 500,
+                 tol: float = 1e-6) -> tuple[np.ndarray, np.ndarray]:
+    """Posteriors shifted by one log-offset per class so that their mean over the rows equals `target_priors`.
+
+    Where EM estimates the priors from the model's own posteriors (and so keeps a bias the model has on texts unlike
+    its training texts), this imposes priors the user knows, e.g. uniform for a test set balanced by construction.
+    Returns the adjusted posteriors (float64) and the offsets.
+    """
+    probs = _check_probs(probs)
+    target = _check_priors(target_priors, probs.shape[1], "target_priors")
+    log_probs = np.log(np.maximum(probs, TINY))
+    offsets = np.zeros(probs.shape[1])
+    for _ in range(max_iter):
+        mean = _reweight(log_probs, offsets).mean(axis=0)
+        if np.max(np.abs(mean - target)) < tol:
+            break
+        offsets -= np.log(np.maximum(mean, TINY) / target)
+    return _reweight(log_probs, offsets), offsets

@@ -9,6 +9,7 @@ import math
 import re
 from pathlib import Path
 
+import numpy as np
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors import safe_open
@@ -18,6 +19,7 @@ from transformers.pytorch_utils import Conv1D
 from transformers.utils import logging as transformers_logging
 
 from .config import ConfigError, ModelConfig, RunConfig, load_config
+from .files import atomic_write_text, umask_mode
 from .heads import (
     COMPACT_HEADS,
     PooledClassifier,
@@ -26,12 +28,17 @@ from .heads import (
     init_new_dense_as_identity,
     trainable_head_modules,
 )
+from .manifest import file_sha256
 from .model_sources import resolve_model_path
 from .targets import TargetMatch, resolve_targets
 
 ADAPTER_DIR = "adapter"
+WEIGHTS_FILE = "adapter_model.safetensors"
+CHECKSUMS_FILE = "SHA256SUMS"  # in the adapter folder
+CHECKED_FILES = (WEIGHTS_FILE, "adapter_config.json")  # the weights, and the settings (r, alpha) that scale them
 LABELS_FILE = "labels.json"
 CONFIG_FILE = "config.yaml"
+VALIDATION_LOGITS_FILE = "validation_logits.json"
 log = logging.getLogger(__name__)
 # Layer types peft's LoRA can wrap; only these are offered to target patterns.
 TARGETABLE_TYPES = (torch.nn.Linear, torch.nn.Embedding, torch.nn.Conv1d, Conv1D)
@@ -156,8 +163,17 @@ def build_peft_model(config: RunConfig, label_names: list[str], *,
 
 
 def save_run_model(model: PeftModel, run_dir: Path) -> None:
-    """Adapter and head weights, as safetensors (peft stores the head with the adapter via modules_to_save)."""
-    model.save_pretrained(run_dir / ADAPTER_DIR, safe_serialization=True)
+    """Adapter and head weights, as safetensors (peft stores the head with the adapter via modules_to_save), and the
+    SHA-256 of the files that make the model, which loading checks."""
+    adapter = run_dir / ADAPTER_DIR
+    model.save_pretrained(adapter, safe_serialization=True)
+    mode = umask_mode()
+    for path in adapter.iterdir():  # safetensors writes 0600; every other output follows the umask
+        if path.is_file():
+            path.chmod(mode)
+    # sha256sum's format: `sha256sum -c SHA256SUMS` in the adapter folder checks them too.
+    atomic_write_text(adapter / CHECKSUMS_FILE, "".join(f"{file_sha256(adapter / name)}  {name}\n"
+                                                        for name in CHECKED_FILES))
 
 
 def read_labels(run_dir: Path) -> list[str]:
@@ -198,8 +214,8 @@ class RunFolderError(ValueError):
 
 
 def _check_adapter_file(run_dir: Path) -> None:
-    """The adapter file must hold exactly the parameters the run trained: never a silently random head."""
-    weights = run_dir / ADAPTER_DIR / "adapter_model.safetensors"
+    """The adapter file must hold exactly the parameters the run trained, as trained: never a silently random head."""
+    weights = run_dir / ADAPTER_DIR / WEIGHTS_FILE
     if not weights.is_file():
         raise RunFolderError(f"{weights} is missing: the run did not finish, or the folder was copied in part")
     try:
@@ -211,3 +227,49 @@ def _check_adapter_file(run_dir: Path) -> None:
     if stored != trained:
         raise RunFolderError(f"{weights} holds {stored:,} parameters but the run trained {trained:,}: the file is "
                              f"incomplete or from another run")
+    _check_checksums(run_dir / ADAPTER_DIR)
+    _check_finite_weights(weights)
+
+
+def _check_checksums(adapter: Path) -> None:
+    """Every file SHA256SUMS lists must hash as when the run was saved: flipped bytes in the tensor data still parse,
+    and would predict one class for every text. Runs saved before the sums were recorded load with a warning."""
+    sums = adapter / CHECKSUMS_FILE
+    if not sums.is_file():
+        log.warning("%s is missing (a run saved before budgetlora recorded checksums): the adapter cannot be checked "
+                    "for changes since training", sums)
+        return
+    listed: dict[str, str] = {}
+    for line in sums.read_text(errors="replace").splitlines():
+        match = re.fullmatch(r"([0-9a-f]{64}) [ *]([^/\\]+)", line)
+        if match is None:
+            raise RunFolderError(f"{sums} is corrupt (line {line[:100]!r})")
+        listed[match[2]] = match[1]
+    if WEIGHTS_FILE not in listed:
+        raise RunFolderError(f"{sums} does not list {WEIGHTS_FILE}: the file is corrupt")
+    for name, digest in listed.items():
+        path = adapter / name
+        if not path.is_file():
+            raise RunFolderError(f"{path} is missing (listed in {sums})")
+        if file_sha256(path) != digest:
+            raise RunFolderError(f"{path} changed since training: its SHA-256 differs from the one recorded in "
+                                 f"{sums} (the file is damaged or was replaced)")
+
+
+def _check_finite_weights(weights: Path) -> None:
+    """NaN or inf in a tensor makes the logits NaN, and argmax then says class 0 for every text, with no error."""
+    with safe_open(str(weights), framework="pt") as handle:
+        for key in handle.keys():  # noqa: SIM118 - safe_open handles are not iterable
+            tensor = handle.get_tensor(key)
+            if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+                bad = int((~torch.isfinite(tensor)).sum())
+                raise RunFolderError(f"{weights}: tensor {key} holds {bad:,} non-finite values (NaN or inf): "
+                                     f"training diverged or the file was altered; retrain the run")
+
+
+def check_finite_logits(run_dir: Path, logits: np.ndarray) -> None:
+    """Non-finite logits (fp16 overflow, damaged weights) would all become class 0: refuse them instead."""
+    bad = ~np.isfinite(logits).all(axis=-1)
+    if bad.any():
+        raise RunFolderError(f"{run_dir}: the model gave non-finite logits (NaN or inf) for {int(bad.sum()):,} of "
+                             f"{len(logits):,} texts (the first: row {int(bad.argmax())}); nothing was written")

@@ -8,8 +8,12 @@ from __future__ import annotations
 
 import io
 import json
+import math
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+import numpy as np
 
 from .files import atomic_write_bytes, atomic_write_text
 
@@ -48,47 +52,87 @@ def _save_png(figure: Figure, path: Path) -> Path:
     return atomic_write_bytes(path, buffer.getvalue())
 
 
-def plot_training(history: list[dict[str, Any]], path: Path) -> Path:
-    """Training loss by step; validation loss and accuracy by epoch (one evaluation an epoch)."""
+def _kept_step(best_checkpoint: str | None) -> int | None:
+    """The global step of metrics.json's best_checkpoint (.../checkpoint-<step>): the model that was kept."""
+    match = re.fullmatch(r"checkpoint-(\d+)", Path(best_checkpoint).name) if best_checkpoint else None
+    return int(match.group(1)) if match else None
+
+
+def _whole_number_ticks(axis: Any) -> None:
+    from matplotlib.ticker import MaxNLocator
+
+    axis.set_major_locator(MaxNLocator(integer=True))
+
+
+def training_figure(history: list[dict[str, Any]], best_checkpoint: str | None) -> Figure:
+    """Training loss by step; validation loss and accuracy by epoch, the kept (best) evaluation ringed.
+
+    The legend goes right of the validation axes, so that it never hides a point.
+    """
     train = [(entry["step"], entry["loss"]) for entry in history if "loss" in entry]
     evals = [entry for entry in history if "eval_loss" in entry]
-    figure = _figure(figsize=(11, 4))
+    figure = _figure(figsize=(12, 4), layout="constrained")
     left, right = figure.subplots(1, 2)
     if train:
         left.plot(*zip(*train, strict=True), color="tab:blue", linewidth=1)
     left.set(title="training loss", xlabel="step", ylabel="loss")
+    _whole_number_ticks(left.xaxis)
     left.grid(alpha=0.3)
     epochs = [entry["epoch"] for entry in evals]
     right.plot(epochs, [entry["eval_loss"] for entry in evals], "o-", color="tab:red", label="validation loss")
     right.set(title="validation", xlabel="epoch", ylabel="loss")
-    right.locator_params(axis="x", nbins=6)  # a single evaluation would otherwise crowd the axis with ticks
     right.grid(alpha=0.3)
+    kept_on, kept_key = right, "eval_loss"
     if any("eval_accuracy" in entry for entry in evals):
-        accuracy = right.twinx()
-        accuracy.plot(epochs, [entry.get("eval_accuracy") for entry in evals], "s--", color="tab:green",
-                      label="validation accuracy")
-        accuracy.set(ylabel="accuracy", ylim=(0, 1))
-        handles = right.get_legend_handles_labels()[0] + accuracy.get_legend_handles_labels()[0]
-        right.legend(handles=handles, loc="center right")
-    return _save_png(figure, path)
+        kept_on, kept_key = right.twinx(), "eval_accuracy"
+        kept_on.plot(epochs, [entry.get("eval_accuracy") for entry in evals], "s--", color="tab:green",
+                     label="validation accuracy")
+        kept_on.set(ylabel="accuracy", ylim=(0, 1.05))  # room for the ring around an accuracy of 1
+    kept = [entry for entry in evals if entry["step"] == _kept_step(best_checkpoint) and kept_key in entry]
+    if kept:
+        # A ring around the point, not a marker over it: the kept evaluation's own point stays visible.
+        kept_on.plot([kept[0]["epoch"]], [kept[0][kept_key]], "o", markersize=16, markerfacecolor="none",
+                     markeredgecolor="black", markeredgewidth=2, zorder=5,
+                     label=f"kept model (epoch {kept[0]['epoch']:g})")
+    if epochs:
+        # From a whole epoch to a whole epoch, at least one apart: a single evaluation still gets two epoch ticks.
+        low, high = math.floor(min(epochs)), math.ceil(max(epochs))
+        low = min(low, high - 1)
+        right.set_xlim(low - 0.05 * (high - low), high + 0.05 * (high - low))
+    _whole_number_ticks(right.xaxis)
+    handles = [handle for axes in dict.fromkeys((right, kept_on)) for handle in axes.get_legend_handles_labels()[0]]
+    if handles:
+        figure.legend(handles=handles, loc="outside right upper")
+    return figure
 
 
-def plot_confusion(metrics: dict[str, Any], title: str, path: Path) -> Path:
-    """Confusion matrix (rows: true class, columns: predicted), counts written in the cells."""
-    matrix, names = metrics["confusion_matrix"], metrics["label_names"]
-    size = max(4.0, 0.7 * len(names) + 2)
-    figure = _figure(figsize=(size + 1, size))
-    axes = figure.subplots()
-    image = axes.imshow(matrix, cmap="Blues")
-    figure.colorbar(image, ax=axes, fraction=0.046)
+def _matrix(figure: Figure, axes: Any, matrix: np.ndarray, names: list[str], *, peak: float, cell: str,
+            title: str, ticks: Any = None) -> None:
+    image = axes.imshow(matrix, cmap="Blues", vmin=0, vmax=peak)
+    figure.colorbar(image, ax=axes, fraction=0.046, ticks=ticks)
     axes.set_xticks(range(len(names)), names, rotation=45, ha="right")
     axes.set_yticks(range(len(names)), names)
-    axes.set(xlabel="predicted", ylabel="true", title=f"{title}: accuracy {metrics['accuracy']:.4f}")
-    peak = max(max(row) for row in matrix) or 1
-    for i, row in enumerate(matrix):
-        for j, count in enumerate(row):
-            axes.text(j, i, str(count), ha="center", va="center", color="white" if count > peak / 2 else "black")
-    return _save_png(figure, path)
+    axes.set(xlabel="predicted", ylabel="true", title=title)
+    for (i, j), value in np.ndenumerate(matrix):
+        axes.text(j, i, cell.format(value), ha="center", va="center", color="white" if value > peak / 2 else "black")
+
+
+def confusion_figure(metrics: dict[str, Any], title: str) -> Figure:
+    """Counts (rows: true class, columns: predicted) and, beside them, each row as shares of its true class."""
+    from matplotlib.ticker import MaxNLocator
+
+    counts = np.asarray(metrics["confusion_matrix"], dtype=np.int64)
+    totals = counts.sum(axis=1, keepdims=True)
+    shares = np.divide(counts, totals, out=np.zeros(counts.shape), where=totals > 0)  # a class absent: a zero row
+    names = metrics["label_names"]
+    size = max(4.0, 0.7 * len(names) + 2)
+    figure = _figure(figsize=(2 * size + 2, size), layout="constrained")
+    figure.suptitle(f"{title}: accuracy {metrics['accuracy']:.4f}")
+    left, right = figure.subplots(1, 2)
+    _matrix(figure, left, counts, names, peak=max(int(counts.max(initial=0)), 1), cell="{:d}", title="counts",
+            ticks=MaxNLocator(integer=True))  # counts: no 2.5 on the colour scale
+    _matrix(figure, right, shares, names, peak=1.0, cell="{:.2f}", title="share of each true class (rows sum to 1)")
+    return figure
 
 
 def _metrics_table(title: str, metrics: dict[str, Any]) -> list[str]:
@@ -136,10 +180,10 @@ def write_report(run_dir: Path) -> list[Path]:
     evaluations = {path.stem: _read_json(path) for path in sorted((run_dir / "evaluations").glob("*.json"))}
     out = run_dir / REPORT_DIR
     out.mkdir(exist_ok=True)
-    images = [plot_training(history, out / "training.png"),
-              plot_confusion(metrics["validation"], "validation", out / "confusion_validation.png")]
+    images = [_save_png(training_figure(history, metrics.get("best_checkpoint")), out / "training.png"),
+              _save_png(confusion_figure(metrics["validation"], "validation"), out / "confusion_validation.png")]
     # Titled by the source's file name: its full path would not fit above the matrix.
-    images += [plot_confusion(evaluation, Path(str(evaluation.get("source", name))).name, out / f"confusion_{name}.png")
-               for name, evaluation in evaluations.items()]
+    images += [_save_png(confusion_figure(evaluation, Path(str(evaluation.get("source", name))).name),
+                         out / f"confusion_{name}.png") for name, evaluation in evaluations.items()]
     summary = atomic_write_text(out / "summary.md", summary_markdown(run_dir, metrics, params, evaluations, images))
     return [*images, summary]

@@ -2,8 +2,9 @@
 
 Round 0 trains a teacher on the labelled rows. Each later round pseudo-labels data.unlabelled with the previous
 round's model, keeps the confident predictions (optionally adjusted to the unlabelled set's class priors, estimated by
-EM, and balanced across classes), and trains a fresh student of the same adapter shape on the labelled rows plus the
-pseudo-labelled ones (with their own loss weight). The budget is the same in every round: nothing extra is trained.
+EM or imposed as uniform, and balanced across classes), and trains a fresh student of the same adapter shape on the
+labelled rows plus the pseudo-labelled ones (with their own loss weight). The budget is the same in every round:
+nothing extra is trained.
 
 Layout: the last student is the run folder itself (`runs/<name>/`, so predict, evaluate, export and serve use it as
 any run); earlier rounds are complete run folders in `runs/<name>/rounds/round-<k>/`, with the pseudo-labels each
@@ -29,23 +30,15 @@ from .budget import count_parameters
 from .config import RunConfig, SelfTrainSettings, with_overrides
 from .data import load_table
 from .files import atomic_write_text, write_json
-from .infer import run_predictor
-from .label_shift import estimate_priors
+from .infer import run_predictor, shift_to_input_priors
 from .modeling import load_run_model
 from .train import TrainResult, check_run_dir, train
 
 log = logging.getLogger(__name__)
 
 
-def select_pseudo_labels(logits: np.ndarray, settings: SelfTrainSettings,
-                         train_priors: np.ndarray) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
-    """Rows to pseudo-label, their labels and confidences' statistics, from the previous model's logits."""
-    probs = softmax(logits.astype(np.float64), axis=1)
-    stats: dict[str, Any] = {"unlabelled": len(probs), "threshold": settings.threshold}
-    if settings.label_shift:
-        shift = estimate_priors(probs, train_priors)
-        probs = shift.adjusted
-        stats["estimated_priors"] = [round(float(p), 4) for p in shift.priors]
+def select_pseudo_labels(probs: np.ndarray, settings: SelfTrainSettings) -> tuple[np.ndarray, np.ndarray, dict]:
+    """Rows to pseudo-label, their labels, and statistics, from the previous model's class probabilities."""
     confidence, predicted = probs.max(axis=1), probs.argmax(axis=1)
     by_class = [np.flatnonzero((predicted == c) & (confidence >= settings.threshold)) for c in range(probs.shape[1])]
     by_class = [rows[np.argsort(-confidence[rows], kind="stable")] for rows in by_class]  # most confident first
@@ -53,9 +46,10 @@ def select_pseudo_labels(logits: np.ndarray, settings: SelfTrainSettings,
     if settings.max_per_class is not None:
         keep = min(keep, settings.max_per_class)
     rows = np.sort(np.concatenate([class_rows[:keep] for class_rows in by_class]))
-    stats |= {"selected": len(rows), "per_class": [int(min(len(r), keep)) for r in by_class],
-              "above_threshold_per_class": [len(r) for r in by_class],
-              "mean_confidence": float(confidence[rows].mean()) if len(rows) else None}
+    stats = {"unlabelled": len(probs), "threshold": settings.threshold, "selected": len(rows),
+             "per_class": [int(min(len(r), keep)) for r in by_class],
+             "above_threshold_per_class": [len(r) for r in by_class],
+             "mean_confidence": float(confidence[rows].mean()) if len(rows) else None}
     return rows, predicted[rows], stats
 
 
@@ -94,8 +88,10 @@ def self_train(config: RunConfig, *, resume: bool = False,
             previous = _round_config(config, index - 1)
             model, run_config, _ = load_run_model(previous.run_dir)
             logits = run_predictor(model, run_config)(texts, progress=True)
-            counts = np.asarray(metrics["train_label_counts"], dtype=np.float64)  # the previous round's
-            rows, labels, stats = select_pseudo_labels(logits, settings, counts / counts.sum())
+            probs, shift = (shift_to_input_priors(previous.run_dir, logits, settings.label_shift)
+                            if settings.label_shift else (softmax(logits.astype(np.float64), axis=1), {}))
+            rows, labels, stats = select_pseudo_labels(probs, settings)
+            stats |= shift
             log.info("round %d: %d pseudo-labels %s (mean confidence %s)", index, stats["selected"],
                      stats["per_class"], stats["mean_confidence"])
             if not stats["selected"]:

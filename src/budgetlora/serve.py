@@ -2,8 +2,8 @@
 
 Concurrent requests are pooled; one background worker runs micro-batches of at most `batch_texts` texts through the
 merged model, in a thread, so the event loop keeps accepting requests meanwhile. Every pending request has a share
-of each micro-batch, so a request of thousands of texts is split over many and a small one sent meanwhile is answered
-after about one. When the worker is idle, it waits `batch_window_ms` after the first request for others to join.
+of each micro-batch, so a request of thousands of texts is split over many, and a small one sent meanwhile rides in
+the next one. When the worker is idle, it waits `batch_window_ms` after the first request for others to join.
 Limits are checked before anything is queued: request bodies over a byte size derived from max_texts x max_chars get
 413; an empty list, too many texts, an empty, blank or too long text get 422 with pydantic's message. /docs and
 /redoc load their JavaScript and CSS from this server (fastapi-offline's copies), so they work offline.
@@ -14,6 +14,7 @@ No `from __future__ import annotations` here: FastAPI must resolve the request m
 import asyncio
 import contextlib
 import errno
+import logging
 import math
 import socket
 from collections.abc import AsyncIterator, Callable
@@ -32,6 +33,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from .config import ConfigError
 from .infer import run_predictor
 from .modeling import load_run_model
+
+log = logging.getLogger(__name__)
 
 # The most texts in one micro-batch: a larger request is split, so others wait behind at most about this many.
 MAX_BATCH_TEXTS = 256
@@ -111,8 +114,8 @@ class BatchStats:
 class _Job:
     texts: list[str]
     future: asyncio.Future
-    sent: int = 0  # texts run so far; their logits, a part a micro-batch:
-    logits: list[np.ndarray] = field(default_factory=list)
+    sent: int = 0  # texts run so far
+    logits: list[np.ndarray] = field(default_factory=list)  # theirs, one part a micro-batch
 
     @property
     def left(self) -> int:
@@ -205,8 +208,8 @@ class MicroBatcher:
                     self.stats.requests += 1
             # Round robin: requests that arrived during this batch, or did not fit in it, go before those just served.
             served = {id(job) for job, _ in batch}
-            self._pending = [job for job in self._pending if id(job) not in served] + [job for job, _ in batch
-                                                                                        if job.left]
+            waiting = [job for job in self._pending if id(job) not in served]
+            self._pending = waiting + [job for job, _ in batch if job.left]
 
 
 class BodySizeLimit:
@@ -341,4 +344,7 @@ def serve(run_dir: Path, host: str = "127.0.0.1", port: int = 8000, *, max_texts
     _refuse(_address_problems(host, port) + _limit_problems(max_texts, max_chars, batch_window_ms, MAX_BATCH_TEXTS))
     with _listen_socket(host, port) as sock:
         app = create_app(run_dir, max_texts=max_texts, max_chars=max_chars, batch_window_ms=batch_window_ms)
+        # uvicorn names the address only when it binds the socket itself.
+        url = f"http://{f'[{host}]' if ':' in host else host}:{sock.getsockname()[1]}"
+        log.info("serving %s on %s (API docs: %s/docs); Ctrl-C stops", Path(run_dir).name, url, url)
         uvicorn.Server(uvicorn.Config(app, host=host, port=port)).run(sockets=[sock])

@@ -6,6 +6,7 @@ weights loaded, so a mistake costs seconds, not a model download or an epoch.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
@@ -38,11 +39,19 @@ from .budget import ParamReport, check_budget, parameter_group
 from .config import RunConfig, dump_config, with_overrides
 from .data import load_table, split_train_validation
 from .features import choose_max_length, tokenize_table
-from .files import atomic_write_text, write_json
+from .files import atomic_write_text, lock_folder, write_json
 from .hardware import resolve_precision
 from .infer import classification_metrics
 from .manifest import build_manifest
-from .modeling import CONFIG_FILE, LABELS_FILE, build_peft_model, load_run_config, load_tokenizer, save_run_model
+from .modeling import (
+    CONFIG_FILE,
+    LABELS_FILE,
+    VALIDATION_LOGITS_FILE,
+    build_peft_model,
+    load_run_config,
+    load_tokenizer,
+    save_run_model,
+)
 
 log = logging.getLogger(__name__)
 
@@ -111,32 +120,42 @@ class BudgetTrainer(Trainer):
 
 
 class TrainingInterrupted(RuntimeError):
-    """Ctrl-C stopped training after a checkpoint was saved; the run resumes with --resume."""
+    """Ctrl-C or SIGTERM stopped training after a checkpoint was saved; the run resumes with --resume."""
+
+    def __init__(self, message: str, signum: int = signal.SIGINT) -> None:
+        super().__init__(message)
+        self.signum = signum
 
 
 class StopOnInterrupt(TrainerCallback):
-    """The first Ctrl-C finishes the current step, saves a checkpoint and stops; a second one stops at once."""
+    """The first Ctrl-C or SIGTERM (how clusters and notebooks preempt) finishes the current step, saves a checkpoint
+    and stops; a second one stops at once."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self) -> None:
-        self.interrupted = False
-        self._previous: Any = None
+        self.interrupted: int | None = None  # the signal that stopped training
+        self._previous: dict[int, Any] = {}
 
     def on_train_begin(self, args: TrainingArguments, state: Any, control: Any, **kwargs: Any) -> None:
         if threading.current_thread() is threading.main_thread():  # signal handlers live in the main thread only
-            self._previous = signal.signal(signal.SIGINT, self._handle)
+            self._previous = {signum: signal.signal(signum, self._handle) for signum in self.SIGNALS}
 
     def _handle(self, signum: int, frame: Any) -> None:
-        self.interrupted = True
-        signal.signal(signal.SIGINT, self._previous)  # a second Ctrl-C: the usual KeyboardInterrupt
-        log.warning("Ctrl-C: stopping after this step and saving a checkpoint (Ctrl-C again to stop at once)")
+        self.interrupted = signum
+        signal.signal(signum, self._previous[signum])  # a second one: the usual KeyboardInterrupt or termination
+        log.warning("%s: stopping after this step and saving a checkpoint (again to stop at once)",
+                    signal.Signals(signum).name)
 
     def on_step_end(self, args: TrainingArguments, state: Any, control: Any, **kwargs: Any) -> None:
         if self.interrupted:
             control.should_save = control.should_training_stop = True
 
-    def on_train_end(self, args: TrainingArguments, state: Any, control: Any, **kwargs: Any) -> None:
-        if self._previous is not None and not self.interrupted:
-            signal.signal(signal.SIGINT, self._previous)
+    def restore(self) -> None:
+        """Put the previous handlers back (also when training ends in an exception)."""
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous = {}
 
 
 def training_arguments(config: RunConfig, train_rows: int) -> TrainingArguments:
@@ -244,8 +263,17 @@ def train(config: RunConfig, *, resume: bool = False, callbacks: Sequence[Traine
     the training split only, with a `weight` column for their loss (self-training's pseudo-labels).
     """
     params = check_budget(config)  # from the config alone: no weights, no data yet
-    check_run_dir(config, resume)
     config.run_dir.mkdir(parents=True, exist_ok=True)  # an unwritable runs folder fails now, not after an epoch
+    # One process owns the run folder until it is written (the first under torchrun, the one that writes it): a second
+    # `train` of the same run stops here, before it reads the folder's state, instead of writing into it as well.
+    owner = int(os.environ.get("RANK", "0")) == 0
+    with lock_folder(config.run_dir) if owner else contextlib.nullcontext():
+        check_run_dir(config, resume)
+        return _train(config, params, resume=resume, callbacks=callbacks, extra=extra)
+
+
+def _train(config: RunConfig, params: ParamReport, *, resume: bool, callbacks: Sequence[TrainerCallback],
+           extra: datasets.Dataset | None) -> TrainResult:
     log.info("trainable parameters:\n%s", params.format())
     tokenizer = load_tokenizer(config.model)
     table = load_table(config.data.train, config.data, labelled=True)
@@ -280,10 +308,14 @@ def train(config: RunConfig, *, resume: bool = False, callbacks: Sequence[Traine
         compute_metrics=lambda p: _scalar_metrics(p, label_names),
         callbacks=callbacks,
     )
-    output = trainer.train(resume_from_checkpoint=_latest_checkpoint(run_dir) if resume else None)
+    try:
+        output = trainer.train(resume_from_checkpoint=_latest_checkpoint(run_dir) if resume else None)
+    finally:
+        interrupt.restore()
     if interrupt.interrupted:
-        raise TrainingInterrupted(f"interrupted: checkpoint saved at step {trainer.state.global_step}; "
-                                  f"continue with: budgetlora train --resume {run_dir}")
+        raise TrainingInterrupted(f"interrupted ({signal.Signals(interrupt.interrupted).name}): checkpoint saved at "
+                                  f"step {trainer.state.global_step}; continue with: budgetlora train --resume "
+                                  f"{run_dir}", interrupt.interrupted)
 
     # Labels from the same output: with group_by_length, transformers 5 also shuffles the evaluation order.
     final = trainer.predict(val_set)  # every process takes part; the results are gathered
@@ -305,6 +337,9 @@ def train(config: RunConfig, *, resume: bool = False, callbacks: Sequence[Traine
         save_run_model(trainer.model, run_dir)  # the best checkpoint: load_best_model_at_end restored it
         write_json(run_dir / "metrics.json", metrics)
         write_json(run_dir / "log_history.json", trainer.state.log_history)
+        # For calibration at prediction time (label shift): the kept model's logits on the validation rows.
+        write_json(run_dir / VALIDATION_LOGITS_FILE, {"logits": np.asarray(final.predictions).round(5).tolist(),
+                                                      "labels": final.label_ids.tolist()})
     # Unwrapped: accelerate patches forward() with the training autocast, which inference chooses for itself.
     model = trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False)
     return TrainResult(run_dir, model, metrics, params)
