@@ -20,19 +20,10 @@ from transformers import PreTrainedModel
 from transformers.modeling_outputs import SequenceClassifierOutput
 
 from .config import ConfigError
+from .export_pooled_model import pool  # one pooling for training and exports (which cannot import budgetlora)
 
 HEADS = ("standard", "first_token", "mean", "lora_dense")
 COMPACT_HEADS = ("first_token", "mean")
-
-
-def pool(hidden: torch.Tensor, attention_mask: torch.Tensor | None, mode: str) -> torch.Tensor:
-    """Token states (batch, tokens, hidden) to one vector per text: the first token, or the mean over real tokens."""
-    if mode == "first_token":
-        return hidden[:, 0]
-    if attention_mask is None:
-        return hidden.mean(dim=1)
-    mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
-    return (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)
 
 
 def classifier_dropout(config) -> float:

@@ -262,25 +262,6 @@ def _request_model(max_texts: int, max_chars: int) -> type[BaseModel]:
     return PredictRequest
 
 
-def _request_model(max_texts: int, max_chars: int) -> type[BaseModel]:
-    Text = Annotated[str, StringConstraints(min_length=1, max_length=max_chars)]
-
-    class PredictRequest(BaseModel):
-        model_config = ConfigDict(extra="forbid")  # {"text": [...]} is a typo to report, not an empty request
-        texts: list[Text] = Field(min_length=1, max_length=max_texts,
-                                  description=f"1 to {max_texts} texts of 1 to {max_chars} characters each")
-
-        @field_validator("texts")
-        @classmethod
-        def _not_blank(cls, texts: list[str]) -> list[str]:
-            for index, text in enumerate(texts):
-                if not text.strip():
-                    raise ValueError(f"texts[{index}] is blank (only whitespace); send the text to classify")
-            return texts
-
-    return PredictRequest
-
-
 def create_app(run_dir: Path, *, max_texts: int = 64, max_chars: int = 2000, batch_window_ms: float = 5,
                batch_texts: int = MAX_BATCH_TEXTS) -> FastAPI:
     """The API of a trained run: POST /predict, GET /health, and FastAPI's /openapi.json, /docs and /redoc."""
