@@ -36,7 +36,12 @@ ROWS: dict[str, tuple[str, list[str], str | None]] = {
     "self-training, EM pseudo-labels": (DEFAULT, [*SELF_TRAINING, "self_training.label_shift=em"], None),
     "self-training, uniform-prior pseudo-labels": (DEFAULT, [*SELF_TRAINING, "self_training.label_shift=uniform"],
                                                    None),
-    "competition recipe": ("configs/recipes/minilm-competition.yaml", [], None),
+    # configs/recipes/minilm-competition.yaml is the row above, written out as a config
+    "self-training, uniform-prior pseudo-labels, max_length auto": (
+        DEFAULT, [*SELF_TRAINING, "self_training.label_shift=uniform", "model.max_length=auto"], None),
+    "self-training, uniform-prior pseudo-labels, max_length auto, noisy copies": (
+        DEFAULT, [*SELF_TRAINING, "self_training.label_shift=uniform", "model.max_length=auto", "augment.copies=1"],
+        None),
 }
 
 
