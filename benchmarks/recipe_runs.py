@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from budgetlora.config import DataConfig, load_config
+from budgetlora.config import DataConfig, load_config, with_overrides
 from budgetlora.data import join_labels, load_table
 from budgetlora.infer import (
     PRIOR_ADJUSTMENTS,
@@ -54,7 +54,8 @@ class RecipeResult:
     score_s: float
     # The same scores with predictions adjusted to the file's class priors ("em", "uniform"); {}: not made
     label_shift: dict[str, dict[str, object]]
-    test_accuracy: float | None = None  # the whole official test split, when asked for
+    test_accuracy: float | None = None  # the whole official test split, when asked for (full_test)
+    test_macro_f1: float | None = None
 
     @property
     def wall_s(self) -> float:
@@ -135,9 +136,9 @@ def run_recipe(config_path: str, seed: int, overrides: Sequence[str] = (), *, fr
     for path in (TEST, COMPETITION, DEV_LABELS):
         if not path.is_file():
             raise SystemExit(f"{path} is missing: these benchmarks need ../shared/data beside the project")
-    name = load_config(ROOT / config_path).name
-    config = load_config(ROOT / config_path, [f"train.seed={seed}", f"runs_dir={ROOT / RUNS}",
-                                              f"name={name}{suffix}-s{seed}", *overrides])
+    recipe = load_config(ROOT / config_path)
+    config = with_overrides(recipe, [f"train.seed={seed}", f"runs_dir={ROOT / RUNS}",
+                                     f"name={recipe.name}{suffix}-s{seed}", *overrides])
     run_dir = config.run_dir
     if fresh:
         shutil.rmtree(run_dir, ignore_errors=True)
@@ -153,14 +154,15 @@ def run_recipe(config_path: str, seed: int, overrides: Sequence[str] = (), *, fr
         scores = score_run(run_dir, whole_file=whole_file)
         scores |= {"score_s": time.perf_counter() - started, "train_wall_s": train_s}
         if full_test:
-            scores["test_accuracy"] = evaluate_run(run_dir, str(TEST))["accuracy"]
+            test = evaluate_run(run_dir, str(TEST))
+            scores["test_accuracy"], scores["test_macro_f1"] = test["accuracy"], test["macro_f1"]
         scores_file.write_text(json.dumps(scores, indent=1))
     metrics = json.loads((run_dir / "metrics.json").read_text())
     scores = json.loads(scores_file.read_text())
     return RecipeResult(config_path, seed, metrics["trainable_params"], metrics["validation"]["accuracy"],
                         scores["ag_half_accuracy"], scores["dev_accuracy"], scores["dev_both_high_accuracy"],
                         scores["predicted_distribution"], scores["train_wall_s"], scores["score_s"],
-                        _label_shift_scores(scores), scores.get("test_accuracy"))
+                        _label_shift_scores(scores), scores.get("test_accuracy"), scores.get("test_macro_f1"))
 
 
 def _label_shift_scores(scores: dict) -> dict[str, dict[str, object]]:
