@@ -26,7 +26,6 @@ import numpy as np
 from scipy.special import softmax
 from transformers import TrainerCallback
 
-from .budget import count_parameters
 from .config import RunConfig, SelfTrainSettings, with_overrides
 from .data import load_table
 from .files import atomic_write_text, write_json
@@ -60,16 +59,14 @@ def _round_config(config: RunConfig, round_index: int) -> RunConfig:
                                    "self_training.rounds=0"])
 
 
-def _train_round(config: RunConfig, *, resume: bool, callbacks: Sequence[TrainerCallback],
-                 extra: datasets.Dataset | None) -> tuple[Any, dict[str, Any]]:
-    """The round's model and metrics: reused when the round finished earlier (resume), else trained."""
+def _finished_round_metrics(config: RunConfig, resume: bool) -> dict[str, Any] | None:
+    """On --resume, the metrics of an earlier round that already finished (it is not trained again); else None.
+
+    The last round is the run itself (self_training.rounds > 0 in its config) and is always trained or resumed."""
     metrics_file = config.run_dir / "metrics.json"
-    if resume and metrics_file.is_file() and config.self_training.rounds == 0:
-        model, _, _ = load_run_model(config.run_dir)
-        return model, json.loads(metrics_file.read_text())
-    result = train(config, resume=resume and (config.run_dir / "checkpoints").is_dir(), callbacks=callbacks,
-                   extra=extra)
-    return result.model, result.metrics
+    if resume and config.self_training.rounds == 0 and metrics_file.is_file():
+        return json.loads(metrics_file.read_text())
+    return None
 
 
 def self_train(config: RunConfig, *, resume: bool = False,
@@ -81,7 +78,7 @@ def self_train(config: RunConfig, *, resume: bool = False,
     texts = unlabelled["text"][:]
     rounds_dir = config.run_dir / "rounds"
     history: list[dict[str, Any]] = []
-    extra, metrics = None, {}
+    extra = None
     for index in range(settings.rounds + 1):
         round_config = _round_config(config, index)
         if index > 0:  # pseudo-label with the previous round's model, resolved config (max_length) and all
@@ -103,14 +100,17 @@ def self_train(config: RunConfig, *, resume: bool = False,
             _write_pseudo_labels(rounds_dir / f"pseudo-{index}.jsonl", extra)
             extra = extra if len(extra) else None
             history[-1]["pseudo_labels_for_next_round"] = stats
-        _, metrics = _train_round(round_config, resume=resume, callbacks=callbacks, extra=extra)
+        metrics = _finished_round_metrics(round_config, resume)
+        if metrics is None:
+            result = train(round_config, resume=resume and (round_config.run_dir / "checkpoints").is_dir(),
+                           callbacks=callbacks, extra=extra)
+            metrics = result.metrics
         history.append({"round": index, "run": str(round_config.run_dir),
                         "validation_accuracy": metrics["validation"]["accuracy"],
                         "train_rows": metrics["train_rows"], "train_runtime_s": metrics["train_runtime_s"]})
     metrics = {**metrics, "self_training": history}
     write_json(config.run_dir / "metrics.json", metrics)
-    model, _, _ = load_run_model(config.run_dir, merge=False)
-    return TrainResult(config.run_dir, model, metrics, count_parameters(config))
+    return TrainResult(config.run_dir, result.model, metrics, result.params)  # the last round: always trained
 
 
 def _write_pseudo_labels(path: Path, rows: datasets.Dataset) -> None:
