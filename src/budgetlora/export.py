@@ -35,6 +35,7 @@ from .config import ConfigError
 from .export_card import write_card
 from .export_onnx import onnx_logits, require_onnx, write_onnx
 from .export_pooled_model import BudgetloraPooledConfig, BudgetloraPooledForSequenceClassification
+from .files import umask_mode
 from .heads import COMPACT_HEADS, PooledClassifier
 from .modeling import load_run_config, load_run_model, load_tokenizer
 
@@ -145,10 +146,8 @@ def _write_transformers(model: nn.Module, tokenizer: PreTrainedTokenizerBase, fo
 
 def _apply_umask(folder: Path) -> None:
     """Modes as a plain write would give them (mkdtemp makes 0700 and safetensors writes 0600)."""
-    umask = os.umask(0)
-    os.umask(umask)
     for path in [folder, *folder.rglob("*")]:
-        os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
+        os.chmod(path, umask_mode(folder=path.is_dir()))
 
 
 def export_run(run_dir: Path, out: Path, format: str = "transformers") -> Path:

@@ -24,11 +24,11 @@ class FolderLockedError(FileExistsError):
     """Another process holds the folder's lock (it is training that run)."""
 
 
-def umask_mode() -> int:
-    """0666 less the umask: the mode a plainly written new file gets."""
+def umask_mode(*, folder: bool = False) -> int:
+    """0666 (a folder: 0777) less the umask: the mode a plainly made new file (or folder) gets."""
     umask = os.umask(0)
     os.umask(umask)
-    return 0o666 & ~umask
+    return (0o777 if folder else 0o666) & ~umask
 
 
 def _file_mode(path: Path) -> int:

@@ -20,10 +20,10 @@ from transformers import PreTrainedModel
 from transformers.modeling_outputs import SequenceClassifierOutput
 
 from .config import ConfigError
-from .export_pooled_model import pool  # one pooling for training and exports (which cannot import budgetlora)
+from .export_pooled_model import POOLINGS, pool  # one pooling for training and exports (no budgetlora import)
 
 HEADS = ("standard", "first_token", "mean", "lora_dense")
-COMPACT_HEADS = ("first_token", "mean")
+COMPACT_HEADS = POOLINGS  # the heads PooledClassifier (and its export) implement
 
 
 def classifier_dropout(config) -> float:

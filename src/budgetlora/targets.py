@@ -39,7 +39,7 @@ class TargetMatch:
 
 def module_kinds(names: list[str]) -> list[str]:
     """Matched names with block numbers as `*`, once each: what a pattern chose, in the family's own names."""
-    return list(dict.fromkeys(re.sub(r"\.\d+\.", ".*.", name) for name in names))
+    return list(dict.fromkeys(IN_BLOCK.sub(".*.", name) for name in names))
 
 
 def preset_modules(preset: str, linear_names: list[str]) -> list[str]:
