@@ -93,7 +93,6 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from .files import write_target
     from .infer import predict_run
 
     to_stdout = args.output == "-"
@@ -101,8 +100,6 @@ def cmd_predict(args: argparse.Namespace) -> int:
         print("budgetlora: error: --format kaggle checks the written file: give --output a file, not -",
               file=sys.stderr)
         return 2
-    if not to_stdout:
-        write_target(Path(args.output))  # a FIFO, device or folder is refused now, not after the whole input
     labels = predict_run(Path(args.run), args.input, "-" if to_stdout else Path(args.output),
                          label_shift=args.label_shift, trust_pickle=args.trust_pickle)
     print(f"wrote {len(labels):,} predictions to {'stdout' if to_stdout else args.output}",

@@ -21,7 +21,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from .config import RunConfig, with_overrides
 from .data import join_labels, load_table
-from .files import atomic_write_text, write_json
+from .files import atomic_write_text, write_json, write_target
 from .hardware import autocast, device, resolve_precision
 from .label_shift import estimate_priors, fit_temperature, match_priors
 from .modeling import VALIDATION_LOGITS_FILE, check_finite_logits, load_run_config, load_run_model, load_tokenizer
@@ -170,6 +170,8 @@ def predict_run(run_dir: Path, source: str, output: Path | str, *, label_shift: 
 
     output "-" (the string, not a Path) writes the CSV to stdout. With label_shift ("em" or "uniform"), predictions
     are adjusted to the input's class priors first (shift_to_input_priors)."""
+    if output != "-":
+        write_target(Path(output))  # a FIFO, device or folder is refused now, not after the whole input
     config, table = _read_source(run_dir, source, labelled=False, trust_pickle=trust_pickle)
     model, config, _ = load_run_model(run_dir)
     logits = run_predictor(model, config)(table["text"][:], progress=True)
