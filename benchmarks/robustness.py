@@ -1,7 +1,7 @@
 """Robustness where users are scored: the competition file's machine-generated half, next to AG News accuracy.
 
     python benchmarks/robustness.py                 # MiniLM, 8,000 training rows, 1 epoch, every row below
-    python benchmarks/robustness.py --rows default self-training
+    python benchmarks/robustness.py --seeds 42 43 --rows default "self-training, uniform-prior pseudo-labels"
 
 Every row starts from a recipe config and adds overrides; each method alone, then combinations. Columns (see
 benchmarks/recipe_runs.py): accuracy on the 4,000 AG News test items of the competition file (a fixed stratified half
@@ -17,8 +17,10 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import statistics
 
 from recipe_runs import COMPETITION, RecipeResult, result_row, run_recipe
+from recipes import mean_range
 from table import markdown_table
 
 DEFAULT = "configs/recipes/minilm-no-dropout.yaml"  # the shipped default recipe (configs/quickstart.yaml)
@@ -28,7 +30,7 @@ SELF_TRAINING = [UNLABELLED, "self_training.rounds=1", "self_training.threshold=
 ROWS: dict[str, tuple[str, list[str], str | None]] = {
     "reference": ("configs/recipes/minilm-reference.yaml", [], None),
     "default": (DEFAULT, [], None),
-    "label shift (EM)": (DEFAULT, [], "em"),
+    "label shift (EM)": (DEFAULT, [], "em"),  # the default run, scored with prediction-time adjustments
     "uniform priors": (DEFAULT, [], "uniform"),
     "max_length auto": (DEFAULT, [UNLABELLED, "model.max_length=auto"], None),
     "noisy copies": (DEFAULT, ["augment.copies=1"], None),
@@ -36,6 +38,8 @@ ROWS: dict[str, tuple[str, list[str], str | None]] = {
     "self-training, EM pseudo-labels": (DEFAULT, [*SELF_TRAINING, "self_training.label_shift=em"], None),
     "self-training, uniform-prior pseudo-labels": (DEFAULT, [*SELF_TRAINING, "self_training.label_shift=uniform"],
                                                    None),
+    "self-training, uniform-prior pseudo-labels, uniform priors": (
+        DEFAULT, [*SELF_TRAINING, "self_training.label_shift=uniform"], "uniform"),
     # configs/recipes/minilm-competition.yaml is the row above, written out as a config
     "self-training, uniform-prior pseudo-labels, max_length auto": (
         DEFAULT, [*SELF_TRAINING, "self_training.label_shift=uniform", "model.max_length=auto"], None),
@@ -62,22 +66,26 @@ def score_row(result: RecipeResult, label_shift: str | None) -> dict[str, object
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", nargs="*", default=list(ROWS), choices=list(ROWS))
-    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--seeds", type=int, nargs="*", default=[42], help="every row at each; the table: mean (range)")
     parser.add_argument("--rescore", action="store_true", help="score finished runs again (keeps training times)")
     args = parser.parse_args()
     table, results = [], {}
     for name in args.rows:
         recipe, overrides, label_shift = ROWS[name]
-        result = run_recipe(recipe, args.seed, overrides, suffix=suffix(overrides), rescore=args.rescore)
-        scores = score_row(result, label_shift)
-        results[name] = {**result_row(result), "scored_with_label_shift": label_shift, "scores": scores}
+        runs = [run_recipe(recipe, seed, overrides, suffix=suffix(overrides), rescore=args.rescore)
+                for seed in args.seeds]
+        scores = [score_row(result, label_shift) for result in runs]
+        results[name] = [{**result_row(result), "scored_with_label_shift": label_shift, "scores": row_scores}
+                         for result, row_scores in zip(runs, scores, strict=True)]
         print(f"{name}: {results[name]}", flush=True)
         table.append([name, f"`{recipe.removeprefix('configs/recipes/')}` {' '.join(overrides)}".strip(),
-                      f"{scores['ag']:.2%}", f"{scores['dev']:.2%}", f"{scores['high']:.2%}",
-                      " / ".join(f"{share:.2f}" for share in scores["shares"]), f"{result.wall_s:.0f} s"])
+                      *(mean_range([s[key] for s in scores]) for key in ("ag", "dev", "high")),
+                      " / ".join(f"{share:.2f}" for share in scores[0]["shares"]),
+                      f"{statistics.mean(result.wall_s for result in runs):.0f} s"])
     print()
+    print(f"seeds {', '.join(map(str, args.seeds))}; mean (range) where more than one")
     print(markdown_table(["row", "recipe and overrides", "AG test (half)", "dev 484", "dev both_high 266",
-                          "predicted W/S/B/T", "train+score wall"], table))
+                          "predicted W/S/B/T (first seed)", "train+score wall"], table))
     print(json.dumps(results))
 
 
