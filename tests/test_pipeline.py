@@ -394,12 +394,11 @@ def test_resume_continues_the_given_run_folder_from_any_directory(
     config_path = tmp_path / "config.yaml"
     config_path.write_text(yaml.safe_dump(values))
     monkeypatch.chdir(first)
-    sigint = signal.getsignal(signal.SIGINT)
-    try:
-        with pytest.raises(Crash):
-            train(load_config(config_path), callbacks=[CrashAfterFirstCheckpoint()])
-    finally:  # the crash skipped on_train_end, which gives Ctrl-C back to pytest
-        signal.signal(signal.SIGINT, sigint)
+    sigint, sigterm = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    with pytest.raises(Crash):
+        train(load_config(config_path), callbacks=[CrashAfterFirstCheckpoint()])
+    # A training that ends in an error gives the signals back (Ctrl-C would otherwise be swallowed afterwards).
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == (sigint, sigterm)
     run_dir = first / "runs" / "tiny"
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["checkpoint-4"]
     assert not (run_dir / "metrics.json").exists()
