@@ -21,6 +21,7 @@ from collections.abc import Callable, Collection, Iterator  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import TYPE_CHECKING, Any  # noqa: E402
 
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 from transformers import (  # noqa: E402
@@ -284,3 +285,20 @@ def logged_train_steps(tensorboard_dir: Path, skip: Collection[Path] = ()) -> li
         if "train/loss" in events.Tags()["scalars"]:
             steps += [event.step for event in events.Scalars("train/loss")]
     return sorted(steps)
+
+
+def assert_logits_do_not_depend_on_the_batch(model: Any, config: RunConfig, texts: list[str]) -> None:
+    """A text's logits alone and in one batch with all `texts` (much padding) are the same, with a random head (a
+    trained one: not the zero-initialised LoRA B, and not symmetric)."""
+    from budgetlora.budget import parameter_group
+    from budgetlora.infer import predict_logits
+    from budgetlora.modeling import load_tokenizer
+
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.requires_grad and parameter_group(name) == "head":
+                param.normal_(0, 1)
+    tokenizer = load_tokenizer(config.model)
+    alone = predict_logits(model, tokenizer, texts, max_length=64, batch_size=1, precision="fp32")
+    together = predict_logits(model, tokenizer, texts, max_length=64, batch_size=len(texts), precision="fp32")
+    np.testing.assert_allclose(together, alone, atol=1e-4, rtol=0)

@@ -29,7 +29,7 @@ from transformers import (
     XLMRobertaConfig,
 )
 
-from budgetlora.budget import count_parameters, parameter_group
+from budgetlora.budget import count_parameters
 from budgetlora.config import ConfigError, RunConfig
 from budgetlora.export import export_run
 from budgetlora.heads import HEADS, head_dense_name
@@ -38,7 +38,7 @@ from budgetlora.modeling import build_base_model, build_peft_model, load_run_mod
 from budgetlora.targets import PRESETS
 from budgetlora.train import train
 
-from .conftest import LABELS, write_news_csv
+from .conftest import LABELS, assert_logits_do_not_depend_on_the_batch, write_news_csv
 
 BLOCK = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64,
          "max_position_embeddings": 520, "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0,
@@ -162,15 +162,7 @@ def test_compact_head_logits_do_not_depend_on_the_batch(
         family: str, head: str) -> None:
     config = make_config(family_dirs[family], {"model": {"head": head}, "lora": {"target_modules": "attention"}})
     model, _ = build_peft_model(config, LABELS)
-    with torch.no_grad():  # a trained head, not the zero-initialised LoRA B
-        for name, param in model.named_parameters():
-            if param.requires_grad and parameter_group(name) == "head":
-                param.normal_(0, 1)
-    tokenizer = load_tokenizer(config.model)
-    texts = mixed_texts(news_rows)
-    alone = predict_logits(model, tokenizer, texts, max_length=64, batch_size=1, precision="fp32")
-    together = predict_logits(model, tokenizer, texts, max_length=64, batch_size=len(texts), precision="fp32")
-    np.testing.assert_allclose(together, alone, atol=1e-4, rtol=0)
+    assert_logits_do_not_depend_on_the_batch(model, config, mixed_texts(news_rows))
 
 
 # Each family trains once, every head on two or three families.

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from transformers import TrainingArguments
 
 from budgetlora.budget import count_parameters, parameter_group
@@ -16,7 +15,14 @@ from budgetlora.infer import predict_logits
 from budgetlora.modeling import build_peft_model, load_run_model, load_tokenizer
 from budgetlora.train import BudgetTrainer, train
 
-from .conftest import CONFIGS_DIR, LABELS, ROBERTA_BASE_DIR, requires_shared_roberta, write_news_csv
+from .conftest import (
+    CONFIGS_DIR,
+    LABELS,
+    ROBERTA_BASE_DIR,
+    assert_logits_do_not_depend_on_the_batch,
+    requires_shared_roberta,
+    write_news_csv,
+)
 
 H, R, K, LAYERS = 32, 8, 4, 2
 QV = LAYERS * 2 * R * H  # lora_A (and lora_B) of query and value
@@ -74,15 +80,7 @@ def test_head_output_does_not_depend_on_padding(tiny_model_dirs: dict[str, Path]
                                                 model: str, head: str) -> None:
     config = make_config(tiny_model_dirs[model], {"model": {"head": head}})
     peft_model, _ = build_peft_model(config, LABELS)
-    with torch.no_grad():  # a trained head: not the zero-initialised LoRA B, and not symmetric
-        for name, param in peft_model.named_parameters():
-            if param.requires_grad and parameter_group(name) == "head":
-                param.normal_(0, 1)
-    tokenizer = load_tokenizer(config.model)
-    texts = texts_of_mixed_length(news_rows)
-    alone = predict_logits(peft_model, tokenizer, texts, max_length=64, batch_size=1, precision="fp32")
-    batched = predict_logits(peft_model, tokenizer, texts, max_length=64, batch_size=24, precision="fp32")
-    np.testing.assert_allclose(batched, alone, atol=1e-4, rtol=0)
+    assert_logits_do_not_depend_on_the_batch(peft_model, config, texts_of_mixed_length(news_rows))
 
 
 def test_head_learning_rate_gets_its_own_parameter_groups(tmp_path: Path, tiny_roberta_dir: Path,
