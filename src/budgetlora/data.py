@@ -176,6 +176,11 @@ class JoinedLabels:
     columns: dict[str, list[Any]]  # the labels file's other columns (e.g. a subset flag such as both_high)
 
 
+def row_ids(table: datasets.Dataset) -> list[str]:
+    """The IDs `predict` writes and `--labels` joins on: data.id_column's values, else row numbers 0..N-1."""
+    return table["id"][:] if "id" in table.column_names else [str(i) for i in range(len(table))]
+
+
 def join_labels(table: datasets.Dataset, labels_path: str, data: DataConfig) -> JoinedLabels:
     """Read `labels_path` (ID and label columns) and join it by ID to `table` (IDs as `predict` numbers them:
     data.id_column where the table has one, else row numbers 0..N-1). An ID the table lacks is an error naming it."""
@@ -183,7 +188,7 @@ def join_labels(table: datasets.Dataset, labels_path: str, data: DataConfig) -> 
     for needed, key in ((data.id_column, "data.id_column"), (data.label_column, "data.label_column")):
         if needed not in columns:
             raise DataError(f"{where}: no column {needed!r} ({key}); columns present: {sorted(columns)}")
-    ids = table["id"][:] if "id" in table.column_names else [str(i) for i in range(len(table))]
+    ids = row_ids(table)
     position = {value: i for i, value in enumerate(ids)}
     rows = []
     for row, value in enumerate(columns[data.id_column]):

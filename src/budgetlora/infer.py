@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from .config import RunConfig, with_overrides
-from .data import join_labels, load_table
+from .data import join_labels, load_table, row_ids
 from .files import atomic_write_text, write_json, write_target
 from .hardware import autocast, device, resolve_precision
 from .label_shift import estimate_priors, fit_temperature, match_priors
@@ -138,12 +138,11 @@ def evaluate_run(run_dir: Path, source: str, *, labels: str | None = None, label
     model, config, label_names = load_run_model(run_dir)
     predict = run_predictor(model, config)
     texts = table["text"][:]
-    if joined is not None and not label_shift:  # only the labelled rows need the model
-        rows = joined.rows
-        predicted, extra = _predicted(run_dir, predict([texts[i] for i in rows], progress=True), None)
-    else:
-        rows = joined.rows if joined is not None else list(range(len(texts)))
-        predicted, extra = _predicted(run_dir, predict(texts, progress=True), label_shift)
+    rows = joined.rows if joined is not None else list(range(len(texts)))  # the rows with a label
+    # The model reads only the labelled rows, unless the priors are the whole input's.
+    predicted_rows = list(range(len(texts))) if label_shift else rows
+    predicted, extra = _predicted(run_dir, predict([texts[i] for i in predicted_rows], progress=True), label_shift)
+    if label_shift:
         predicted = predicted[rows]
     truth = joined.labels if joined is not None else table["label"][:]
     metrics = classification_metrics(truth, predicted.tolist(), label_names) | extra
@@ -180,7 +179,7 @@ def predict_run(run_dir: Path, source: str, output: Path | str, *, label_shift: 
     if extra:
         log.info("label shift: %s", extra)
     labels = predicted.tolist()
-    ids = table["id"][:] if "id" in table.column_names else range(len(labels))
+    ids = row_ids(table)
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(["ID", "Label"])
