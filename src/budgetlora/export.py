@@ -36,7 +36,7 @@ from .export_card import write_card
 from .export_onnx import onnx_logits, require_onnx, write_onnx
 from .export_pooled_model import BudgetloraPooledConfig, BudgetloraPooledForSequenceClassification
 from .files import umask_mode
-from .heads import COMPACT_HEADS, PooledClassifier
+from .heads import PooledClassifier
 from .modeling import load_run_config, load_run_model, load_tokenizer
 
 EXPORT_FORMATS = ("transformers", "onnx")
@@ -164,8 +164,6 @@ def export_run(run_dir: Path, out: Path, format: str = "transformers") -> Path:
     if format == "onnx":
         require_onnx()
     model, config, label_names = load_run_model(run_dir, merge=True)
-    if isinstance(model, PooledClassifier) != (config.model.head in COMPACT_HEADS):
-        raise ExportError(f"{run_dir}: model.head {config.model.head!r} rebuilt as {type(model).__name__}")
     tokenizer = load_tokenizer(config.model)
     tokenizer.model_max_length = config.model.max_length
     max_length = config.model.max_length
