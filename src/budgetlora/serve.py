@@ -193,9 +193,7 @@ class MicroBatcher:
                 for job, _ in batch:
                     if not job.future.done():
                         job.future.set_exception(error)
-                failed = {id(job) for job, _ in batch}
-                self._pending = [job for job in self._pending if id(job) not in failed]
-                continue
+                continue  # done now: _next_batch drops them
             self.stats.batches += 1
             self.stats.texts += len(logits)
             self.stats.largest_batch_requests = max(self.stats.largest_batch_requests, len(batch))
