@@ -313,7 +313,7 @@ class DatasetUnpickler(pickle._Unpickler):  # type: ignore[misc]  # the pure-Pyt
         pickle._Unpickler.load_setitem(self)  # type: ignore[attr-defined]
 
     def load_setitems(self) -> None:
-        self._check_container(self.metastack[-1][-1] if self.metastack else None, (dict,), "SETITEMS")
+        self._check_container(self._marked(), (dict,), "SETITEMS")
         pickle._Unpickler.load_setitems(self)  # type: ignore[attr-defined]
 
     def load_append(self) -> None:
@@ -321,12 +321,16 @@ class DatasetUnpickler(pickle._Unpickler):  # type: ignore[misc]  # the pure-Pyt
         pickle._Unpickler.load_append(self)  # type: ignore[attr-defined]
 
     def load_appends(self) -> None:
-        self._check_container(self.metastack[-1][-1] if self.metastack else None, (list,), "APPENDS")
+        self._check_container(self._marked(), (list,), "APPENDS")
         pickle._Unpickler.load_appends(self)  # type: ignore[attr-defined]
 
     def load_additems(self) -> None:
-        self._check_container(self.metastack[-1][-1] if self.metastack else None, (set,), "ADDITEMS")
+        self._check_container(self._marked(), (set,), "ADDITEMS")
         pickle._Unpickler.load_additems(self)  # type: ignore[attr-defined]
+
+    def _marked(self) -> Any:
+        """The object below the last MARK: what SETITEMS, APPENDS and ADDITEMS add to (None if there is no MARK)."""
+        return self.metastack[-1][-1] if self.metastack else None
 
     def _check_container(self, target: Any, kinds: tuple[type, ...], opcode: str) -> None:
         """These opcodes call target.__setitem__ / .extend / .add: only on plain containers (and SplitDict, whose
