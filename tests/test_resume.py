@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -16,19 +19,36 @@ import yaml
 from safetensors.torch import load_file
 from transformers import TrainerCallback
 
-from budgetlora.config import RunConfig
-from budgetlora.train import _latest_checkpoint, train
+from budgetlora.cli import main
+from budgetlora.config import RunConfig, load_config, with_overrides
+from budgetlora.files import LOCK_FILE
+from budgetlora.modeling import load_run_config
+from budgetlora.train import RunExistsError, _latest_checkpoint, train
 
-from .conftest import logged_train_steps, tiny_config_dict
+from .conftest import TrainedRun, logged_train_steps, tiny_config_dict
 
 STEPS_PER_EPOCH = 20  # 160 training rows (the 200 real rows less 20% validation), batch size 8
 
 
-class StopAfterFirstCheckpoint(TrainerCallback):
-    """Stands in for a crash right after the first checkpoint (end of epoch 1)."""
+class Crash(RuntimeError):
+    pass
+
+
+class CrashAfterFirstCheckpoint(TrainerCallback):
+    """Stands in for a crash right after the first checkpoint (end of epoch 1): the run does not finish."""
 
     def on_save(self, args, state, control, **kwargs):  # noqa: ANN001, ANN201
-        control.should_training_stop = True
+        raise Crash("right after the first checkpoint")
+
+
+class BestCheckpointAtStart(TrainerCallback):
+    """The best checkpoint the Trainer's state names when training (or a resume) begins."""
+
+    def __init__(self) -> None:
+        self.best: str | None = None
+
+    def on_train_begin(self, args, state, control, **kwargs):  # noqa: ANN001, ANN201
+        self.best = state.best_model_checkpoint
 
 
 class StepRecorder(TrainerCallback):
@@ -57,7 +77,8 @@ def test_resumed_run_ends_like_an_uninterrupted_one(tiny_roberta_dir: Path, news
     whole = train(make_config(tiny_roberta_dir, {**updates, "name": "whole"}))
 
     config = make_config(tiny_roberta_dir, {**updates, "name": "cut"})
-    train(config, callbacks=[StopAfterFirstCheckpoint()])
+    with pytest.raises(Crash):
+        train(config, callbacks=[CrashAfterFirstCheckpoint()])
     assert [p.name for p in (config.run_dir / "checkpoints").iterdir()] == ["checkpoint-20"]
     recorder = StepRecorder()
     resumed = train(config, resume=True, callbacks=[recorder])
@@ -137,3 +158,73 @@ def test_kill_9_then_resume_ends_like_an_uninterrupted_run(tmp_path: Path, tiny_
     assert resumed["validation"] == whole.metrics["validation"]
     # The same metrics come from a run started over too: the resuming process trained only the remaining steps.
     assert logged_train_steps(run / "tensorboard", skip=before) == list(range(done_steps + 1, 3 * STEPS_PER_EPOCH + 1))
+
+
+def folder_state(folder: Path) -> dict[str, tuple[int, str]]:
+    """Every file under `folder` but the lock (each `train` records its pid there): modification time and SHA-256."""
+    return {str(path.relative_to(folder)): (path.stat().st_mtime_ns, hashlib.sha256(path.read_bytes()).hexdigest())
+            for path in sorted(folder.rglob("*")) if path.is_file() and path.name != LOCK_FILE}
+
+
+def test_resuming_a_finished_run_says_so_and_changes_nothing(tmp_path: Path, trained_tiny_run: TrainedRun,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    run = tmp_path / "runs" / trained_tiny_run.run_dir.name  # a copy under its own name: only "finished" refuses it
+    shutil.copytree(trained_tiny_run.run_dir, run)
+    before = folder_state(run)
+    assert main(["train", "--resume", str(run)]) == 2
+    error = capsys.readouterr().err
+    accuracy = trained_tiny_run.result.metrics["validation"]["accuracy"]
+    assert f"{run} has finished training (validation accuracy {accuracy:.4f}); nothing to resume" in error
+    assert f"budgetlora train --resume {run} train.max_steps=16" in error  # how to train it longer, when meant
+    assert folder_state(run) == before
+
+
+def test_a_refused_resume_names_the_keys_that_differ(tmp_path: Path, trained_tiny_run: TrainedRun) -> None:
+    run = tmp_path / "runs" / "renamed"
+    shutil.copytree(trained_tiny_run.run_dir, run)
+    before = folder_state(run)
+    config = load_config(run / "config.yaml", [f"runs_dir={run.parent}", "name=renamed", "lora.r=4",
+                                               "train.learning_rate=0.1", "train.logging_steps=5"])
+    # Name, place and logging may differ; what the run learns may not.
+    with pytest.raises(RunExistsError, match=r"was started with a different config \(lora\.r 8 -> 4, "
+                                             r"train\.learning_rate 0\.005 -> 0\.1\); resume it with its own values"):
+        train(config, resume=True)
+    assert folder_state(run) == before
+
+
+def test_a_moved_and_renamed_run_resumes_and_trains_longer_on_purpose(
+        tmp_path: Path, tiny_roberta_dir: Path, news_csv: Path, make_config: Callable[..., RunConfig],
+        caplog: pytest.LogCaptureFixture) -> None:
+    config = make_config(tiny_roberta_dir, {"name": "first", "data": {"train": str(news_csv)},
+                                            "train": {"epochs": 1, "learning_rate": 5e-3}})
+    train(config)
+    moved = tmp_path / "elsewhere" / "renamed"
+    moved.parent.mkdir()
+    config.run_dir.rename(moved)
+    before = event_files(moved)
+
+    with caplog.at_level(logging.INFO, logger="budgetlora.train"):
+        assert main(["train", "--resume", str(moved), "train.epochs=2"]) == 0
+    assert "training longer (train.epochs 1.0 -> 2.0): continuing from the last checkpoint" in caplog.text
+    # Epoch 2 only: the 20 steps after the finished run's last checkpoint.
+    assert logged_train_steps(moved / "tensorboard", skip=before) == list(range(STEPS_PER_EPOCH + 1,
+                                                                               2 * STEPS_PER_EPOCH + 1))
+    saved = load_run_config(moved)
+    assert (saved.name, saved.train.epochs) == ("renamed", 2)
+    metrics = json.loads((moved / "metrics.json").read_text())
+    assert Path(metrics["best_checkpoint"]).parent == moved / "checkpoints"  # the best epoch, found in its new place
+
+
+def test_a_renamed_run_resumes_with_its_best_checkpoint_in_the_new_place(
+        tiny_roberta_dir: Path, news_csv: Path, make_config: Callable[..., RunConfig]) -> None:
+    config = make_config(tiny_roberta_dir, {"name": "cut", "data": {"train": str(news_csv)},
+                                            "train": {"epochs": 2, "learning_rate": 5e-3}})
+    with pytest.raises(Crash):
+        train(config, callbacks=[CrashAfterFirstCheckpoint()])
+    renamed = config.run_dir.rename(config.run_dir.with_name("renamed"))
+    start, steps = BestCheckpointAtStart(), StepRecorder()
+    train(with_overrides(config, ["name=renamed"]), resume=True, callbacks=[start, steps])
+    # Epoch 1's checkpoint, found where the run is now: the Trainer would otherwise forget it (its saved state names
+    # the old folder) and end with epoch 2's weights even where epoch 1 validated better.
+    assert start.best == str(renamed / "checkpoints" / f"checkpoint-{STEPS_PER_EPOCH}")
+    assert steps.steps == list(range(STEPS_PER_EPOCH + 1, 2 * STEPS_PER_EPOCH + 1))

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from scipy.special import softmax
 from transformers import TrainingArguments
 
 from budgetlora.cli import main
@@ -114,20 +115,36 @@ def test_uniform_priors_balance_the_predictions(tmp_path: Path, tiny_run: Path, 
     source = write_csv(tmp_path / "news.csv", ["text"], [[t] for t, _ in news_rows])
     shifted = predict_run(tiny_run, str(source), tmp_path / "uniform.csv", label_shift="uniform")
     validation = json.loads((tiny_run / "validation_logits.json").read_text())
-    adjusted, info = shift_to_input_priors(tiny_run, np.asarray(validation["logits"]), "uniform")
+    logits = np.asarray(validation["logits"])
+    adjusted, info = shift_to_input_priors(tiny_run, [""] * len(logits), logits, "uniform")
     np.testing.assert_allclose(adjusted.mean(axis=0), np.full(4, 0.25), atol=1e-5)
     assert len(info["offsets"]) == 4 and max(shifted.count(c) for c in range(4)) < 0.75 * len(shifted)
+
+
+def test_uniform_ood_moves_only_the_texts_unlike_the_training_texts(tiny_run: Path, news_rows: Rows) -> None:
+    """Half news like the run's training rows, half strings of words it never saw; logits biased to Sci/Tech. Only
+    the flagged texts are adjusted (their mean probability per class becomes 1/4); the others keep their softmax."""
+    rng = np.random.default_rng(0)
+    familiar = [text for text, _ in news_rows[1::2]][:60]
+    made_up = ["".join(rng.choice(list("qxzjvk"), 7)) for _ in range(40)]  # words that recur, as in generated news
+    garbled = [" ".join(rng.choice(made_up, 12)) for _ in range(60)]
+    logits = rng.normal(size=(120, 4)) + np.array([0.0, 0.0, 0.0, 2.0])
+    adjusted, info = shift_to_input_priors(tiny_run, familiar + garbled, logits, "uniform-ood")
+    flagged = np.abs(adjusted - softmax(logits, axis=1)).max(axis=1) > 1e-9
+    assert flagged[60:].all() and flagged[:60].mean() < 0.3 and info["unlike_training_rows"] == flagged.sum()
+    np.testing.assert_allclose(adjusted[flagged].mean(axis=0), np.full(4, 0.25), atol=1e-5)
+    assert info["prior_adjustment"] == "uniform-ood" and info["offsets"][3] < 0 < info["domain_threshold"] < 1
 
 
 def test_label_shift_calibrates_on_the_validation_rows_first(tiny_run: Path) -> None:
     """An over-confident model (logits x 3) gets the same adjusted posteriors: the temperature undoes the scale."""
     validation = json.loads((tiny_run / "validation_logits.json").read_text())
     logits = np.asarray(validation["logits"])
-    adjusted, info = shift_to_input_priors(tiny_run, logits)
+    adjusted, info = shift_to_input_priors(tiny_run, [""] * len(logits), logits)
     assert info["temperature"] > 0 and len(info["estimated_priors"]) == 4
     (tiny_run / "validation_logits.json").write_text(json.dumps(
         {"logits": (logits * 3).tolist(), "labels": validation["labels"]}))
-    scaled, scaled_info = shift_to_input_priors(tiny_run, logits * 3)
+    scaled, scaled_info = shift_to_input_priors(tiny_run, [""] * len(logits), logits * 3)
     assert scaled_info["temperature"] == pytest.approx(info["temperature"] * 3, rel=1e-2)
     np.testing.assert_allclose(scaled, adjusted, atol=1e-3)
 
@@ -176,7 +193,8 @@ def test_self_training_writes_each_round_and_its_pseudo_labels(tmp_path: Path, t
     config = make_config(tiny_roberta_dir, {
         "name": "st", "data": {"train": str(data), "unlabelled": str(unlabelled)},
         # Unbalanced: a random tiny model may never predict some class, and balancing would then keep nothing.
-        "self_training": {"rounds": 2, "threshold": 0.0, "balance": False, "max_per_class": 5, "weight": 0.5},
+        "self_training": {"rounds": 2, "threshold": 0.0, "balance": False, "max_per_class": 5, "weight": 0.5,
+                          "label_shift": "uniform-ood"},
         "train": {"max_steps": 3, "learning_rate": 1e-2}})
     result = run_training(config)
     run = config.run_dir
@@ -188,6 +206,8 @@ def test_self_training_writes_each_round_and_its_pseudo_labels(tmp_path: Path, t
         stats = rounds[index - 1]["pseudo_labels_for_next_round"]
         assert len(pseudo) == stats["selected"] == sum(stats["per_class"]) > 0
         assert max(stats["per_class"]) <= 5  # capped
+        # Pseudo-labels were taken after the domain split: unlabelled news like the training rows is mostly familiar.
+        assert stats["prior_adjustment"] == "uniform-ood" and stats["unlike_training_rows"] < 50
         assert {row["weight"] for row in pseudo} == {0.5}
         assert {row["text"] for row in pseudo} <= {t for t, _ in news_rows[1::2]}
     assert rounds[2]["train_rows"] > rounds[0]["train_rows"]  # the student saw the pseudo-labelled rows

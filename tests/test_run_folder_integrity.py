@@ -222,8 +222,10 @@ def test_a_second_train_of_a_run_in_training_stops_at_once(run_dir: Path, tmp_pa
     with lock_folder(busy.run_dir):  # nothing stale is left by the killed holder
         pass
 
-    # The finished run's lock was released: it resumes (taking the lock again), and is free again afterwards.
-    resumed = train(config_named(run_dir, tmp_path / "runs", "other"), resume=True)
+    # The finished run's lock was released: it resumes to train 2 steps longer (taking the lock again), and is free
+    # again afterwards.
+    resumed = train(with_overrides(config_named(run_dir, tmp_path / "runs", "other"), ["train.max_steps=4"]),
+                    resume=True)
     assert resumed.run_dir == other.run_dir
     load_run_model(resumed.run_dir)  # saved again, with its checksums
     with lock_folder(other.run_dir):
@@ -232,6 +234,7 @@ def test_a_second_train_of_a_run_in_training_stops_at_once(run_dir: Path, tmp_pa
 
 def test_the_lock_is_released_when_training_fails(run_dir: Path, tmp_path: Path) -> None:
     broken = with_overrides(config_named(run_dir, tmp_path / "runs", "broken"), [f"data.train={tmp_path / 'x.csv'}"])
+    broken.run_dir.mkdir(parents=True)  # made beforehand, so the failed train leaves it in place
     with pytest.raises(DataError):
         train(broken)
     with lock_folder(broken.run_dir):

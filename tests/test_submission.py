@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import csv
+import re
 from pathlib import Path
 
 import pytest
 
 from budgetlora.config import RunConfig, from_dict
 from budgetlora.infer import predict_run
-from budgetlora.submission import SubmissionError, validate_submission
+from budgetlora.submission import SubmissionError, validate_submission, validate_submission_text
 from budgetlora.train import train
 
 from .conftest import LABELS, isolated_cache, tiny_config_dict, write_news_csv
@@ -87,3 +88,22 @@ def test_many_missing_ids_are_abbreviated(tmp_path: Path) -> None:
 def test_a_missing_file_is_named(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match=f"submission file {tmp_path / 'nope.csv'} does not exist"):
         validate_submission(tmp_path / "nope.csv", 3, 4)
+
+
+def test_the_text_of_a_submission_is_checked_as_its_file_is(predictions: tuple[Path, list[int]]) -> None:
+    path, _ = predictions
+    text = path.read_text(encoding="utf-8")
+    assert validate_submission_text(text, str(path), 30, len(LABELS)) == validate_submission(path, 30, len(LABELS))
+    assert validate_submission_text("\ufeff" + text, str(path), 30, len(LABELS)).startswith(f"{path}: OK, 30 rows")
+
+
+def test_an_invalid_submission_text_names_the_file_it_is_for_and_the_row(tmp_path: Path,
+                                                                        predictions: tuple[Path, list[int]]) -> None:
+    # What `predict --format kaggle` makes of an input whose ID column runs 1..N, refused before it is written.
+    path, _ = predictions
+    rows = list(csv.reader(path.read_text(encoding="utf-8").splitlines()))
+    shifted = "".join(f"{int(id_) + 1},{label}\n" for id_, label in rows[1:])
+    target = tmp_path / "submission.csv"
+    expected = f"{target}, row 30 (line 31): ID 30 is outside 0..29"
+    with pytest.raises(SubmissionError, match=f"^{re.escape(expected)}$"):
+        validate_submission_text("ID,Label\n" + shifted, str(target), 30, len(LABELS))

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from peft import PeftModel
 
-from budgetlora.config import ConfigError, LoraSettings, ModelConfig, RunConfig
+from budgetlora.config import ConfigError, LoraSettings, ModelConfig, RunConfig, load_config
 from budgetlora.modeling import build_base_model, build_peft_model, targetable_module_names
 from budgetlora.targets import glob_to_regex, resolve_targets
 
@@ -204,9 +204,58 @@ def test_a_string_is_a_full_regular_expression() -> None:
     assert len(match.matches[regex]) == 4
 
 
+STRING_HINT = "A plain string is read as one regular expression over whole module names, as peft reads it"
+
+
 def test_a_string_must_match_whole_names() -> None:
     with pytest.raises(ConfigError, match="matches no module .*whole module name"):
         resolve_targets(LoraSettings(target_modules="query"), HAND_NAMES)
+
+
+def test_a_name_given_as_a_string_says_it_is_a_regex_and_suggests_the_list() -> None:
+    # What `lora.target_modules=query` (no brackets) gives: the string "query", which matches no whole name.
+    with pytest.raises(ConfigError) as error:
+        resolve_targets(load_config(None, ["lora.target_modules=query"]).lora, HAND_NAMES)
+    assert str(error.value).endswith(f"{STRING_HINT}; to use it as a name pattern, give a list: "
+                                     f"lora.target_modules=[query]")
+    assert "\n" not in str(error.value)
+    # The list it suggests works.
+    suggested = load_config(None, ["lora.target_modules=[query]"]).lora
+    assert resolve_targets(suggested, HAND_NAMES).matches == {"query": layer_names("attention.self.query")}
+
+
+def test_a_glob_given_as_a_string_gets_the_quoted_list_to_write() -> None:
+    # YAML reads an unquoted leading "*" as an alias, so the suggested list is quoted.
+    suggestion = """to use it as a name pattern, give a list: lora.target_modules='["**.dense"]'"""
+    with pytest.raises(ConfigError, match=re.escape(f"{STRING_HINT}; {suggestion}")):
+        resolve_targets(LoraSettings(target_modules="**.dense"), HAND_NAMES)  # not even a valid regex
+    assert load_config(None, ["""lora.target_modules=["**.dense"]"""]).lora.target_modules == ["**.dense"]
+
+
+def test_a_regex_that_matches_nothing_is_told_what_a_string_means_without_a_list_suggestion() -> None:
+    with pytest.raises(ConfigError) as error:
+        resolve_targets(LoraSettings(target_modules=r".*\.(querry|value)\.x"), HAND_NAMES)
+    assert str(error.value).endswith(STRING_HINT)
+
+
+def test_a_string_that_matches_other_modules_as_a_regex_than_as_a_list_entry_is_logged(
+        caplog: pytest.LogCaptureFixture) -> None:
+    pattern = "roberta.encoder.layer.1.*.dense"  # as a regex: layers 1, 10 and 11; as a glob: layer 1's FFN only
+    with caplog.at_level("WARNING", logger="budgetlora.targets"):
+        match = resolve_targets(LoraSettings(target_modules=pattern), HAND_NAMES)
+    assert len(match.matches[pattern]) == 9
+    (record,) = caplog.records
+    assert record.getMessage() == (f"lora.target_modules {pattern!r} matches 9 modules as a regular expression, 2 as "
+                                   f"a list entry. {STRING_HINT}; to use it as a name pattern, give a list: "
+                                   f"lora.target_modules=[{pattern}]")
+
+
+@pytest.mark.parametrize("targets", [r".*\.layer\.0\.attention\.self\.(query|value)", "all-linear",
+                                     "roberta.encoder.layer.0.attention.self.query"])
+def test_a_regex_or_a_preset_string_is_not_logged(caplog: pytest.LogCaptureFixture, targets: str) -> None:
+    with caplog.at_level("WARNING", logger="budgetlora.targets"):
+        resolve_targets(LoraSettings(target_modules=targets), HAND_NAMES)
+    assert not caplog.records
 
 
 def test_an_invalid_regular_expression_is_a_config_error() -> None:

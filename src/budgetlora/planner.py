@@ -11,11 +11,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from transformers import AutoConfig
-
 from .budget import ParamReport, count_parameters
 from .config import ConfigError, RunConfig, with_overrides
-from .model_sources import resolve_model_path
+from .modeling import load_model_config
 from .targets import PRESETS
 
 # Best first at equal coverage: the compact mean head, then the standard head's shape with LoRA on its dense, then the
@@ -24,6 +22,10 @@ HEAD_CHOICES = ("mean", "lora_dense", "standard")
 MAX_RANK = 64
 COVERAGE = {"all-linear": 3, "attention": 2, "ffn": 1}
 assert set(COVERAGE) == set(PRESETS)
+
+
+class NoShapeFitsError(Exception):
+    """Not even the smallest adapter shape the planner tries fits the budget."""
 
 
 @dataclass
@@ -65,10 +67,12 @@ def candidate_overrides(targets: str, head: str, layers: list[int] | None, rank:
 def plan(config: RunConfig, budget: int) -> list[Candidate]:
     """Every (targets, head, layers) combination at the largest rank within `budget`, best first by the rule above.
 
-    Layers: all of them, or the top half (the layers nearest the head).
+    Layers: all of them, or the top half (the layers nearest the head). NoShapeFitsError when none fits, naming the
+    smallest shape tried and its count.
     """
-    layer_count = AutoConfig.from_pretrained(resolve_model_path(config.model.name)).num_hidden_layers
+    layer_count = load_model_config(config.model, config.data.label_names, shapes_only=True).num_hidden_layers
     candidates = []
+    smallest: Candidate | None = None  # the cheapest shape tried, at rank 1
     for targets in PRESETS:
         for head in HEAD_CHOICES:
             for layers in (None, list(range(layer_count // 2, layer_count))):
@@ -79,12 +83,21 @@ def plan(config: RunConfig, budget: int) -> list[Candidate]:
                                 for r in (1, 2))
                 except ConfigError:
                     continue  # a head or preset this family cannot use (the message names it in `params`)
+                if smallest is None or one.trainable < smallest.report.trainable:
+                    smallest = Candidate(targets, head, layers, 1, one)
                 rank = min(MAX_RANK, (budget - one.trainable) // (two.trainable - one.trainable) + 1) \
                     if budget >= one.trainable else 0
                 if rank >= 1:
                     report = one if rank == 1 else count_parameters(
                         with_overrides(config, candidate_overrides(targets, head, layers, rank)))
                     candidates.append(Candidate(targets, head, layers, rank, report))
+    if not candidates:
+        assert smallest is not None  # the presets and the mean head work on every family the planner loads
+        raise NoShapeFitsError(
+            f"no adapter shape fits a budget of {budget:,}: the smallest the planner tries ({smallest.targets} on "
+            f"layers {smallest.layers_label}, model.head={smallest.head}, r=1) needs {smallest.report.trainable:,} "
+            f"trainable parameters. Raise the budget to at least that, or narrow lora.target_modules to fewer "
+            f"modules or lora.layers_to_transform to fewer layers and check the count with `budgetlora params`")
     return sorted(candidates, key=lambda c: c.rank_key, reverse=True)
 
 

@@ -1,9 +1,10 @@
 """Self-training on unlabelled texts from the distribution the model is scored on (config section self_training).
 
 Round 0 trains a teacher on the labelled rows. Each later round pseudo-labels data.unlabelled with the previous
-round's model, keeps the confident predictions (optionally adjusted to the unlabelled set's class priors, estimated by
-EM or imposed as uniform, and balanced across classes), and trains a fresh student of the same adapter shape on the
-labelled rows plus the pseudo-labelled ones (with their own loss weight). The budget is the same in every round:
+round's model, keeps the confident predictions (optionally adjusted to the unlabelled set's class priors: estimated by
+EM, or imposed as uniform on every text or on the texts unlike the training texts only; and balanced across classes),
+and trains a fresh student of the same adapter shape on the labelled rows plus the pseudo-labelled ones (with their
+own loss weight). The budget is the same in every round:
 nothing extra is trained.
 
 Layout: the last student is the run folder itself (`runs/<name>/`, so predict, evaluate, export and serve use it as
@@ -85,7 +86,7 @@ def self_train(config: RunConfig, *, resume: bool = False,
             previous = _round_config(config, index - 1)
             model, run_config, _ = load_run_model(previous.run_dir)
             logits = run_predictor(model, run_config)(texts, progress=True)
-            probs, shift = (shift_to_input_priors(previous.run_dir, logits, settings.label_shift)
+            probs, shift = (shift_to_input_priors(previous.run_dir, texts, logits, settings.label_shift)
                             if settings.label_shift else (softmax(logits.astype(np.float64), axis=1), {}))
             rows, labels, stats = select_pseudo_labels(probs, settings)
             stats |= shift

@@ -1,14 +1,17 @@
 """Check a Kaggle submission file (`predict --format kaggle`) before it is uploaded.
 
 The competition format: a header `ID,Label`, then one row per test text, IDs exactly 0..N-1 once each (any order),
-labels integer class indices 0..K-1. A file that breaks any of these is rejected with the row that breaks it.
+labels integer class indices 0..K-1. A file that breaks any of these is rejected with the row that breaks it; so is
+the text of one before it is written (`validate_submission_text`), so that an invalid file never reaches the disk.
 """
 
 from __future__ import annotations
 
 import csv
+import io
 import re
 from collections import Counter
+from collections.abc import Iterable
 from pathlib import Path
 
 HEADER = ["ID", "Label"]
@@ -25,44 +28,54 @@ def _integer(value: str) -> int | None:
 
 
 def validate_submission(path: Path, expected_rows: int, num_labels: int) -> str:
-    """Check `path` against the format; return a one-line OK message, or raise SubmissionError naming the row.
-
-    Rows are numbered from 1 after the header (row n is line n + 1 of the file).
-    """
+    """Check the file at `path` against the format; return a one-line OK message, or raise SubmissionError naming
+    the row. Rows are numbered from 1 after the header (row n is line n + 1 of the file)."""
     path = Path(path)
-    if expected_rows < 1 or num_labels < 1:
-        raise ValueError(f"expected_rows and num_labels must be >= 1, got {expected_rows} and {num_labels}")
     if not path.is_file():
         raise FileNotFoundError(f"submission file {path} does not exist")
-    seen: dict[int, int] = {}  # ID -> row that holds it
-    counts: Counter[int] = Counter()
     # utf-8-sig: a byte-order mark (spreadsheet exports) is not part of the header's first name.
     with path.open(newline="", encoding="utf-8-sig") as handle:
-        reader = csv.reader(handle)
-        header = next(reader, None)
-        if header != HEADER:
-            raise SubmissionError(f"{path}, header: expected {','.join(HEADER)}, got "
-                                  f"{','.join(header) if header else 'an empty file'}")
-        for row_number, row in enumerate(reader, start=1):
-            where = f"{path}, row {row_number} (line {reader.line_num})"
-            if len(row) != 2:
-                raise SubmissionError(f"{where}: expected 2 fields (ID,Label), got {len(row)}: {row!r}")
-            id_, label = _integer(row[0]), _integer(row[1])
-            if id_ is None:
-                raise SubmissionError(f"{where}: ID {row[0]!r} is not an integer")
-            if not 0 <= id_ < expected_rows:
-                raise SubmissionError(f"{where}: ID {id_} is outside 0..{expected_rows - 1}")
-            if id_ in seen:
-                raise SubmissionError(f"{where}: ID {id_} appears again (first in row {seen[id_]})")
-            if label is None:
-                raise SubmissionError(f"{where}: Label {row[1]!r} is not an integer")
-            if not 0 <= label < num_labels:
-                raise SubmissionError(f"{where}: Label {label} is outside 0..{num_labels - 1}")
-            seen[id_] = row_number
-            counts[label] += 1
+        return _check(handle, str(path), expected_rows, num_labels)
+
+
+def validate_submission_text(text: str, where: str, expected_rows: int, num_labels: int) -> str:
+    """validate_submission for the text of a CSV not yet written (`where`: the file it is for, named in messages).
+
+    Checked before it is written, an invalid submission never reaches the disk, and a file already there is kept."""
+    # A byte-order mark is dropped, as validate_submission drops it from the file this text would become.
+    return _check(io.StringIO(text.removeprefix("\ufeff"), newline=""), where, expected_rows, num_labels)
+
+
+def _check(lines: Iterable[str], where: str, expected_rows: int, num_labels: int) -> str:
+    if expected_rows < 1 or num_labels < 1:
+        raise ValueError(f"expected_rows and num_labels must be >= 1, got {expected_rows} and {num_labels}")
+    seen: dict[int, int] = {}  # ID -> row that holds it
+    counts: Counter[int] = Counter()
+    reader = csv.reader(lines)
+    header = next(reader, None)
+    if header != HEADER:
+        raise SubmissionError(f"{where}, header: expected {','.join(HEADER)}, got "
+                              f"{','.join(header) if header else 'an empty file'}")
+    for row_number, row in enumerate(reader, start=1):
+        at = f"{where}, row {row_number} (line {reader.line_num})"
+        if len(row) != 2:
+            raise SubmissionError(f"{at}: expected 2 fields (ID,Label), got {len(row)}: {row!r}")
+        id_, label = _integer(row[0]), _integer(row[1])
+        if id_ is None:
+            raise SubmissionError(f"{at}: ID {row[0]!r} is not an integer")
+        if not 0 <= id_ < expected_rows:
+            raise SubmissionError(f"{at}: ID {id_} is outside 0..{expected_rows - 1}")
+        if id_ in seen:
+            raise SubmissionError(f"{at}: ID {id_} appears again (first in row {seen[id_]})")
+        if label is None:
+            raise SubmissionError(f"{at}: Label {row[1]!r} is not an integer")
+        if not 0 <= label < num_labels:
+            raise SubmissionError(f"{at}: Label {label} is outside 0..{num_labels - 1}")
+        seen[id_] = row_number
+        counts[label] += 1
     if len(seen) != expected_rows:
         missing = sorted(set(range(expected_rows)) - set(seen))
         shown = ", ".join(map(str, missing[:5])) + (", ..." if len(missing) > 5 else "")
-        raise SubmissionError(f"{path}: {len(seen)} rows, expected {expected_rows}; missing IDs: {shown}")
+        raise SubmissionError(f"{where}: {len(seen)} rows, expected {expected_rows}; missing IDs: {shown}")
     spread = " ".join(f"{label}:{counts[label]}" for label in range(num_labels))
-    return f"{path}: OK, {expected_rows:,} rows, IDs 0..{expected_rows - 1}, labels in 0..{num_labels - 1} ({spread})"
+    return f"{where}: OK, {expected_rows:,} rows, IDs 0..{expected_rows - 1}, labels in 0..{num_labels - 1} ({spread})"

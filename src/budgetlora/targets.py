@@ -7,22 +7,30 @@ least one module, and the error lists the closest real names.
 Presets read the same on every encoder family, whatever its module names (`query`/`q_lin`/`Wqkv`/`attn.q`, ...):
 `all-linear` is every linear layer of the encoder (never the head or a pooler), `attention` those inside an
 attention block, `ffn` the other linear layers of the transformer blocks.
+
+A string that is not a preset is one regular expression over whole module names, as peft reads a string. Where it
+looks like a module name or glob (`lora.target_modules=query`, brackets forgotten), the error, or the warning when it
+matches other modules than the list `[query]` would, says so and gives the list to write.
 """
 
 from __future__ import annotations
 
 import difflib
+import logging
 import re
 from dataclasses import dataclass
 
 from .config import ConfigError, LoraSettings
 
+log = logging.getLogger(__name__)
 GLOB_CHARS = "*?["
 PRESETS = ("all-linear", "attention", "ffn")
 ATTENTION_PART = re.compile(r"attn|attention", re.IGNORECASE)
 IN_BLOCK = re.compile(r"\.\d+\.")  # a numbered block (layer.3., layers.3., albert_layers.0., ...)
 # How peft finds a module's layer index for layers_to_transform (its default layers_pattern names).
 LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|layer|h|block|blocks)\.(\d+)\.")
+# A string target of only name characters, dots and glob wildcards was likely meant as a one-entry list.
+NAME_LIKE = re.compile(r"[\w.*?-]+")
 
 
 @dataclass
@@ -101,11 +109,17 @@ def resolve_targets(lora: LoraSettings, module_names: list[str], linear_names: l
         try:
             regex = re.compile(targets)
         except re.error as error:
-            raise ConfigError(f"lora.target_modules: invalid regular expression {targets!r}: {error}") from None
+            raise ConfigError(f"lora.target_modules: invalid regular expression {targets!r}: {error}. "
+                              f"{_string_hint(targets)}") from None
         matched = [name for name in module_names if regex.fullmatch(name)]
         if not matched:
-            raise ConfigError(f"lora.target_modules: the regular expression {targets!r} matches no module "
-                              f"(it must match a whole module name, e.g. {module_names[0]!r})")
+            raise ConfigError(f"lora.target_modules: the regular expression {targets!r} matches no module (it must "
+                              f"match a whole module name, e.g. {module_names[0]!r}). {_string_hint(targets)}")
+        if NAME_LIKE.fullmatch(targets):  # maybe meant as a list entry: say so where the two readings differ
+            as_list = [name for name in module_names if _entry_matcher(targets, lora.pattern_syntax)(name)]
+            if as_list and as_list != matched:  # "encoder.layer.1.*.dense" as a regex also takes layers 10 and 11
+                log.warning("lora.target_modules %r matches %d modules as a regular expression, %d as a list "
+                            "entry. %s", targets, len(matched), len(as_list), _string_hint(targets))
         return TargetMatch(targets, {targets: matched})
 
     matches = {}
@@ -127,6 +141,16 @@ def resolve_targets(lora: LoraSettings, module_names: list[str], linear_names: l
     # peft gets the exact module names the globs matched, layers already chosen: what is counted is what is adapted,
     # by construction (peft's own layer filter is not applied to exact names).
     return TargetMatch(sorted({name for names in matches.values() for name in names}), matches)
+
+
+def _string_hint(targets: str) -> str:
+    """What a string target means, and the list to write where it looks like a module name or glob."""
+    hint = "A plain string is read as one regular expression over whole module names, as peft reads it"
+    if NAME_LIKE.fullmatch(targets):
+        # YAML reads a leading "*" as an alias: such an entry must be quoted, and the list with it.
+        as_list = f"'[\"{targets}\"]'" if targets.startswith("*") else f"[{targets}]"
+        hint += f"; to use it as a name pattern, give a list: lora.target_modules={as_list}"
+    return hint
 
 
 def in_layers(name: str, layers: list[int]) -> bool:

@@ -1,13 +1,16 @@
 """The `train` stage: budget check, data, frozen base + LoRA, transformers Trainer, and the run folder.
 
 Order matters: the budget is checked from the config alone, then the data is read and checked, and only then are
-weights loaded, so a mistake costs seconds, not a model download or an epoch.
+weights loaded, so a mistake costs seconds, not a model download or an epoch; a failure before anything is written
+leaves no run folder behind. A resume continues a run wherever its folder now lies, refuses a config that differs in
+what the run learns (naming the keys), and trains a finished run further only when asked for more epochs or steps.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import logging
 import math
 import os
@@ -33,13 +36,14 @@ from transformers import (
     TrainingArguments,
 )
 from transformers.integrations import TensorBoardCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .augment import augment_texts
 from .budget import ParamReport, check_budget, parameter_group
-from .config import RunConfig, dump_config, with_overrides
+from .config import RunConfig, TrainSettings, dump_config, with_overrides
 from .data import load_table, split_train_validation
 from .features import choose_max_length, tokenize_table
-from .files import atomic_write_text, lock_folder, write_json
+from .files import LOCK_FILE, atomic_write_text, lock_folder, write_json
 from .hardware import resolve_precision
 from .infer import classification_metrics
 from .manifest import build_manifest
@@ -158,6 +162,20 @@ class StopOnInterrupt(TrainerCallback):
         self._previous = {}
 
 
+class FollowMovedRun(TrainerCallback):
+    """A resumed run folder may have been moved or renamed since its checkpoints were saved: the Trainer would drop the
+    best checkpoint its saved state names (by the old path) and end with the last epoch's weights instead of the best
+    one's. Point the state at the same checkpoint in the folder the run is in now."""
+
+    def on_train_begin(self, args: TrainingArguments, state: Any, control: Any, **kwargs: Any) -> None:
+        if state.best_global_step is None:
+            return
+        best = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.best_global_step}"
+        if best.is_dir() and Path(state.best_model_checkpoint or "") != best:
+            log.info("best checkpoint so far: %s (the run folder was moved since it was saved)", best)
+            state.best_model_checkpoint = str(best)
+
+
 def training_arguments(config: RunConfig, train_rows: int) -> TrainingArguments:
     """Trainer settings: evaluate and checkpoint once an epoch, keep the best checkpoint by validation accuracy."""
     train = config.train
@@ -198,15 +216,69 @@ def training_arguments(config: RunConfig, train_rows: int) -> TrainingArguments:
     )
 
 
-def check_run_dir(config: RunConfig, resume: bool) -> None:
-    """Refuse to overwrite a run that has started training, and to resume one with another config."""
+# Settings that only locate the run, or say how it is run and logged rather than what it learns: a resume (of a run
+# folder that was moved or renamed, say) may differ in them.
+RESUME_FREE_KEYS = frozenset({"name", "runs_dir", "train.logging_steps", "train.dataloader_workers"})
+# How long to train: a resume may change them on purpose, to train a run longer.
+LENGTH_KEYS = ("train.epochs", "train.max_steps")
+
+
+def _settings(section: Any, prefix: str = "") -> dict[str, Any]:
+    """Every setting of a config (or section) by its dotted key."""
+    flat: dict[str, Any] = {}
+    for item in dataclasses.fields(section):
+        value = getattr(section, item.name)
+        if dataclasses.is_dataclass(value):
+            flat |= _settings(value, f"{prefix}{item.name}.")
+        else:
+            flat[f"{prefix}{item.name}"] = value
+    return flat
+
+
+def _trains_longer(new: TrainSettings, saved: TrainSettings) -> bool:
+    """Whether `new` asks for more training than `saved` (train.max_steps, where set, decides over train.epochs)."""
+    if new.max_steps is None and saved.max_steps is None:
+        return new.epochs > saved.epochs
+    return (new.max_steps or math.inf) > (saved.max_steps or math.inf)
+
+
+def check_run_dir(config: RunConfig, resume: bool) -> str | None:
+    """Refuse to overwrite a run that has started training; on resume, refuse a config that differs in anything but
+    where the run lies and how long it trains (the message names the keys), and a finished run not asked to train
+    longer. Returns what a resume changes in the training length, for the log; else None."""
     run_dir = config.run_dir
     started = (run_dir / "checkpoints").is_dir()
     if started and not resume:
         raise RunExistsError(f"{run_dir} already holds a run; pick another name (name=...) or resume it (--resume)")
-    saved = load_run_config(run_dir) if resume and (run_dir / CONFIG_FILE).exists() else None
-    if saved is not None and dataclasses.replace(saved, runs_dir=config.runs_dir) != config:
-        raise RunExistsError(f"{run_dir} was started with a different config; resume it with its own config.yaml")
+    if not resume or not (run_dir / CONFIG_FILE).exists():
+        return None
+    saved = load_run_config(run_dir)
+    before, after = _settings(saved), _settings(config)
+    changed = {key: (before[key], after[key]) for key in before if before[key] != after[key]}
+    refused = [f"{key} {old!r} -> {new!r}" for key, (old, new) in changed.items()
+               if key not in RESUME_FREE_KEYS and key not in LENGTH_KEYS]
+    if refused:
+        raise RunExistsError(f"{run_dir} was started with a different config ({', '.join(refused)}); resume it with "
+                             f"its own values (drop those overrides), or train a new run (name=...)")
+    longer = _trains_longer(config.train, saved.train)
+    metrics = run_dir / "metrics.json"
+    if metrics.is_file() and not longer:
+        accuracy = json.loads(metrics.read_text())["validation"]["accuracy"]
+        raise RunExistsError(f"{run_dir} has finished training (validation accuracy {accuracy:.4f}); nothing to "
+                             f"resume. To train it longer from its last checkpoint: budgetlora train --resume "
+                             f"{run_dir} {_longer(saved.train)}")
+    if metrics.is_file() and _latest_checkpoint(run_dir) is None:
+        raise RunExistsError(f"{run_dir} has finished training and has no checkpoint left to continue from; train a "
+                             f"new run (name=...) with the longer settings")
+    lengths = [f"{key} {old!r} -> {new!r}" for key, (old, new) in changed.items() if key in LENGTH_KEYS]
+    return ", ".join(lengths) or None
+
+
+def _longer(train: TrainSettings) -> str:
+    """An override that trains longer than `train` (what the 'finished' message suggests)."""
+    if train.max_steps is not None:
+        return f"train.max_steps={2 * train.max_steps}"
+    return f"train.epochs={math.floor(train.epochs) + 1}"
 
 
 def _write_run_header(config: RunConfig, params: ParamReport, data_rows: dict[str, int]) -> Path:
@@ -228,7 +300,7 @@ def _latest_checkpoint(run_dir: Path) -> str | None:
     return str(complete[-1]) if complete else None
 
 
-def _resolve_max_length(config: RunConfig, tokenizer: Any, train_rows: datasets.Dataset) -> tuple[RunConfig, dict]:
+def resolve_max_length(config: RunConfig, tokenizer: Any, train_rows: datasets.Dataset) -> tuple[RunConfig, dict]:
     """model.max_length: auto becomes a number, from the training texts and data.unlabelled's (features.py)."""
     if config.model.max_length != "auto":
         return config, {"chosen": config.model.max_length}
@@ -263,13 +335,34 @@ def train(config: RunConfig, *, resume: bool = False, callbacks: Sequence[Traine
     the training split only, with a `weight` column for their loss (self-training's pseudo-labels).
     """
     params = check_budget(config)  # from the config alone: no weights, no data yet
+    made = [folder for folder in (config.run_dir, *config.run_dir.parents) if not folder.exists()]
     config.run_dir.mkdir(parents=True, exist_ok=True)  # an unwritable runs folder fails now, not after an epoch
     # One process owns the run folder until it is written (the first under torchrun, the one that writes it): a second
     # `train` of the same run stops here, before it reads the folder's state, instead of writing into it as well.
     owner = int(os.environ.get("RANK", "0")) == 0
     with lock_folder(config.run_dir) if owner else contextlib.nullcontext():
-        check_run_dir(config, resume)
-        return _train(config, params, resume=resume, callbacks=callbacks, extra=extra)
+        try:
+            longer = check_run_dir(config, resume)
+            if longer:
+                log.info("training longer (%s): continuing from the last checkpoint, %s; the learning-rate schedule "
+                         "now spans the new length", longer, _latest_checkpoint(config.run_dir))
+            return _train(config, params, resume=resume, callbacks=callbacks, extra=extra)
+        except BaseException:
+            if owner:  # a failure before anything was written (bad data, a missing model) leaves no folder behind
+                _remove_unused(made)
+            raise
+
+
+def _remove_unused(folders: list[Path]) -> None:
+    """Remove `folders` (this call made them; innermost first) while they hold nothing but the run's lock file."""
+    # A folder that another process wrote into meanwhile stays (rmdir removes empty folders only), and the error that
+    # brought us here is the one to report.
+    with contextlib.suppress(OSError):
+        for folder in folders:
+            if {path.name for path in folder.iterdir()} - {LOCK_FILE}:
+                return
+            (folder / LOCK_FILE).unlink(missing_ok=True)
+            folder.rmdir()
 
 
 def _train(config: RunConfig, params: ParamReport, *, resume: bool, callbacks: Sequence[TrainerCallback],
@@ -278,7 +371,7 @@ def _train(config: RunConfig, params: ParamReport, *, resume: bool, callbacks: S
     tokenizer = load_tokenizer(config.model)
     table = load_table(config.data.train, config.data, labelled=True)
     train_rows, val_rows = split_train_validation(table, config.data)
-    config, max_length = _resolve_max_length(config, tokenizer, train_rows)
+    config, max_length = resolve_max_length(config, tokenizer, train_rows)
     train_set = tokenize_table(_training_rows(config, train_rows, extra), tokenizer, config.model)
     # Validation order does not change its metrics; sorted by length, its batches carry almost no padding.
     val_set = tokenize_table(val_rows, tokenizer, config.model).sort("length")
@@ -288,7 +381,7 @@ def _train(config: RunConfig, params: ParamReport, *, resume: bool, callbacks: S
     main_process = int(os.environ.get("RANK", "0")) == 0
     run_dir = config.run_dir
     interrupt = StopOnInterrupt()
-    callbacks = [interrupt, *callbacks]
+    callbacks = [FollowMovedRun(), interrupt, *callbacks]
     if main_process:
         rows = {"source": len(table), "train": len(train_set), "validation": len(val_set)}
         _write_run_header(config, params, rows if extra is None else {**rows, "pseudo_labelled": len(extra)})
