@@ -20,15 +20,11 @@ from pathlib import Path
 
 import numpy as np
 
+from budgetlora import runfolder
 from budgetlora.config import PRIOR_ADJUSTMENTS, DataConfig, load_config, with_overrides
 from budgetlora.data import join_labels, load_table
-from budgetlora.infer import (
-    classification_metrics,
-    evaluate_run,
-    run_predictor,
-    shift_to_input_priors,
-)
-from budgetlora.modeling import load_run_model
+from budgetlora.infer import evaluate_run, shift_to_input_priors
+from budgetlora.metrics import classification_metrics
 from budgetlora.selftrain import run_training
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -109,11 +105,12 @@ def competition_scores(file: CompetitionFile, predicted: np.ndarray, label_names
 def score_run(run_dir: Path, *, whole_file: bool) -> dict[str, object]:
     """Scores of a trained run on the competition file; with whole_file, every row is predicted, so the class shares
     cover the file and the label-shift scores (EM over the whole file's probabilities) can be made too."""
-    model, run_config, label_names = load_run_model(run_dir)
+    run = runfolder.load(run_dir)
+    label_names = run.label_names
     file = CompetitionFile.load(label_names)
     rows = list(range(len(file.texts))) if whole_file else file.labelled_rows()
     texts = [file.texts[i] for i in rows]
-    logits = run_predictor(model, run_config)(texts, progress=True)
+    logits = run.predict(texts, progress=True)
     predicted = np.full(len(file.texts), -1)
     predicted[rows] = logits.argmax(-1)
     scores = competition_scores(file, predicted, label_names)
@@ -145,7 +142,7 @@ def run_recipe(config_path: str, seed: int, overrides: Sequence[str] = (), *, fr
     scores_file = run_dir / "benchmark.json"
     if rescore or not scores_file.is_file():
         started = time.perf_counter()
-        if not (run_dir / "metrics.json").is_file():
+        if not (run_dir / runfolder.METRICS_FILE).is_file():
             run_training(config, resume=run_dir.is_dir())
         train_s = time.perf_counter() - started
         if scores_file.is_file():
@@ -157,7 +154,7 @@ def run_recipe(config_path: str, seed: int, overrides: Sequence[str] = (), *, fr
             test = evaluate_run(run_dir, str(TEST))
             scores["test_accuracy"], scores["test_macro_f1"] = test["accuracy"], test["macro_f1"]
         scores_file.write_text(json.dumps(scores, indent=1))
-    metrics = json.loads((run_dir / "metrics.json").read_text())
+    metrics = runfolder.read_metrics(run_dir)
     scores = json.loads(scores_file.read_text())
     return RecipeResult(config_path, seed, metrics["trainable_params"], metrics["validation"]["accuracy"],
                         scores["ag_half_accuracy"], scores["dev_accuracy"], scores["dev_both_high_accuracy"],

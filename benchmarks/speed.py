@@ -25,7 +25,6 @@ with a synchronisation, and peak memory is also given as CUDA max allocated.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import resource
 import subprocess
@@ -38,11 +37,11 @@ import torch
 from table import markdown_table
 from transformers import TrainerCallback
 
-from budgetlora.config import load_config
+from budgetlora import runfolder
+from budgetlora.config import load_config, with_overrides
 from budgetlora.data import load_table
 from budgetlora.hardware import autocast, device, resolve_precision
-from budgetlora.infer import run_predictor
-from budgetlora.modeling import build_base_model, load_run_model, load_tokenizer
+from budgetlora.modeling import build_base_model
 from budgetlora.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -119,14 +118,15 @@ def measure(model_name: str, pipeline: str, steps: int, warmup: int, predict_row
                                               f"name={model_name}-{pipeline}", f"train.max_steps={warmup + steps}",
                                               f"data.train={SHARED / 'ag_news' / 'train_subset.csv'}",
                                               "train.logging_steps=1000", *settings])
-    config.data.max_train_rows = max(200, (warmup + steps) * config.train.batch_size * 2)  # enough, little tokenizing
+    rows = max(200, (warmup + steps) * config.train.batch_size * 2)  # enough, little tokenizing
+    config = with_overrides(config, [f"data.max_train_rows={rows}"])
     precision = resolve_precision(config.train.precision)
     if pipeline == "budgetlora" and not cold:
         # Dynamic padding makes a new batch shape at nearly every step of a short run, and first use of a shape
         # costs extra (cuDNN attention plans on a GPU, oneDNN kernels on a CPU): a real run of thousands of steps
         # pays that once per length. An untimed run over the same batches first, so the timed one is steady state.
         # (The reference pads every batch to 512: its warm-up steps already cover its single shape.)
-        train(dataclasses.replace(config, name=f"{config.name}-warm"))
+        train(with_overrides(config, [f"name={config.name}-warm"]))
     timer = StepTimer(warmup)
     result = train(config, callbacks=[timer])
     train_s = timer.times[-1] - timer.times[0]
@@ -135,12 +135,13 @@ def measure(model_name: str, pipeline: str, steps: int, warmup: int, predict_row
     train_flops = 3 * forward_flops(shapes, result.model.get_base_model())
 
     texts = load_table(str(SHARED / "ag_news" / "test.csv"), config.data, labelled=True)["text"][:][:predict_rows]
-    tokenizer = load_tokenizer(config.model)
+    run = runfolder.load(result.run_dir, merge=pipeline != "reference")  # the reference predicts unmerged
+    tokenizer = run.tokenizer
     figures = {"model": model_name, "pipeline": pipeline, "precision": precision,
                "train_samples_per_s": samples / train_s, "train_tokens_per_s": sum(b * t for b, t in shapes) / train_s,
                "train_flops_per_s": train_flops / train_s, "predict_rows": len(texts)}
     if pipeline == "reference":
-        model = load_run_model(result.run_dir, merge=False)[0].to(device())
+        model = run.model.to(device())
         subset = texts[:REFERENCE_PREDICT_ROWS]
         reference_predict(model, tokenizer, subset[:64], precision)  # warm-up
         started = synchronized_clock()
@@ -148,9 +149,8 @@ def measure(model_name: str, pipeline: str, steps: int, warmup: int, predict_row
         elapsed = synchronized_clock() - started
         figures["predict_samples_per_s"] = len(subset) / elapsed
     else:
-        model, _, _ = load_run_model(result.run_dir, merge=True)
-        predict = run_predictor(model, config)  # exactly what `budgetlora predict` runs
-        batches = sorted_batches(tokenizer, texts, config.model.max_length, config.train.eval_batch_size)
+        predict = run.predict  # exactly what `budgetlora predict` runs
+        batches = sorted_batches(tokenizer, texts, run.config.model.max_length, run.config.train.eval_batch_size)
         base = build_base_model(config.model, config.data.label_names).to(device()).eval()
 
         def bare_forward() -> float:

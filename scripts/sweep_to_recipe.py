@@ -6,17 +6,21 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
-from budgetlora.config import dump_config, load_config
+from budgetlora.config import dump_config, load_config, with_overrides
 
 
 def main(best: str, recipe: str, out: str) -> None:
     found, base = load_config(best), load_config(recipe)
-    found.data, found.runs_dir = base.data, base.runs_dir  # the sweep searched on a smaller sample
-    found.name = Path(out).stem
-    found.train.epochs, found.train.max_steps = base.train.epochs, base.train.max_steps
+    values = base.to_dict()
+    # The sweep searched on a smaller sample: the recipe's data and training length (JSON is YAML, as overrides read).
+    found = with_overrides(found, [f"data={json.dumps(values['data'])}", f"runs_dir={json.dumps(values['runs_dir'])}",
+                                   f"name={json.dumps(Path(out).stem)}",
+                                   f"train.epochs={json.dumps(values['train']['epochs'])}",
+                                   f"train.max_steps={json.dumps(values['train']['max_steps'])}"])
     header = Path(best).read_text().splitlines()[0]
     Path(out).write_text(f"{header}, on the rows of {recipe}\n# made by: python scripts/sweep_to_recipe.py "
                          f"{best} {recipe} {out}\n" + dump_config(found))

@@ -181,12 +181,16 @@ def isolated_cache(folder: Path) -> Iterator[None]:
         yield
 
 
-def write_news_csv(path: Path, rows: list[tuple[str, int]]) -> Path:
+def write_csv(path: Path, header: list[str], rows: Collection[Collection[object]]) -> Path:
     with path.open("w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["text", "label"])
+        writer.writerow(header)
         writer.writerows(rows)
     return path
+
+
+def write_news_csv(path: Path, rows: list[tuple[str, int]]) -> Path:
+    return write_csv(path, ["text", "label"], rows)
 
 
 @pytest.fixture
@@ -291,8 +295,7 @@ def assert_logits_do_not_depend_on_the_batch(model: Any, config: RunConfig, text
     """A text's logits alone and in one batch with all `texts` (much padding) are the same, with a random head (a
     trained one: not the zero-initialised LoRA B, and not symmetric)."""
     from budgetlora.budget import parameter_group
-    from budgetlora.infer import predict_logits
-    from budgetlora.modeling import load_tokenizer
+    from budgetlora.modeling import load_tokenizer, predict_logits
 
     with torch.no_grad():
         for name, param in model.named_parameters():

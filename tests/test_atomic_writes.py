@@ -32,7 +32,7 @@ import yaml
 from budgetlora.cli import main
 from budgetlora.config import RunConfig, from_dict
 from budgetlora.infer import predict_run
-from budgetlora.modeling import load_run_model
+from budgetlora.runfolder import load
 from budgetlora.train import train
 
 from .conftest import isolated_cache, tiny_config_dict, write_news_csv
@@ -228,7 +228,7 @@ def test_a_read_only_run_folder_still_loads_and_predicts(run_dir: Path, news_row
     source = write_texts(tmp_path / "few.csv", [text for text, _ in news_rows[:20]])
     before = snapshot(run_dir)
     with read_only(run_dir, monkeypatch):
-        load_run_model(run_dir)
+        load(run_dir)
         labels = predict_run(run_dir, str(source), tmp_path / "predictions.csv")
     assert len(labels) == 20
     assert snapshot(run_dir) == before  # loading and predicting wrote nothing into the run folder
@@ -271,7 +271,7 @@ def test_cli_train_into_a_read_only_runs_folder_is_an_error_message(
         try:
             code, err = cli(["train", "--config", str(config)], capsys)
         finally:
-            load_run_model(run_dir)  # whatever the outcome, the finished run beside it still loads
+            load(run_dir)  # whatever the outcome, the finished run beside it still loads
     assert code == 2 and str(runs / "second") in err and "Permission denied" in err, err
     assert not (runs / "second").exists()
 

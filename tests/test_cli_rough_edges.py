@@ -20,7 +20,7 @@ from budgetlora.cli import main
 from budgetlora.config import RunConfig
 from budgetlora.config_help import config_sections, field_sources
 
-from .conftest import TrainedRun, tiny_config_dict
+from .conftest import TrainedRun, tiny_config_dict, write_csv
 
 COMMANDS = ("params", "plan", "sweep", "train", "evaluate", "predict", "export", "report", "serve", "config")
 HEAVY_MODULES = ("torch", "transformers", "peft", "datasets", "sklearn", "pandas")
@@ -155,17 +155,11 @@ def run_copy(trained_tiny_run: TrainedRun, tmp_path: Path) -> Path:
     return Path(shutil.copytree(trained_tiny_run.run_dir, tmp_path / "run"))
 
 
-def write_rows(path: Path, header: list[str], rows: list[list[object]]) -> Path:
-    with path.open("w", newline="", encoding="utf-8") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(header)
-        writer.writerows(rows)
-    return path
 
 
 def test_evaluate_prints_its_metrics_before_saying_they_could_not_be_saved(
         run_copy: Path, news_rows: list[tuple[str, int]], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    data = write_rows(tmp_path / "heldout.csv", ["text", "label"], [list(row) for row in news_rows[::10]])
+    data = write_csv(tmp_path / "heldout.csv", ["text", "label"], [list(row) for row in news_rows[::10]])
     shutil.rmtree(run_copy / "evaluations", ignore_errors=True)
     (run_copy / "evaluations").write_text("a file where the evaluations folder should be\n")  # fails even as root
     assert main(["evaluate", "--run", str(run_copy), "--data", str(data)]) == 0
@@ -178,9 +172,9 @@ def test_evaluate_prints_its_metrics_before_saying_they_could_not_be_saved(
 def test_evaluate_and_predict_take_input_overrides(run_copy: Path, news_rows: list[tuple[str, int]], tmp_path: Path,
                                                    capsys: pytest.CaptureFixture[str]) -> None:
     rows = news_rows[::10]
-    plain = write_rows(tmp_path / "plain.csv", ["text", "label"], [list(row) for row in rows])
+    plain = write_csv(tmp_path / "plain.csv", ["text", "label"], [list(row) for row in rows])
     # The same texts under other column names, with IDs of their own.
-    renamed = write_rows(tmp_path / "renamed.csv", ["title", "topic", "row"],
+    renamed = write_csv(tmp_path / "renamed.csv", ["title", "topic", "row"],
                          [[text, label, f"r{i}"] for i, (text, label) in enumerate(rows)])
     assert main(["evaluate", "--run", str(run_copy), "--data", str(plain)]) == 0
     expected = capsys.readouterr().out.removeprefix(str(plain))
@@ -225,7 +219,7 @@ def test_a_device_that_does_not_exist_is_one_line(run_copy: Path, tmp_path: Path
 
 
 def test_device_cpu_hides_every_gpu(run_copy: Path, news_rows: list[tuple[str, int]], tmp_path: Path) -> None:
-    source = write_rows(tmp_path / "texts.csv", ["text"], [[text] for text, _ in news_rows[:12]])
+    source = write_csv(tmp_path / "texts.csv", ["text"], [[text] for text, _ in news_rows[:12]])
     done = run_cli("predict", "--run", str(run_copy), "--input", str(source), "--output", str(tmp_path / "out.csv"),
                    "--device", "cpu")
     assert done.returncode == 0, done.stderr

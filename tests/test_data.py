@@ -16,7 +16,7 @@ import pytest
 from budgetlora.config import DataConfig
 from budgetlora.data import DataError, load_columns, load_table, split_train_validation
 
-from .conftest import AG_NEWS_DIR, LABELS, requires_shared_ag_news
+from .conftest import AG_NEWS_DIR, LABELS, requires_shared_ag_news, write_csv
 
 Rows = list[tuple[str, int]]
 
@@ -35,12 +35,6 @@ def split_text(text: str) -> tuple[str, str]:
     return " ".join(words[:3]), " ".join(words[3:])
 
 
-def write_csv(path: Path, header: list[str], rows: list[list[object]]) -> Path:
-    with path.open("w", newline="", encoding="utf-8") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(header)
-        writer.writerows(rows)
-    return path
 
 
 # --- every loader, real rows ------------------------------------------------------------------------------------

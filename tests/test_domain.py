@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from budgetlora.config import DataConfig
-from budgetlora.data import load_table
+from budgetlora.data import DataError, load_table
 from budgetlora.domain import split_by_domain
 
 from .conftest import AG_NEWS_DIR, LABELS, SHARED_DATA
@@ -68,5 +68,5 @@ def test_bad_arguments_are_refused_with_the_argument_named() -> None:
     texts = [f"text number {i}" for i in range(10)]
     with pytest.raises(ValueError, match="false_positive_rate"):
         split_by_domain(texts, texts, false_positive_rate=1.0)
-    with pytest.raises(ValueError, match="at least 5 training and 5 input texts, got 10 and 3"):
+    with pytest.raises(DataError, match="at least 5 training and 5 input texts, got 10 and 3"):
         split_by_domain(texts, texts[:3])

@@ -22,8 +22,9 @@ import pytest
 
 from budgetlora.config import ConfigError, RunConfig, dump_config, from_dict
 from budgetlora.export import REMOTE_CODE_FILE, ExportTargetExistsError, export_run
-from budgetlora.infer import predict_logits, predict_run
-from budgetlora.modeling import RunFolderError, load_run_config, load_run_model, load_tokenizer
+from budgetlora.infer import predict_run
+from budgetlora.modeling import load_tokenizer, predict_logits
+from budgetlora.runfolder import RunFolderError, load, read_config
 from budgetlora.train import train
 
 from .conftest import LABELS, isolated_cache, tiny_config_dict, write_news_csv
@@ -138,8 +139,8 @@ def predictions(runs: dict[str, Path], texts: list[str],
     result = {}
     for name, run_dir in runs.items():
         labels = predict_run(run_dir, str(source), folder / f"{name}.csv")
-        model, config, _ = load_run_model(run_dir)
-        logits = predict_logits(model, load_tokenizer(config.model), texts, max_length=MAX_LENGTH, precision="fp32")
+        run = load(run_dir)
+        logits = predict_logits(run.model, run.tokenizer, texts, max_length=MAX_LENGTH, precision="fp32")
         assert logits.argmax(-1).tolist() == labels
         result[name] = (labels, logits)
     return result
@@ -170,7 +171,7 @@ def test_export_matrix_matches_predict_run(name: str, served: dict, predictions:
 def test_texts_are_truncated(runs: dict[str, Path], texts: list[str]) -> None:
     """Some texts are longer than max_length: truncation=True in the pipeline is what keeps the labels equal."""
     for name in ("roberta-standard", "bert-mean"):
-        tokenizer = load_tokenizer(load_run_config(runs[name]).model)
+        tokenizer = load_tokenizer(read_config(runs[name]).model)
         assert max(len(ids) for ids in tokenizer(texts)["input_ids"]) > MAX_LENGTH
 
 
@@ -225,7 +226,7 @@ def test_model_card_names_recipe_budget_and_loading(runs: dict[str, Path],
         assert f"trainable parameters: {params['trainable']:,}" in card and f"budget: {params['budget']:,}" in card
         assert f"accuracy: {validation['accuracy']:.4f}" in card and f"macro-F1: {validation['macro_f1']:.4f}" in card
         assert "r: 8; alpha: 16" in card and "query, value" in card and "learning rate: 0.005" in card
-        assert str(load_run_config(runs[name]).model.name) in card
+        assert str(read_config(runs[name]).model.name) in card
         if fmt == "onnx":
             assert "onnxruntime.InferenceSession" in card
         else:

@@ -33,8 +33,8 @@ from budgetlora.budget import count_parameters
 from budgetlora.config import ConfigError, RunConfig
 from budgetlora.export import export_run
 from budgetlora.heads import HEADS, head_dense_name
-from budgetlora.infer import predict_logits
-from budgetlora.modeling import build_base_model, build_peft_model, load_run_model, load_tokenizer
+from budgetlora.modeling import build_base_model, build_peft_model, load_tokenizer, predict_logits
+from budgetlora.runfolder import load
 from budgetlora.targets import PRESETS
 from budgetlora.train import train
 
@@ -183,7 +183,7 @@ def test_train_then_reload_gives_the_same_predictions(
     tokenizer = load_tokenizer(config.model)
     texts = mixed_texts(news_rows)
     in_memory = predict_logits(result.model, tokenizer, texts, max_length=64, batch_size=8, precision="fp32")
-    reloaded, _, _ = load_run_model(config.run_dir, merge=True)
+    reloaded = load(config.run_dir).model
     logits = predict_logits(reloaded, tokenizer, texts, max_length=64, batch_size=8, precision="fp32")
     np.testing.assert_allclose(logits, in_memory, atol=1e-4, rtol=0)
     if head in ("standard", "lora_dense"):  # stock transformers classes: a plain folder (export checks its logits)

@@ -11,8 +11,8 @@ from transformers import TrainingArguments
 
 from budgetlora.budget import count_parameters, parameter_group
 from budgetlora.config import ConfigError, RunConfig, load_config
-from budgetlora.infer import predict_logits
-from budgetlora.modeling import build_peft_model, load_run_model, load_tokenizer
+from budgetlora.modeling import build_peft_model, load_tokenizer, predict_logits
+from budgetlora.runfolder import load
 from budgetlora.train import BudgetTrainer, train
 
 from .conftest import (
@@ -113,7 +113,7 @@ def test_a_compact_head_run_reloads_to_the_same_predictions(
     texts = texts_of_mixed_length(news_rows)
     in_memory = predict_logits(result.model, tokenizer, texts, max_length=64, batch_size=8, precision="fp32")
     for merge in (False, True):
-        reloaded, _, _ = load_run_model(config.run_dir, merge=merge)
+        reloaded = load(config.run_dir, merge=merge).model
         logits = predict_logits(reloaded, tokenizer, texts, max_length=64, batch_size=8, precision="fp32")
         assert logits.argmax(-1).tolist() == in_memory.argmax(-1).tolist()
         np.testing.assert_allclose(logits, in_memory, atol=1e-4, rtol=0)

@@ -28,11 +28,11 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from transformers import TrainerCallback
 
 from budgetlora.cli import main
-from budgetlora.config import RunConfig, from_dict, load_config
+from budgetlora.config import RunConfig, from_dict, load_config, with_overrides
 from budgetlora.data import load_table, split_train_validation
 from budgetlora.hardware import resolve_precision
-from budgetlora.infer import predict_logits, run_predictor
-from budgetlora.modeling import build_base_model, load_run_model, load_tokenizer
+from budgetlora.modeling import build_base_model, load_tokenizer, predict_logits
+from budgetlora.runfolder import load
 from budgetlora.train import RunExistsError, train
 
 from .conftest import (
@@ -98,9 +98,9 @@ def read_csv(path: Path) -> list[list[str]]:
 
 def one_at_a_time_labels(run_dir: Path, texts: list[str]) -> list[int]:
     """Predictions text by text (batch size 1: no padding, no reordering), to check the batched order."""
-    model, config, _ = load_run_model(run_dir)
-    tokenizer = load_tokenizer(config.model)
-    return [int(predict_logits(model, tokenizer, [text], max_length=64, batch_size=1, precision="fp32")[0].argmax())
+    run = load(run_dir)
+    return [int(predict_logits(run.model, run.tokenizer, [text], max_length=64, batch_size=1,
+                               precision="fp32")[0].argmax())
             for text in texts]
 
 
@@ -311,12 +311,12 @@ def test_reloaded_model_equals_the_in_memory_model(trained_tiny_run: TrainedRun,
         return predict_logits(model, tokenizer, texts, max_length=64, batch_size=16, precision="fp32")
 
     in_memory = logits(result.model)
-    unmerged, reloaded_config, labels = load_run_model(config.run_dir, merge=False)
-    assert reloaded_config == config and labels == LABELS
-    reloaded = logits(unmerged)
+    unmerged = load(config.run_dir, merge=False)
+    assert unmerged.config == config and unmerged.label_names == LABELS
+    reloaded = logits(unmerged.model)
     assert reloaded.argmax(-1).tolist() == in_memory.argmax(-1).tolist()
     np.testing.assert_allclose(reloaded, in_memory, atol=1e-5, rtol=0)
-    merged = logits(load_run_model(config.run_dir, merge=True)[0])
+    merged = logits(load(config.run_dir, merge=True).model)
     assert merged.argmax(-1).tolist() == in_memory.argmax(-1).tolist()
     np.testing.assert_allclose(merged, in_memory, atol=1e-4, rtol=0)
     # Training changed the model: the untrained base (same seed, same fresh head) gives other logits.
@@ -343,11 +343,11 @@ def test_bf16_reload_predicts_what_the_trained_model_predicts(tmp_path: Path, ti
     assert result.metrics["precision"] == "bf16"
     texts = [text for text, _ in news_rows]
 
-    model, config, _ = load_run_model(result.run_dir)  # merge=True, as evaluate_run and predict_run load it
-    assert config.train.precision == "auto"
-    reloaded = run_predictor(model, config)(texts)
-    in_memory = predict_logits(result.model, load_tokenizer(config.model), texts, max_length=64,
-                               batch_size=config.train.eval_batch_size, precision="auto")
+    run = load(result.run_dir)  # merge=True, as evaluate_run and predict_run load it
+    assert run.config.train.precision == "auto"
+    reloaded = run.predict(texts)
+    in_memory = predict_logits(result.model, run.tokenizer, texts, max_length=64,
+                               batch_size=run.config.train.eval_batch_size, precision="auto")
     np.testing.assert_allclose(reloaded, in_memory, atol=BF16_ATOL, rtol=0)
     # Labels: equal wherever the trained model's top two logits are more than 2 x BF16_ATOL apart; closer than that,
     # a difference within the tolerance may swap them (seeds 1 and 7 swap 2 and 3 such near-ties of 200).
@@ -356,8 +356,8 @@ def test_bf16_reload_predicts_what_the_trained_model_predicts(tmp_path: Path, ti
     assert clear.sum() >= len(texts) // 2, f"only {clear.sum()} clear predictions: the comparison says little"
     assert reloaded.argmax(-1)[clear].tolist() == in_memory.argmax(-1)[clear].tolist()
     # bf16 really ran: fp32 gives other logits (the tolerance above is not hiding a precision that was ignored).
-    assert not np.array_equal(run_predictor(model, dataclasses.replace(
-        config, train=dataclasses.replace(config.train, precision="fp32")))(texts), reloaded)
+    fp32 = dataclasses.replace(run, config=with_overrides(run.config, ["train.precision=fp32"]))
+    assert not np.array_equal(fp32.predict(texts), reloaded)
 
 
 def test_predictions_do_not_depend_on_batch_size(trained_tiny_run: TrainedRun, news_rows: Rows) -> None:
@@ -417,8 +417,7 @@ def test_resume_continues_the_given_run_folder_from_any_directory(
 def test_padding_to_max_length_gives_the_same_labels(tiny_roberta_dir: Path, roberta_tokenizer) -> None:  # noqa: ANN001
     """The reference pipeline's padding (every text to max_length) changes cost, not predictions."""
     from budgetlora.config import ModelConfig
-    from budgetlora.infer import predict_logits
-    from budgetlora.modeling import build_base_model
+    from budgetlora.modeling import build_base_model, predict_logits
 
     model = build_base_model(ModelConfig(name=str(tiny_roberta_dir), random_init=True), LABELS, seed=3)
     texts = ["short", "a somewhat longer text about markets and stocks", "sports " * 20]

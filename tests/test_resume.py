@@ -21,9 +21,8 @@ from transformers import TrainerCallback
 
 from budgetlora.cli import main
 from budgetlora.config import RunConfig, load_config, with_overrides
-from budgetlora.files import LOCK_FILE
-from budgetlora.modeling import load_run_config
-from budgetlora.train import RunExistsError, _latest_checkpoint, train
+from budgetlora.runfolder import LOCK_FILE, latest_checkpoint, read_config
+from budgetlora.train import RunExistsError, train
 
 from .conftest import TrainedRun, logged_train_steps, tiny_config_dict
 
@@ -62,7 +61,7 @@ class StepRecorder(TrainerCallback):
 
 
 def checkpoint_step(run_dir: Path) -> int:
-    latest = _latest_checkpoint(run_dir)
+    latest = latest_checkpoint(run_dir)
     assert latest is not None, "nothing to resume from: the test would only retrain from scratch"
     return int(Path(latest).name.split("-")[-1])
 
@@ -209,7 +208,7 @@ def test_a_moved_and_renamed_run_resumes_and_trains_longer_on_purpose(
     # Epoch 2 only: the 20 steps after the finished run's last checkpoint.
     assert logged_train_steps(moved / "tensorboard", skip=before) == list(range(STEPS_PER_EPOCH + 1,
                                                                                2 * STEPS_PER_EPOCH + 1))
-    saved = load_run_config(moved)
+    saved = read_config(moved)
     assert (saved.name, saved.train.epochs) == ("renamed", 2)
     metrics = json.loads((moved / "metrics.json").read_text())
     assert Path(metrics["best_checkpoint"]).parent == moved / "checkpoints"  # the best epoch, found in its new place

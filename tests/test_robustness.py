@@ -4,7 +4,6 @@ prediction, noisy copies of the training rows, max_length: auto, weighted rows, 
 
 from __future__ import annotations
 
-import csv
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -19,19 +18,16 @@ from budgetlora.cli import main
 from budgetlora.config import ConfigError, RunConfig, SelfTrainSettings, load_config
 from budgetlora.data import DataError
 from budgetlora.infer import evaluate_run, predict_run, shift_to_input_priors
-from budgetlora.modeling import build_peft_model, load_run_config
+from budgetlora.modeling import build_peft_model
+from budgetlora.runfolder import read_config
 from budgetlora.selftrain import run_training, select_pseudo_labels
 from budgetlora.train import BudgetTrainer, train
 
-from .conftest import LABELS, write_news_csv
+from .conftest import LABELS, write_csv, write_news_csv
 
 Rows = list[tuple[str, int]]
 
 
-def write_csv(path: Path, header: list[str], rows: list[list[object]]) -> Path:
-    with path.open("w", newline="", encoding="utf-8") as handle:
-        csv.writer(handle).writerows([header, *rows])
-    return path
 
 
 @pytest.fixture
@@ -177,7 +173,7 @@ def test_noisy_copies_and_max_length_auto(tmp_path: Path, tiny_roberta_dir: Path
     chosen = result.metrics["max_length"]
     assert chosen["chosen"] % 16 == 0 and chosen["p99"] <= chosen["chosen"] <= 512
     assert chosen["texts"] == 160 + 40  # the training texts and the unlabelled ones
-    assert load_run_config(result.run_dir).model.max_length == chosen["chosen"]  # the run is reproducible as saved
+    assert read_config(result.run_dir).model.max_length == chosen["chosen"]  # the run is reproducible as saved
 
 
 def test_self_training_needs_unlabelled_texts() -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from budgetlora.config import RunConfig
-from budgetlora.modeling import RunFolderError, load_run_model
+from budgetlora.runfolder import RunFolderError, load
 from budgetlora.train import train
 
 
@@ -29,26 +29,26 @@ def test_missing_truncated_or_foreign_adapter_files_are_refused(trained_run: Pat
     missing = _copy(trained_run, tmp_path, "missing")
     (missing / weights).unlink()
     with pytest.raises(RunFolderError, match="adapter_model.safetensors is missing"):
-        load_run_model(missing)
+        load(missing)
 
     truncated = _copy(trained_run, tmp_path, "truncated")
     data = (truncated / weights).read_bytes()
     (truncated / weights).write_bytes(data[: len(data) // 2])
     with pytest.raises(RunFolderError, match="is corrupt"):
-        load_run_model(truncated)
+        load(truncated)
 
     foreign = _copy(trained_run, tmp_path, "foreign")
     params = json.loads((foreign / "params.json").read_text())
     (foreign / "params.json").write_text(json.dumps({**params, "trainable": params["trainable"] + 1}))
     with pytest.raises(RunFolderError, match="incomplete or from another run"):
-        load_run_model(foreign)
+        load(foreign)
 
 
 def test_labels_that_differ_from_the_config_are_refused(trained_run: Path, tmp_path: Path) -> None:
     relabelled = _copy(trained_run, tmp_path, "relabelled")
     (relabelled / "labels.json").write_text(json.dumps({"label_names": ["a", "b", "c", "d"]}))
     with pytest.raises(RunFolderError, match="differ from the run's config"):
-        load_run_model(relabelled)
+        load(relabelled)
 
 
 def test_an_adapter_for_another_base_model_is_refused(trained_run: Path, tmp_path: Path, tiny_bert_dir: Path) -> None:
@@ -58,4 +58,4 @@ def test_an_adapter_for_another_base_model_is_refused(trained_run: Path, tmp_pat
                        for line in config.splitlines())
     (moved / "config.yaml").write_text(config)
     with pytest.raises(RunFolderError):
-        load_run_model(moved)
+        load(moved)

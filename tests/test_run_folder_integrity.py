@@ -23,8 +23,8 @@ from safetensors.torch import load_file, save_file
 from budgetlora.cli import main
 from budgetlora.config import RunConfig, dump_config, from_dict, with_overrides
 from budgetlora.data import DataError
-from budgetlora.files import LOCK_FILE, FolderLockedError, lock_folder
-from budgetlora.modeling import RunFolderError, load_run_config, load_run_model
+from budgetlora.files import FolderLockedError
+from budgetlora.runfolder import LOCK_FILE, RunFolderError, load, lock, read_config
 from budgetlora.train import train
 
 from .conftest import isolated_cache, tiny_config_dict, write_news_csv
@@ -104,7 +104,7 @@ def test_flipped_tensor_bytes_are_refused_and_nothing_is_predicted(run_dir: Path
     (run / WEIGHTS).write_bytes(bytes(data))  # the header is intact: the file still parses, with other numbers
 
     with pytest.raises(RunFolderError, match=r"adapter_model\.safetensors changed since training"):
-        load_run_model(run)
+        load(run)
     output = tmp_path / "predictions.csv"
     source = texts_csv(tmp_path / "texts.csv", news_rows[:8])
     code, out, err = cli(["predict", "--run", str(run), "--input", str(source), "--output", str(output)], capsys)
@@ -119,7 +119,7 @@ def test_a_changed_adapter_config_is_refused(run_dir: Path, tmp_path: Path) -> N
     config = run / "adapter" / "adapter_config.json"
     config.write_text(config.read_text().replace('"lora_alpha": 16', '"lora_alpha": 1600'))
     with pytest.raises(RunFolderError, match=r"adapter_config\.json changed since training"):
-        load_run_model(run)
+        load(run)
 
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])
@@ -131,7 +131,7 @@ def test_non_finite_weights_are_refused(run_dir: Path, tmp_path: Path, value: fl
     save_file(tensors, run / WEIGHTS, metadata={"format": "pt"})  # a valid file, with the checksum recorded for it
     record_sums(run)
     with pytest.raises(RunFolderError, match=rf"tensor {key} holds 1 non-finite values \(NaN or inf\)"):
-        load_run_model(run)
+        load(run)
 
 
 def test_non_finite_logits_are_refused_and_nothing_is_predicted(run_dir: Path, news_rows: Rows, tmp_path: Path,
@@ -146,7 +146,7 @@ def test_non_finite_logits_are_refused_and_nothing_is_predicted(run_dir: Path, n
                         "out_proj.bias": torch.zeros_like}[short](tensors[key])
     save_file(tensors, run / WEIGHTS, metadata={"format": "pt"})
     record_sums(run)
-    load_run_model(run)  # every weight is finite: the load checks pass
+    load(run)  # every weight is finite: the load checks pass
 
     output = tmp_path / "predictions.csv"
     source = texts_csv(tmp_path / "texts.csv", news_rows[:8])
@@ -159,8 +159,8 @@ def test_runs_saved_before_checksums_load_with_a_warning(run_dir: Path, tmp_path
                                                          caplog: pytest.LogCaptureFixture) -> None:
     run = copy_run(run_dir, tmp_path)
     (run / SUMS).unlink()
-    with caplog.at_level(logging.WARNING, logger="budgetlora.modeling"):
-        load_run_model(run)
+    with caplog.at_level(logging.WARNING, logger="budgetlora.runfolder"):
+        load(run)
     assert any("SHA256SUMS is missing" in record.getMessage() for record in caplog.records), caplog.text
 
 
@@ -168,7 +168,7 @@ def test_a_garbled_checksum_file_is_refused(run_dir: Path, tmp_path: Path) -> No
     run = copy_run(run_dir, tmp_path)
     (run / SUMS).write_bytes(b"\x00\xff not a checksum\n")
     with pytest.raises(RunFolderError, match="SHA256SUMS is corrupt"):
-        load_run_model(run)
+        load(run)
 
 
 # --- one training process per run folder ----------------------------------------------------------------------------
@@ -176,8 +176,8 @@ def test_a_garbled_checksum_file_is_refused(run_dir: Path, tmp_path: Path) -> No
 HOLDER = """
 import sys, time
 from pathlib import Path
-from budgetlora.files import lock_folder
-with lock_folder(Path(sys.argv[1])):
+from budgetlora.runfolder import lock
+with lock(Path(sys.argv[1])):
     print("held", flush=True)
     time.sleep(600)
 """
@@ -193,7 +193,7 @@ def hold_lock(folder: Path) -> subprocess.Popen:
 
 def config_named(run_dir: Path, runs: Path, name: str) -> RunConfig:
     """The finished run's config, for a new run `name` in `runs`."""
-    return with_overrides(load_run_config(run_dir), [f"runs_dir={runs}", f"name={name}"])
+    return with_overrides(read_config(run_dir), [f"runs_dir={runs}", f"name={name}"])
 
 
 def test_a_second_train_of_a_run_in_training_stops_at_once(run_dir: Path, tmp_path: Path,
@@ -219,7 +219,7 @@ def test_a_second_train_of_a_run_in_training_stops_at_once(run_dir: Path, tmp_pa
         holder.wait(timeout=30)
         holder.stdout.close()
     assert holder.returncode == -signal.SIGKILL
-    with lock_folder(busy.run_dir):  # nothing stale is left by the killed holder
+    with lock(busy.run_dir):  # nothing stale is left by the killed holder
         pass
 
     # The finished run's lock was released: it resumes to train 2 steps longer (taking the lock again), and is free
@@ -227,8 +227,8 @@ def test_a_second_train_of_a_run_in_training_stops_at_once(run_dir: Path, tmp_pa
     resumed = train(with_overrides(config_named(run_dir, tmp_path / "runs", "other"), ["train.max_steps=4"]),
                     resume=True)
     assert resumed.run_dir == other.run_dir
-    load_run_model(resumed.run_dir)  # saved again, with its checksums
-    with lock_folder(other.run_dir):
+    load(resumed.run_dir)  # saved again, with its checksums
+    with lock(other.run_dir):
         pass
 
 
@@ -237,5 +237,5 @@ def test_the_lock_is_released_when_training_fails(run_dir: Path, tmp_path: Path)
     broken.run_dir.mkdir(parents=True)  # made beforehand, so the failed train leaves it in place
     with pytest.raises(DataError):
         train(broken)
-    with lock_folder(broken.run_dir):
+    with lock(broken.run_dir):
         pass

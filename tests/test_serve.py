@@ -24,8 +24,8 @@ from fastapi import FastAPI
 
 from budgetlora.cli import main
 from budgetlora.config import RunConfig, from_dict
-from budgetlora.infer import predict_logits
-from budgetlora.modeling import load_run_model, load_tokenizer
+from budgetlora.modeling import predict_logits
+from budgetlora.runfolder import load
 from budgetlora.serve import ServeError, create_app, serve
 from budgetlora.train import train
 
@@ -80,11 +80,10 @@ def server(tmp_path_factory: pytest.TempPathFactory, tiny_roberta_dir: Path, new
 @pytest.fixture(scope="module")
 def expected(server: Server) -> Logits:
     """Logits straight from predict_logits over the same merged model, one text at a time (no padding)."""
-    model, config, _ = load_run_model(server.run_dir)
-    tokenizer = load_tokenizer(config.model)
+    run = load(server.run_dir)
 
     def logits(texts: list[str]) -> np.ndarray:
-        return predict_logits(model, tokenizer, texts, max_length=config.model.max_length, batch_size=1,
+        return predict_logits(run.model, run.tokenizer, texts, max_length=run.config.model.max_length, batch_size=1,
                               precision="fp32")
 
     return logits

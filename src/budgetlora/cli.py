@@ -21,7 +21,7 @@ from .config import PRIOR_ADJUSTMENTS, ConfigError, load_config
 # an error class whose module was never imported cannot have been raised. OSError covers missing files, disk full
 # and permission errors; its message names the path.
 USER_ERRORS = (("config", "ConfigError"), ("data", "DataError"), ("budget", "BudgetError"),
-               ("modeling", "ModelLoadError"), ("modeling", "RunFolderError"), ("report", "ReportError"),
+               ("modeling", "ModelLoadError"), ("runfolder", "RunFolderError"), ("report", "ReportError"),
                ("submission", "SubmissionError"), ("hardware", "DeviceError"))
 
 # The settings `evaluate` and `predict` take as overrides: how to read their input. The rest (model, labels, adapter,
@@ -75,20 +75,32 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from .sweep import SEARCH_SPACE, format_study, run_sweep, sweep_dir
+    from .sweep import SEARCH_SPACE, format_study, load_study, run_sweep, run_workers, sweep_dir, write_best
 
     config = load_config(args.config, args.overrides)
     print(f"search space:\n{SEARCH_SPACE}\n")
-    with contextlib.redirect_stdout(sys.stderr):  # the trainings' log dicts (see cmd_train)
-        study = run_sweep(config, args.trials)
+    code = 0
+    if args.workers > 1:  # the same command in N processes, one per GPU or share of the cores, on one study
+        storage = ["--storage", args.storage] if args.storage else []
+        grace = ["--grace", str(args.grace)] if args.grace else []
+        code = run_workers(["--config", args.config, "--trials", str(args.trials), "--heartbeat", str(args.heartbeat),
+                            *grace, *storage, *(["--verbose"] if args.verbose else []), *args.overrides], args.workers)
+        if code:
+            print(f"budgetlora: a sweep worker failed (exit status {code}); its log is above", file=sys.stderr)
+            return code
+        study = load_study(config, args.storage)
+        write_best(study, config)
+    else:
+        with contextlib.redirect_stdout(sys.stderr):  # the trainings' log dicts (see cmd_train)
+            study = run_sweep(config, args.trials, args.storage, heartbeat=args.heartbeat, grace=args.grace)
     print(format_study(study))
     if (sweep_dir(config) / "best.yaml").is_file():
         print(f"best config: {sweep_dir(config) / 'best.yaml'} (validation accuracy {study.best_value:.4f})")
-    return 0
+    return code
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .modeling import CONFIG_FILE
+    from .runfolder import CONFIG_FILE
     from .selftrain import run_training
     from .train import TrainingInterrupted
 
@@ -120,6 +132,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from .infer import evaluate_run, save_evaluation
+    from .runfolder import EVALUATIONS_DIR
 
     run_dir = Path(args.run)
     metrics = evaluate_run(run_dir, args.data, labels=args.labels, label_shift=args.label_shift,
@@ -140,7 +153,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     try:
         save_evaluation(run_dir, metrics)
     except OSError as error:  # e.g. someone else's read-only run folder: the metrics above still stand
-        print(f"budgetlora: warning: the metrics above were not saved in {run_dir / 'evaluations'}: {error}",
+        print(f"budgetlora: warning: the metrics above were not saved in {run_dir / EVALUATIONS_DIR}: {error}",
               file=sys.stderr)
     return 0
 
@@ -164,10 +177,11 @@ def cmd_predict(args: argparse.Namespace) -> int:
     print(f"wrote {len(labels):,} predictions to {'stdout' if to_stdout else args.output}",
           file=sys.stderr if to_stdout else sys.stdout)
     if args.format == "kaggle":
-        from .modeling import read_labels
+        from .runfolder import read_config
         from .submission import validate_submission
 
-        print(validate_submission(Path(args.output), len(labels), len(read_labels(Path(args.run)))))
+        classes = len(read_config(Path(args.run)).data.label_names)
+        print(validate_submission(Path(args.output), len(labels), classes))
     return 0
 
 
@@ -245,7 +259,17 @@ def build_parser() -> argparse.ArgumentParser:
     sweep = commands.add_parser("sweep", parents=[on_device],
                                 help="Optuna search over adapter shape and hyperparameters, within budget")
     sweep.add_argument("--config", required=True, help="YAML config: model, data, budget, epochs")
-    sweep.add_argument("--trials", type=int, default=20, help="trials to finish (refused ones count)")
+    sweep.add_argument("--trials", type=int, default=20,
+                       help="trials to finish in the whole study, over every worker (pruned and refused ones count)")
+    sweep.add_argument("--storage", help="the study's storage, shared by every worker: an RDB URL "
+                       "(postgresql://user@host/db, needs budgetlora[sweep-postgres]) or journal:///path/file.log "
+                       "(a shared file system); default: SQLite in the sweep folder")
+    sweep.add_argument("--workers", type=int, default=1,
+                       help="worker processes on this machine: one per visible GPU, or cores/N threads each")
+    sweep.add_argument("--heartbeat", type=int, default=60, metavar="SECONDS",
+                       help="how often a worker signals that its trial is alive")
+    sweep.add_argument("--grace", type=int, metavar="SECONDS", help="a trial silent this long is retried by another "
+                       "worker (default: twice --heartbeat)")
     sweep.add_argument("overrides", nargs="*", help=overrides_help)
     sweep.set_defaults(func=cmd_sweep)
 

@@ -225,6 +225,25 @@ class TrainSettings:
 
 
 @dataclass
+class SweepSettings:
+    """`budgetlora sweep`: how trials that fall behind the others are stopped early (pruned). Each trial reports its
+    validation accuracy at every evaluation; a pruned trial keeps its run folder and the metrics of its best
+    evaluation so far, and counts toward --trials."""
+
+    # "median": stop a trial whose best accuracy so far is below the median of the earlier trials' at the same step;
+    # "successive_halving": asynchronous successive halving (keeps the best third at each rung); "none": never stop.
+    pruner: Literal["none", "median", "successive_halving"] = "median"
+    # Trials to finish before the median pruner stops any (it has nothing to compare with before).
+    startup_trials: int = 5
+    # Optimizer steps a trial trains before the median pruner may stop it.
+    warmup_steps: int = 0
+
+    def __post_init__(self) -> None:
+        _require(self.startup_trials >= 0, "sweep.startup_trials", f"must be >= 0, got {self.startup_trials}")
+        _require(self.warmup_steps >= 0, "sweep.warmup_steps", f"must be >= 0, got {self.warmup_steps}")
+
+
+@dataclass
 class RunConfig:
     """One experiment: model, data, adapter, optimisation, and the trainable-parameter budget."""
 
@@ -237,6 +256,7 @@ class RunConfig:
     train: TrainSettings = field(default_factory=TrainSettings)
     augment: AugmentSettings = field(default_factory=AugmentSettings)
     self_training: SelfTrainSettings = field(default_factory=SelfTrainSettings)
+    sweep: SweepSettings = field(default_factory=SweepSettings)
 
     def __post_init__(self) -> None:
         _require(self.budget > 0, "budget", f"must be > 0, got {self.budget}")

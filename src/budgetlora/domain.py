@@ -17,6 +17,8 @@ from sklearn.feature_extraction.text import TfidfVectorizer
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import StratifiedKFold, cross_val_predict
 
+from .data import DataError
+
 # Training texts beyond this are subsampled: the classifier needs a picture of the training domain, not all of it.
 MAX_TRAINING_TEXTS = 20_000
 
@@ -39,9 +41,9 @@ def split_by_domain(training_texts: list[str], texts: list[str], *, false_positi
     """Flag the `texts` a classifier trained to tell them from `training_texts` finds unlike the training texts."""
     if not 0.0 < false_positive_rate < 1.0:
         raise ValueError(f"false_positive_rate must be in (0, 1), got {false_positive_rate}")
-    if len(training_texts) < folds or len(texts) < folds:
-        raise ValueError(f"a domain split needs at least {folds} training and {folds} input texts, got "
-                         f"{len(training_texts)} and {len(texts)}")
+    if len(training_texts) < folds or len(texts) < folds:  # a user's input: one line at the command line
+        raise DataError(f"telling unfamiliar texts from familiar ones (label shift uniform-ood) needs at least {folds} "
+                        f"training and {folds} input texts, got {len(training_texts)} and {len(texts)}")
     if len(training_texts) > MAX_TRAINING_TEXTS:
         chosen = np.random.default_rng(seed).choice(len(training_texts), MAX_TRAINING_TEXTS, replace=False)
         training_texts = [training_texts[i] for i in np.sort(chosen)]

@@ -31,13 +31,13 @@ import torch
 from torch import nn
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from . import runfolder
 from .config import ConfigError
 from .export_card import write_card
 from .export_onnx import onnx_logits, require_onnx, write_onnx
 from .export_pooled_model import BudgetloraPooledConfig, BudgetloraPooledForSequenceClassification
 from .files import umask_mode
 from .heads import PooledClassifier
-from .modeling import load_run_config, load_run_model, load_tokenizer
 
 EXPORT_FORMATS = ("transformers", "onnx")
 # The compact head's modeling file, under the name it has in an exported folder (config.json's auto_map names it).
@@ -124,7 +124,7 @@ def _write_transformers(model: nn.Module, tokenizer: PreTrainedTokenizerBase, fo
     """A model folder that `pipeline` serves, reloaded here to prove it reproduces the merged model."""
     remote_code = isinstance(model, PooledClassifier)
     saved = _as_remote_code_model(model, label_names) if remote_code else model
-    if not remote_code:  # the label map is rewritten from labels.json: classes are named exactly as the run names them
+    if not remote_code:  # the label map is rewritten from the run's: classes are named exactly as the run names them
         saved.config.id2label = dict(enumerate(label_names))
         saved.config.label2id = {name: i for i, name in enumerate(label_names)}
     saved.save_pretrained(folder)
@@ -159,13 +159,12 @@ def export_run(run_dir: Path, out: Path, format: str = "transformers") -> Path:
     run_dir, out = Path(run_dir), Path(out)
     if format not in EXPORT_FORMATS:
         raise ConfigError(f"export format {format!r}: use one of {', '.join(EXPORT_FORMATS)}")
-    config = load_run_config(run_dir)
+    config = runfolder.read_config(run_dir)
     _check_target(out)  # before any weights are read
     if format == "onnx":
         require_onnx()
-    model, config, label_names = load_run_model(run_dir, merge=True)
-    tokenizer = load_tokenizer(config.model)
-    tokenizer.model_max_length = config.model.max_length
+    run = runfolder.load(run_dir, config=config)
+    model, tokenizer, label_names = run.model, run.tokenizer, run.label_names
     max_length = config.model.max_length
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))

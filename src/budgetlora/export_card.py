@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import RunConfig
+from .runfolder import METRICS_FILE, PARAMS_FILE
 
 NOT_RECORDED = "not recorded"
 
@@ -52,8 +53,8 @@ def _usage(max_length: int, fmt: str, remote_code: bool) -> str:
 def write_card(folder: Path, run_dir: Path, config: RunConfig, label_names: list[str], fmt: str,
                remote_code: bool) -> None:
     """README.md in `folder`: base model, recipe, trainable parameters and budget, metrics, loading snippet."""
-    params = _read_json(run_dir / "params.json")
-    validation = _read_json(run_dir / "metrics.json").get("validation", {})
+    params = _read_json(run_dir / PARAMS_FILE)
+    validation = _read_json(run_dir / METRICS_FILE).get("validation", {})
     trainable, budget = params.get("trainable"), params.get("budget", config.budget)
     share = (f" ({trainable / budget:.1%} of the budget)" if isinstance(trainable, int) and isinstance(budget, int)
              and budget > 0 else "")

@@ -1,6 +1,7 @@
 """Atomic writes: a reader (or a crash) never sees half a file, and a failed write leaves the old file in place.
 
-Also the lock that gives a run folder one owner: a second process training the same run stops at once.
+Also the folder lock that gives a run folder one owner (runfolder.lock): a second process training the same run stops
+at once.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-LOCK_FILE = ".lock"
 _KINDS = {stat.S_IFDIR: "a directory", stat.S_IFIFO: "a FIFO", stat.S_IFCHR: "a character device",
           stat.S_IFBLK: "a block device", stat.S_IFSOCK: "a socket"}
 
@@ -80,13 +80,13 @@ def write_json(path: str | Path, value: Any) -> Path:
 
 
 @contextlib.contextmanager
-def lock_folder(folder: Path) -> Iterator[None]:
-    """Hold an exclusive, non-blocking lock on `folder` (flock on `folder/.lock`, which records the holder's pid).
+def lock_folder(folder: Path, lock_file: str) -> Iterator[None]:
+    """Hold an exclusive, non-blocking lock on `folder` (flock on `folder/lock_file`, which records the holder's pid).
 
     The kernel drops the lock when the process ends, however it ends: a kill -9 leaves no stale lock. The file stays
     (removing it would let two processes lock two different files of the same name).
     """
-    lock = Path(folder) / LOCK_FILE
+    lock = Path(folder) / lock_file
     fd = os.open(lock, os.O_RDWR | os.O_CREAT, umask_mode())
     try:
         try:

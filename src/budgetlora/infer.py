@@ -1,4 +1,4 @@
-"""Metrics, batched inference, and the `evaluate` and `predict` stages over a saved run."""
+"""The `evaluate` and `predict` stages over a saved run (runfolder.load), and prediction-time label shift."""
 
 from __future__ import annotations
 
@@ -8,98 +8,44 @@ import io
 import json
 import logging
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import datasets
 import numpy as np
-import torch
 from scipy.special import softmax
-from sklearn.metrics import accuracy_score, classification_report, confusion_matrix, f1_score
-from tqdm.auto import tqdm
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from .config import RunConfig, with_overrides
+from . import runfolder
+from .config import RunConfig
 from .data import join_labels, load_table, row_ids, split_train_validation
 from .domain import split_by_domain
 from .files import atomic_write_text, write_json, write_target
-from .hardware import autocast, device, resolve_precision
 from .label_shift import estimate_priors, fit_temperature, match_priors
-from .modeling import VALIDATION_LOGITS_FILE, check_finite_logits, load_run_config, load_run_model, load_tokenizer
+from .metrics import classification_metrics
 from .submission import validate_submission_text
 
 log = logging.getLogger(__name__)
 
 
-def classification_metrics(labels: list[int], predictions: list[int], label_names: list[str]) -> dict[str, Any]:
-    """Accuracy, macro-F1, per-class precision/recall/F1/support and the confusion matrix (rows: true labels)."""
-    indices = list(range(len(label_names)))
-    report = classification_report(labels, predictions, labels=indices, target_names=label_names,
-                                   output_dict=True, zero_division=0)
-    return {
-        "accuracy": float(accuracy_score(labels, predictions)),
-        "macro_f1": float(f1_score(labels, predictions, labels=indices, average="macro", zero_division=0)),
-        "per_class": {name: report[name] for name in label_names},
-        "confusion_matrix": confusion_matrix(labels, predictions, labels=indices).tolist(),
-        "label_names": label_names,
-        "rows": len(labels),
-    }
-
-
-@torch.inference_mode()
-def predict_logits(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, texts: list[str], *,
-                   max_length: int, batch_size: int = 128, precision: str = "auto",
-                   pad_to_max_length: bool = False, progress: bool = False) -> np.ndarray:
-    """Logits for `texts`, in input order.
-
-    Texts are batched longest-first so each batch pads to a similar length (little padding, and an out-of-memory
-    error, if any, comes on the first batch); the original order is restored at the end. pad_to_max_length pads
-    every batch to max_length, as the reference pipeline does.
-    """
-    padding = {"padding": "max_length", "max_length": max_length} if pad_to_max_length else {}
-    on = device()
-    model.to(on).eval()
-    precision = resolve_precision(precision)
-    encoded = tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
-    order = np.argsort([-len(ids) for ids in encoded], kind="stable")
-    logits = np.empty((len(texts), model.config.num_labels), dtype=np.float32)
-    for start in tqdm(range(0, len(order), batch_size), desc="Predicting", unit="batch", disable=not progress):
-        rows = order[start:start + batch_size]
-        batch = tokenizer.pad({"input_ids": [encoded[i] for i in rows]}, return_tensors="pt", **padding).to(on)
-        with autocast(precision, on):
-            logits[rows] = model(**batch).logits.float().cpu().numpy()
-    return logits
-
-
-def run_predictor(model: PreTrainedModel, config: RunConfig) -> Callable[..., np.ndarray]:
-    """`predict(texts, progress=False) -> logits` with the run's own length, batch size, precision and padding."""
-    tokenizer = load_tokenizer(config.model)
-
-    def predict(texts: list[str], progress: bool = False) -> np.ndarray:
-        return predict_logits(model, tokenizer, texts, max_length=config.model.max_length,
-                              batch_size=config.train.eval_batch_size, precision=config.train.precision,
-                              pad_to_max_length=config.model.pad_to_max_length, progress=progress)
-
-    return predict
-
-
-def _read_source(run_dir: Path, source: str, *, labelled: bool, trust_pickle: bool, overrides: Sequence[str] = ()):
+def _read_source(run_dir: Path, source: str, *, labelled: bool, trust_pickle: bool,
+                 overrides: Sequence[str] = ()) -> tuple[RunConfig, datasets.Dataset]:
     """The run's config (input-reading settings as trained unless `overrides` set them, e.g. data.text_columns=[title];
     trust_pickle as asked) and the source's checked table."""
-    config = with_overrides(load_run_config(run_dir), [*overrides, f"data.trust_pickle={str(trust_pickle).lower()}"])
+    config = runfolder.read_config(run_dir, [*overrides, f"data.trust_pickle={str(trust_pickle).lower()}"])
     return config, load_table(source, config.data, labelled=labelled)  # bad input fails before the model is loaded
 
 
 def train_priors(run_dir: Path, label_count: int) -> np.ndarray:
     """The class shares of the run's training rows (uniform for runs that did not record them)."""
-    counts = json.loads((Path(run_dir) / "metrics.json").read_text()).get("train_label_counts")
+    counts = runfolder.read_metrics(run_dir).get("train_label_counts")
     counts = np.asarray(counts if counts else [1] * label_count, dtype=np.float64)
     return counts / counts.sum()
 
 
 def training_texts(run_dir: Path) -> list[str]:
     """The texts the run trained on (its labelled training split, read again from its data.train)."""
-    config = load_run_config(run_dir)
+    config = runfolder.read_config(run_dir)
     train_rows, _ = split_train_validation(load_table(config.data.train, config.data, labelled=True), config.data)
     return train_rows["text"][:]
 
@@ -123,7 +69,7 @@ def shift_to_input_priors(run_dir: Path, texts: list[str], logits: np.ndarray,
         if split.unfamiliar.any():
             adjusted[split.unfamiliar], offsets = match_priors(probs[split.unfamiliar], uniform)
         return adjusted, {"prior_adjustment": "uniform-ood", "offsets": offsets.round(4).tolist(), **split.summary()}
-    saved = run_dir / VALIDATION_LOGITS_FILE
+    saved = run_dir / runfolder.VALIDATION_LOGITS_FILE
     temperature = 1.0
     if saved.is_file():  # runs from before it was recorded: uncalibrated
         validation = json.loads(saved.read_text())
@@ -152,14 +98,14 @@ def evaluate_run(run_dir: Path, source: str, *, labels: str | None = None, label
     config, table = _read_source(run_dir, source, labelled=labels is None, trust_pickle=trust_pickle,
                                  overrides=overrides)
     joined = join_labels(table, labels, config.data) if labels is not None else None
-    model, config, label_names = load_run_model(run_dir)
-    predict = run_predictor(model, config)
+    run = runfolder.load(run_dir, config=config)
+    label_names = run.label_names
     texts = table["text"][:]
     rows = joined.rows if joined is not None else list(range(len(texts)))  # the rows with a label
     # The model reads only the labelled rows, unless the priors are the whole input's.
     predicted_rows = list(range(len(texts))) if label_shift else rows
     predicted_texts = [texts[i] for i in predicted_rows]
-    probs, extra = _probabilities(run_dir, predicted_texts, predict(predicted_texts, progress=True), label_shift)
+    probs, extra = _probabilities(run_dir, predicted_texts, run.predict(predicted_texts, progress=True), label_shift)
     predicted = probs.argmax(-1)
     if label_shift:
         predicted = predicted[rows]
@@ -182,7 +128,7 @@ def save_evaluation(run_dir: Path, metrics: dict[str, Any]) -> Path:
     """Write evaluate_run's `metrics` to <run>/evaluations/, under a name of their source, labels, label shift and
     overrides that different evaluations never share."""
     key = _evaluation_key(metrics["source"], metrics["labels"], metrics["label_shift"], metrics["overrides"])
-    return write_json(Path(run_dir) / "evaluations" / f"{key}.json", metrics)
+    return write_json(Path(run_dir) / runfolder.EVALUATIONS_DIR / f"{key}.json", metrics)
 
 
 def _evaluation_key(source: str, labels: str | None, label_shift: str | None, overrides: list[str]) -> str:
@@ -206,10 +152,11 @@ def predict_run(run_dir: Path, source: str, output: Path | str, *, label_shift: 
     if output != "-":
         write_target(Path(output))  # a FIFO, device or folder is refused now, not after the whole input
     config, table = _read_source(run_dir, source, labelled=False, trust_pickle=trust_pickle, overrides=overrides)
-    model, config, label_names = load_run_model(run_dir)
+    run = runfolder.load(run_dir, config=config)
+    label_names = run.label_names
     texts = table["text"][:]
-    logits = run_predictor(model, config)(texts, progress=True)
-    check_finite_logits(run_dir, logits)
+    logits = run.predict(texts, progress=True)
+    runfolder.check_finite_logits(run_dir, logits)
     probs, extra = _probabilities(run_dir, texts, logits, label_shift)
     if extra:
         log.info("label shift: %s", extra)

@@ -1,12 +1,12 @@
-"""Build the frozen encoder with its LoRA adapter and classification head, and reload a trained run from disk."""
+"""Build the frozen encoder with its LoRA adapter and classification head, and run a model over texts in batches.
+
+A trained run is loaded back from its folder by runfolder.load, which builds its model here."""
 
 from __future__ import annotations
 
 import contextlib
 import functools
-import json
 import logging
-import math
 import re
 from pathlib import Path
 from typing import Any
@@ -14,20 +14,22 @@ from typing import Any
 import numpy as np
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
-from safetensors import safe_open
 from torch import nn
+from tqdm.auto import tqdm
 from transformers import (
     AutoConfig,
     AutoModel,
     AutoModelForSequenceClassification,
     AutoTokenizer,
     PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
 )
 from transformers.pytorch_utils import Conv1D
 from transformers.utils import logging as transformers_logging
 
-from .config import ConfigError, ModelConfig, RunConfig, load_config
-from .files import atomic_write_text, umask_mode
+from .config import ConfigError, ModelConfig, RunConfig
+from .hardware import autocast, device, resolve_precision
 from .heads import (
     COMPACT_HEADS,
     PooledClassifier,
@@ -36,17 +38,9 @@ from .heads import (
     init_new_dense_as_identity,
     trainable_head_modules,
 )
-from .manifest import file_sha256
 from .model_sources import VENDORED_CONFIGS, hub_unavailable, resolve_model_path
 from .targets import TargetMatch, resolve_targets
 
-ADAPTER_DIR = "adapter"
-WEIGHTS_FILE = "adapter_model.safetensors"
-CHECKSUMS_FILE = "SHA256SUMS"  # in the adapter folder
-CHECKED_FILES = (WEIGHTS_FILE, "adapter_config.json")  # the weights, and the settings (r, alpha) that scale them
-LABELS_FILE = "labels.json"
-CONFIG_FILE = "config.yaml"
-VALIDATION_LOGITS_FILE = "validation_logits.json"
 log = logging.getLogger(__name__)
 # Layer types peft's LoRA can wrap; only these are offered to target patterns.
 TARGETABLE_TYPES = (torch.nn.Linear, torch.nn.Embedding, torch.nn.Conv1d, Conv1D)
@@ -200,114 +194,26 @@ def build_peft_model(config: RunConfig, label_names: list[str], *,
     return get_peft_model(base, lora_config(config, targets, trained_in_full)), match
 
 
-def save_run_model(model: PeftModel, run_dir: Path) -> None:
-    """Adapter and head weights, as safetensors (peft stores the head with the adapter via modules_to_save), and the
-    SHA-256 of the files that make the model, which loading checks."""
-    adapter = run_dir / ADAPTER_DIR
-    model.save_pretrained(adapter, safe_serialization=True)
-    mode = umask_mode()
-    for path in adapter.iterdir():  # safetensors writes 0600; every other output follows the umask
-        if path.is_file():
-            path.chmod(mode)
-    # sha256sum's format: `sha256sum -c SHA256SUMS` in the adapter folder checks them too.
-    atomic_write_text(adapter / CHECKSUMS_FILE, "".join(f"{file_sha256(adapter / name)}  {name}\n"
-                                                        for name in CHECKED_FILES))
+@torch.inference_mode()
+def predict_logits(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, texts: list[str], *,
+                   max_length: int, batch_size: int = 128, precision: str = "auto",
+                   pad_to_max_length: bool = False, progress: bool = False) -> np.ndarray:
+    """Logits for `texts`, in input order.
 
-
-def read_labels(run_dir: Path) -> list[str]:
-    return json.loads((run_dir / LABELS_FILE).read_text())["label_names"]
-
-
-def load_run_config(run_dir: Path) -> RunConfig:
-    run_dir = Path(run_dir)
-    if not (run_dir / CONFIG_FILE).is_file():
-        raise FileNotFoundError(f"{run_dir} is not a budgetlora run folder: {CONFIG_FILE} is missing")
-    return load_config(run_dir / CONFIG_FILE)
-
-
-def load_run_model(run_dir: Path, *, merge: bool = True) -> tuple[nn.Module, RunConfig, list[str]]:
-    """Rebuild a trained run: base weights, then adapter and head from the run folder.
-
-    merge=True folds the LoRA weights into the base layers, so inference costs what the bare model costs.
+    Texts are batched longest-first so each batch pads to a similar length (little padding, and an out-of-memory
+    error, if any, comes on the first batch); the original order is restored at the end. pad_to_max_length pads
+    every batch to max_length, as the reference pipeline does.
     """
-    run_dir = Path(run_dir)
-    config = load_run_config(run_dir)
-    label_names = read_labels(run_dir)
-    if label_names != config.data.label_names:
-        raise RunFolderError(f"{run_dir / LABELS_FILE}: labels {label_names} differ from the run's config "
-                             f"{config.data.label_names}")
-    _check_adapter_file(run_dir)
-    base = build_base_model(config.model, label_names, seed=config.train.seed)
-    try:
-        model = PeftModel.from_pretrained(base, run_dir / ADAPTER_DIR)
-    except (RuntimeError, ValueError) as error:  # size or name mismatches: trained on another base model
-        raise RunFolderError(f"{run_dir / ADAPTER_DIR}: does not fit model {config.model.name!r} "
-                             f"({str(error).splitlines()[0]})") from None
-    model = model.merge_and_unload() if merge else model
-    return model.eval(), config, label_names
-
-
-class RunFolderError(ValueError):
-    """A run folder that is incomplete, corrupt, or inconsistent with itself."""
-
-
-def _check_adapter_file(run_dir: Path) -> None:
-    """The adapter file must hold exactly the parameters the run trained, as trained: never a silently random head."""
-    weights = run_dir / ADAPTER_DIR / WEIGHTS_FILE
-    if not weights.is_file():
-        raise RunFolderError(f"{weights} is missing: the run did not finish, or the folder was copied in part")
-    try:
-        with safe_open(str(weights), framework="pt") as handle:
-            stored = sum(math.prod(handle.get_slice(key).get_shape()) for key in handle.keys())  # noqa: SIM118
-    except Exception as error:  # safetensors raises its own error types for truncated or garbled files
-        raise RunFolderError(f"{weights} is corrupt ({error})") from None
-    trained = json.loads((run_dir / "params.json").read_text())["trainable"]
-    if stored != trained:
-        raise RunFolderError(f"{weights} holds {stored:,} parameters but the run trained {trained:,}: the file is "
-                             f"incomplete or from another run")
-    _check_checksums(run_dir / ADAPTER_DIR)
-    _check_finite_weights(weights)
-
-
-def _check_checksums(adapter: Path) -> None:
-    """Every file SHA256SUMS lists must hash as when the run was saved: flipped bytes in the tensor data still parse,
-    and would predict one class for every text. Runs saved before the sums were recorded load with a warning."""
-    sums = adapter / CHECKSUMS_FILE
-    if not sums.is_file():
-        log.warning("%s is missing (a run saved before budgetlora recorded checksums): the adapter cannot be checked "
-                    "for changes since training", sums)
-        return
-    listed: dict[str, str] = {}
-    for line in sums.read_text(errors="replace").splitlines():
-        match = re.fullmatch(r"([0-9a-f]{64}) [ *]([^/\\]+)", line)
-        if match is None:
-            raise RunFolderError(f"{sums} is corrupt (line {line[:100]!r})")
-        listed[match[2]] = match[1]
-    if WEIGHTS_FILE not in listed:
-        raise RunFolderError(f"{sums} does not list {WEIGHTS_FILE}: the file is corrupt")
-    for name, digest in listed.items():
-        path = adapter / name
-        if not path.is_file():
-            raise RunFolderError(f"{path} is missing (listed in {sums})")
-        if file_sha256(path) != digest:
-            raise RunFolderError(f"{path} changed since training: its SHA-256 differs from the one recorded in "
-                                 f"{sums} (the file is damaged or was replaced)")
-
-
-def _check_finite_weights(weights: Path) -> None:
-    """NaN or inf in a tensor makes the logits NaN, and argmax then says class 0 for every text, with no error."""
-    with safe_open(str(weights), framework="pt") as handle:
-        for key in handle.keys():  # noqa: SIM118 - safe_open handles are not iterable
-            tensor = handle.get_tensor(key)
-            if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-                bad = int((~torch.isfinite(tensor)).sum())
-                raise RunFolderError(f"{weights}: tensor {key} holds {bad:,} non-finite values (NaN or inf): "
-                                     f"training diverged or the file was altered; retrain the run")
-
-
-def check_finite_logits(run_dir: Path, logits: np.ndarray) -> None:
-    """Non-finite logits (fp16 overflow, damaged weights) would all become class 0: refuse them instead."""
-    bad = ~np.isfinite(logits).all(axis=-1)
-    if bad.any():
-        raise RunFolderError(f"{run_dir}: the model gave non-finite logits (NaN or inf) for {int(bad.sum()):,} of "
-                             f"{len(logits):,} texts (the first: row {int(bad.argmax())}); nothing was written")
+    padding = {"padding": "max_length", "max_length": max_length} if pad_to_max_length else {}
+    on = device()
+    model.to(on).eval()
+    precision = resolve_precision(precision)
+    encoded = tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
+    order = np.argsort([-len(ids) for ids in encoded], kind="stable")
+    logits = np.empty((len(texts), model.config.num_labels), dtype=np.float32)
+    for start in tqdm(range(0, len(order), batch_size), desc="Predicting", unit="batch", disable=not progress):
+        rows = order[start:start + batch_size]
+        batch = tokenizer.pad({"input_ids": [encoded[i] for i in rows]}, return_tensors="pt", **padding).to(on)
+        with autocast(precision, on):
+            logits[rows] = model(**batch).logits.float().cpu().numpy()
+    return logits

@@ -16,11 +16,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .files import atomic_write_bytes, atomic_write_text
+from .runfolder import EVALUATIONS_DIR, LOG_HISTORY_FILE, METRICS_FILE, PARAMS_FILE, REPORT_DIR
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
-
-REPORT_DIR = "report"
 
 
 class ReportError(ValueError):
@@ -171,13 +170,13 @@ def summary_markdown(run_dir: Path, metrics: dict[str, Any], params: dict[str, A
 def write_report(run_dir: Path) -> list[Path]:
     """Write the plots and summary.md into <run_dir>/report/; return the files written (summary.md last)."""
     run_dir = Path(run_dir)
-    history = _read_json(run_dir / "log_history.json")
-    metrics = _read_json(run_dir / "metrics.json")
-    params = _read_json(run_dir / "params.json")
+    history = _read_json(run_dir / LOG_HISTORY_FILE)
+    metrics = _read_json(run_dir / METRICS_FILE)
+    params = _read_json(run_dir / PARAMS_FILE)
     for key in ("validation", "train_runtime_s"):
         if key not in metrics:
-            raise ReportError(f"{run_dir / 'metrics.json'}: no {key!r} entry; is it a budgetlora run's metrics?")
-    evaluations = {path.stem: _read_json(path) for path in sorted((run_dir / "evaluations").glob("*.json"))}
+            raise ReportError(f"{run_dir / METRICS_FILE}: no {key!r} entry; is it a budgetlora run's metrics?")
+    evaluations = {path.stem: _read_json(path) for path in sorted((run_dir / EVALUATIONS_DIR).glob("*.json"))}
     out = run_dir / REPORT_DIR
     out.mkdir(exist_ok=True)
     images = [_save_png(training_figure(history, metrics.get("best_checkpoint")), out / "training.png"),

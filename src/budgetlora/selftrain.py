@@ -27,11 +27,11 @@ import numpy as np
 from scipy.special import softmax
 from transformers import TrainerCallback
 
+from . import runfolder
 from .config import RunConfig, SelfTrainSettings, with_overrides
 from .data import load_table
-from .files import atomic_write_text, write_json
-from .infer import run_predictor, shift_to_input_priors
-from .modeling import load_run_model
+from .files import atomic_write_text
+from .infer import shift_to_input_priors
 from .train import TrainResult, check_run_dir, train
 
 log = logging.getLogger(__name__)
@@ -64,9 +64,8 @@ def _finished_round_metrics(config: RunConfig, resume: bool) -> dict[str, Any] |
     """On --resume, the metrics of an earlier round that already finished (it is not trained again); else None.
 
     The last round is the run itself (self_training.rounds > 0 in its config) and is always trained or resumed."""
-    metrics_file = config.run_dir / "metrics.json"
-    if resume and config.self_training.rounds == 0 and metrics_file.is_file():
-        return json.loads(metrics_file.read_text())
+    if resume and config.self_training.rounds == 0 and (config.run_dir / runfolder.METRICS_FILE).is_file():
+        return runfolder.read_metrics(config.run_dir)
     return None
 
 
@@ -84,8 +83,7 @@ def self_train(config: RunConfig, *, resume: bool = False,
         round_config = _round_config(config, index)
         if index > 0:  # pseudo-label with the previous round's model, resolved config (max_length) and all
             previous = _round_config(config, index - 1)
-            model, run_config, _ = load_run_model(previous.run_dir)
-            logits = run_predictor(model, run_config)(texts, progress=True)
+            logits = runfolder.load(previous.run_dir).predict(texts, progress=True)
             probs, shift = (shift_to_input_priors(previous.run_dir, texts, logits, settings.label_shift)
                             if settings.label_shift else (softmax(logits.astype(np.float64), axis=1), {}))
             rows, labels, stats = select_pseudo_labels(probs, settings)
@@ -103,14 +101,14 @@ def self_train(config: RunConfig, *, resume: bool = False,
             history[-1]["pseudo_labels_for_next_round"] = stats
         metrics = _finished_round_metrics(round_config, resume)
         if metrics is None:
-            result = train(round_config, resume=resume and (round_config.run_dir / "checkpoints").is_dir(),
+            result = train(round_config, resume=resume and (round_config.run_dir / runfolder.CHECKPOINTS_DIR).is_dir(),
                            callbacks=callbacks, extra=extra)
             metrics = result.metrics
         history.append({"round": index, "run": str(round_config.run_dir),
                         "validation_accuracy": metrics["validation"]["accuracy"],
                         "train_rows": metrics["train_rows"], "train_runtime_s": metrics["train_runtime_s"]})
     metrics = {**metrics, "self_training": history}
-    write_json(config.run_dir / "metrics.json", metrics)
+    runfolder.write_metrics(config.run_dir, metrics)
     return TrainResult(config.run_dir, result.model, metrics, result.params)  # the last round: always trained
 
 

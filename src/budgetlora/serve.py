@@ -30,9 +30,8 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_vali
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from . import runfolder
 from .config import ConfigError
-from .infer import run_predictor
-from .modeling import load_run_model
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +82,7 @@ def _listen_socket(host: str, port: int) -> socket.socket:
 class PredictResponse(BaseModel):
     labels: list[int] = Field(description="predicted class index per text, in request order")
     label_names: list[str] = Field(description="predicted class name per text")
-    probabilities: list[list[float]] = Field(description="softmax over the classes (labels.json order) per text")
+    probabilities: list[list[float]] = Field(description="softmax over the classes (the run's label order) per text")
 
 
 class ErrorMessage(BaseModel):
@@ -265,8 +264,9 @@ def create_app(run_dir: Path, *, max_texts: int = 64, max_chars: int = 2000, bat
     """The API of a trained run: POST /predict, GET /health, and FastAPI's /openapi.json, /docs and /redoc."""
     _refuse(_limit_problems(max_texts, max_chars, batch_window_ms, batch_texts))
     run_dir = Path(run_dir)
-    model, config, label_names = load_run_model(run_dir, merge=True)  # a broken run fails here, not per request
-    batcher = MicroBatcher(run_predictor(model, config), batch_window_ms / 1000, batch_texts)
+    run = runfolder.load(run_dir)  # a broken run fails here, not per request
+    label_names = run.label_names
+    batcher = MicroBatcher(run.predict, batch_window_ms / 1000, batch_texts)
     PredictRequest = _request_model(max_texts, max_chars)
 
     @contextlib.asynccontextmanager
@@ -277,7 +277,7 @@ def create_app(run_dir: Path, *, max_texts: int = 64, max_chars: int = 2000, bat
 
     app = FastAPIOffline(title=f"budgetlora: {run_dir.name}", lifespan=lifespan,
                          description=f"Text classification into {', '.join(label_names)} "
-                                     f"(model.head: {config.model.head}).")
+                                     f"(model.head: {run.config.model.head}).")
     app.state.batch_stats = batcher.stats
     # 12 bytes a character: the longest JSON escape (a surrogate pair); the rest is the list's own syntax.
     body_limit = max_texts * (12 * max_chars + 8) + 1024

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import logging
 import math
 import os
@@ -38,24 +37,15 @@ from transformers import (
 from transformers.integrations import TensorBoardCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from . import runfolder
 from .augment import augment_texts
 from .budget import ParamReport, check_budget, parameter_group
-from .config import RunConfig, TrainSettings, dump_config, with_overrides
+from .config import RunConfig, TrainSettings, with_overrides
 from .data import load_table, split_train_validation
 from .features import choose_max_length, tokenize_table
-from .files import LOCK_FILE, atomic_write_text, lock_folder, write_json
 from .hardware import resolve_precision
-from .infer import classification_metrics
-from .manifest import build_manifest
-from .modeling import (
-    CONFIG_FILE,
-    LABELS_FILE,
-    VALIDATION_LOGITS_FILE,
-    build_peft_model,
-    load_run_config,
-    load_tokenizer,
-    save_run_model,
-)
+from .metrics import classification_metrics
+from .modeling import build_peft_model, load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -185,7 +175,7 @@ def training_arguments(config: RunConfig, train_rows: int) -> TrainingArguments:
     total_steps = train.max_steps or math.ceil(train.epochs * steps_per_epoch)
     eval_steps = min(steps_per_epoch, total_steps)  # an evaluation per epoch, and at least one per run
     return TrainingArguments(
-        output_dir=str(config.run_dir / "checkpoints"),
+        output_dir=str(config.run_dir / runfolder.CHECKPOINTS_DIR),
         num_train_epochs=train.epochs,
         max_steps=train.max_steps or -1,
         learning_rate=train.learning_rate,
@@ -247,12 +237,12 @@ def check_run_dir(config: RunConfig, resume: bool) -> str | None:
     where the run lies and how long it trains (the message names the keys), and a finished run not asked to train
     longer. Returns what a resume changes in the training length, for the log; else None."""
     run_dir = config.run_dir
-    started = (run_dir / "checkpoints").is_dir()
+    started = (run_dir / runfolder.CHECKPOINTS_DIR).is_dir()
     if started and not resume:
         raise RunExistsError(f"{run_dir} already holds a run; pick another name (name=...) or resume it (--resume)")
-    if not resume or not (run_dir / CONFIG_FILE).exists():
+    if not resume or not (run_dir / runfolder.CONFIG_FILE).exists():
         return None
-    saved = load_run_config(run_dir)
+    saved = runfolder.read_config(run_dir)
     before, after = _settings(saved), _settings(config)
     changed = {key: (before[key], after[key]) for key in before if before[key] != after[key]}
     refused = [f"{key} {old!r} -> {new!r}" for key, (old, new) in changed.items()
@@ -261,13 +251,13 @@ def check_run_dir(config: RunConfig, resume: bool) -> str | None:
         raise RunExistsError(f"{run_dir} was started with a different config ({', '.join(refused)}); resume it with "
                              f"its own values (drop those overrides), or train a new run (name=...)")
     longer = _trains_longer(config.train, saved.train)
-    metrics = run_dir / "metrics.json"
-    if metrics.is_file() and not longer:
-        accuracy = json.loads(metrics.read_text())["validation"]["accuracy"]
+    finished = (run_dir / runfolder.METRICS_FILE).is_file()
+    if finished and not longer:
+        accuracy = runfolder.read_metrics(run_dir)["validation"]["accuracy"]
         raise RunExistsError(f"{run_dir} has finished training (validation accuracy {accuracy:.4f}); nothing to "
                              f"resume. To train it longer from its last checkpoint: budgetlora train --resume "
                              f"{run_dir} {_longer(saved.train)}")
-    if metrics.is_file() and _latest_checkpoint(run_dir) is None:
+    if finished and runfolder.latest_checkpoint(run_dir) is None:
         raise RunExistsError(f"{run_dir} has finished training and has no checkpoint left to continue from; train a "
                              f"new run (name=...) with the longer settings")
     lengths = [f"{key} {old!r} -> {new!r}" for key, (old, new) in changed.items() if key in LENGTH_KEYS]
@@ -279,25 +269,6 @@ def _longer(train: TrainSettings) -> str:
     if train.max_steps is not None:
         return f"train.max_steps={2 * train.max_steps}"
     return f"train.epochs={math.floor(train.epochs) + 1}"
-
-
-def _write_run_header(config: RunConfig, params: ParamReport, data_rows: dict[str, int]) -> Path:
-    run_dir = config.run_dir  # made by train() before any expensive work
-    atomic_write_text(run_dir / CONFIG_FILE, dump_config(config))
-    write_json(run_dir / "manifest.json", build_manifest(config, data_rows))
-    write_json(run_dir / LABELS_FILE, {"label_names": config.data.label_names})
-    write_json(run_dir / "params.json", {"groups": params.groups, "trainable": params.trainable,
-                                         "budget": params.budget, "total": params.total_params,
-                                         "targets": {k: len(v) for k, v in params.targets.matches.items()}})
-    return run_dir
-
-
-def _latest_checkpoint(run_dir: Path) -> str | None:
-    """The newest complete checkpoint: Trainer writes trainer_state.json last, so a save cut off by a crash (kill -9)
-    lacks it and is skipped in favour of the one before."""
-    checkpoints = sorted((run_dir / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
-    complete = [c for c in checkpoints if (c / "trainer_state.json").is_file()]
-    return str(complete[-1]) if complete else None
 
 
 def resolve_max_length(config: RunConfig, tokenizer: Any, train_rows: datasets.Dataset) -> tuple[RunConfig, dict]:
@@ -340,12 +311,12 @@ def train(config: RunConfig, *, resume: bool = False, callbacks: Sequence[Traine
     # One process owns the run folder until it is written (the first under torchrun, the one that writes it): a second
     # `train` of the same run stops here, before it reads the folder's state, instead of writing into it as well.
     owner = int(os.environ.get("RANK", "0")) == 0
-    with lock_folder(config.run_dir) if owner else contextlib.nullcontext():
+    with runfolder.lock(config.run_dir) if owner else contextlib.nullcontext():
         try:
             longer = check_run_dir(config, resume)
             if longer:
                 log.info("training longer (%s): continuing from the last checkpoint, %s; the learning-rate schedule "
-                         "now spans the new length", longer, _latest_checkpoint(config.run_dir))
+                         "now spans the new length", longer, runfolder.latest_checkpoint(config.run_dir))
             return _train(config, params, resume=resume, callbacks=callbacks, extra=extra)
         except BaseException:
             if owner:  # a failure before anything was written (bad data, a missing model) leaves no folder behind
@@ -359,9 +330,9 @@ def _remove_unused(folders: list[Path]) -> None:
     # brought us here is the one to report.
     with contextlib.suppress(OSError):
         for folder in folders:
-            if {path.name for path in folder.iterdir()} - {LOCK_FILE}:
+            if {path.name for path in folder.iterdir()} - {runfolder.LOCK_FILE}:
                 return
-            (folder / LOCK_FILE).unlink(missing_ok=True)
+            (folder / runfolder.LOCK_FILE).unlink(missing_ok=True)
             folder.rmdir()
 
 
@@ -384,8 +355,8 @@ def _train(config: RunConfig, params: ParamReport, *, resume: bool, callbacks: S
     callbacks = [FollowMovedRun(), interrupt, *callbacks]
     if main_process:
         rows = {"source": len(table), "train": len(train_set), "validation": len(val_set)}
-        _write_run_header(config, params, rows if extra is None else {**rows, "pseudo_labelled": len(extra)})
-        callbacks = [TensorBoardCallback(SummaryWriter(str(run_dir / "tensorboard"))), *callbacks]
+        runfolder.write_header(config, params, rows if extra is None else {**rows, "pseudo_labelled": len(extra)})
+        callbacks = [TensorBoardCallback(SummaryWriter(str(run_dir / runfolder.TENSORBOARD_DIR))), *callbacks]
     label_names = config.data.label_names
     if config.train.early_stopping_patience:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=config.train.early_stopping_patience))
@@ -402,7 +373,7 @@ def _train(config: RunConfig, params: ParamReport, *, resume: bool, callbacks: S
         callbacks=callbacks,
     )
     try:
-        output = trainer.train(resume_from_checkpoint=_latest_checkpoint(run_dir) if resume else None)
+        output = trainer.train(resume_from_checkpoint=runfolder.latest_checkpoint(run_dir) if resume else None)
     finally:
         interrupt.restore()
     if interrupt.interrupted:
@@ -427,12 +398,9 @@ def _train(config: RunConfig, params: ParamReport, *, resume: bool, callbacks: S
         "train_label_counts": np.bincount(train_rows["label"][:], minlength=len(label_names)).tolist(),
     }
     if trainer.is_world_process_zero():
-        save_run_model(trainer.model, run_dir)  # the best checkpoint: load_best_model_at_end restored it
-        write_json(run_dir / "metrics.json", metrics)
-        write_json(run_dir / "log_history.json", trainer.state.log_history)
-        # For calibration at prediction time (label shift): the kept model's logits on the validation rows.
-        write_json(run_dir / VALIDATION_LOGITS_FILE, {"logits": np.asarray(final.predictions).round(5).tolist(),
-                                                      "labels": final.label_ids.tolist()})
+        # The best checkpoint's model: load_best_model_at_end restored it.
+        runfolder.write_results(run_dir, trainer.model, metrics, trainer.state.log_history, final.predictions,
+                                final.label_ids.tolist())
     # Unwrapped: accelerate patches forward() with the training autocast, which inference chooses for itself.
     model = trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False)
     return TrainResult(run_dir, model, metrics, params)

@@ -1,0 +1,234 @@
+"""The run folder (`runs/<name>/`): its layout, its lock, what training writes into it and how a run is loaded back.
+
+Layout (training writes it; evaluate, predict, export, serve, report and self-training read it through here):
+- config.yaml: the resolved config, label names included; labels.json: the label names, for readers without
+  budgetlora (checked against config.yaml when a run is loaded); params.json; manifest.json. Written first.
+- adapter/: LoRA weights and the trained head (adapter_model.safetensors, adapter_config.json) and SHA256SUMS, the
+  SHA-256 of both; metrics.json, log_history.json, validation_logits.json. Written when training ends.
+- checkpoints/checkpoint-<step>/ (Trainer's), tensorboard/, evaluations/ (evaluate), report/ (report).
+- .lock: held by the process training the run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+from collections.abc import Sequence
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from peft import PeftModel
+from safetensors import safe_open
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+
+from .budget import ParamReport
+from .config import RunConfig, dump_config, load_config, with_overrides
+from .files import atomic_write_text, lock_folder, umask_mode, write_json
+from .manifest import build_manifest, file_sha256
+from .modeling import build_base_model, load_tokenizer, predict_logits
+
+CONFIG_FILE = "config.yaml"
+LABELS_FILE = "labels.json"
+PARAMS_FILE = "params.json"
+MANIFEST_FILE = "manifest.json"
+METRICS_FILE = "metrics.json"
+LOG_HISTORY_FILE = "log_history.json"
+VALIDATION_LOGITS_FILE = "validation_logits.json"
+ADAPTER_DIR = "adapter"
+WEIGHTS_FILE = "adapter_model.safetensors"  # in ADAPTER_DIR
+CHECKSUMS_FILE = "SHA256SUMS"  # in ADAPTER_DIR
+CHECKED_FILES = (WEIGHTS_FILE, "adapter_config.json")  # the weights, and the settings (r, alpha) that scale them
+CHECKPOINTS_DIR = "checkpoints"
+TENSORBOARD_DIR = "tensorboard"
+EVALUATIONS_DIR = "evaluations"
+REPORT_DIR = "report"
+LOCK_FILE = ".lock"
+log = logging.getLogger(__name__)
+
+
+class RunFolderError(ValueError):
+    """A run folder that is incomplete, corrupt, or inconsistent with itself."""
+
+
+def lock(run_dir: Path) -> AbstractContextManager[None]:
+    """The run's exclusive lock, held while it trains (files.lock_folder: FolderLockedError when another holds it)."""
+    return lock_folder(run_dir, LOCK_FILE)
+
+
+def write_header(config: RunConfig, params: ParamReport, data_rows: dict[str, int]) -> None:
+    """What the run is, written before training: config, label names, parameter counts and manifest."""
+    run_dir = config.run_dir
+    atomic_write_text(run_dir / CONFIG_FILE, dump_config(config))
+    write_json(run_dir / MANIFEST_FILE, build_manifest(config, data_rows))
+    write_json(run_dir / LABELS_FILE, {"label_names": config.data.label_names})
+    write_json(run_dir / PARAMS_FILE, {"groups": params.groups, "trainable": params.trainable,
+                                       "budget": params.budget, "total": params.total_params,
+                                       "targets": {k: len(v) for k, v in params.targets.matches.items()}})
+
+
+def write_results(run_dir: Path, model: PeftModel, metrics: dict[str, Any], log_history: list[dict[str, Any]],
+                  validation_logits: np.ndarray, validation_labels: list[int]) -> None:
+    """What training ended with: the kept model, its metrics and log, and its logits on the validation rows (for
+    calibration at prediction time)."""
+    write_weights(run_dir, model)
+    write_metrics(run_dir, metrics)
+    write_json(run_dir / LOG_HISTORY_FILE, log_history)
+    write_json(run_dir / VALIDATION_LOGITS_FILE, {"logits": np.asarray(validation_logits).round(5).tolist(),
+                                                  "labels": validation_labels})
+
+
+def write_weights(run_dir: Path, model: PeftModel) -> None:
+    """Adapter and head weights, as safetensors (peft stores the head with the adapter via modules_to_save), and the
+    SHA-256 of the files that make the model, which loading checks."""
+    adapter = run_dir / ADAPTER_DIR
+    model.save_pretrained(adapter, safe_serialization=True)
+    mode = umask_mode()
+    for path in adapter.iterdir():  # safetensors writes 0600; every other output follows the umask
+        if path.is_file():
+            path.chmod(mode)
+    # sha256sum's format: `sha256sum -c SHA256SUMS` in the adapter folder checks them too.
+    atomic_write_text(adapter / CHECKSUMS_FILE, "".join(f"{file_sha256(adapter / name)}  {name}\n"
+                                                        for name in CHECKED_FILES))
+
+
+def write_metrics(run_dir: Path, metrics: dict[str, Any]) -> None:
+    write_json(run_dir / METRICS_FILE, metrics)
+
+
+def read_metrics(run_dir: Path) -> dict[str, Any]:
+    return json.loads((Path(run_dir) / METRICS_FILE).read_text())
+
+
+def latest_checkpoint(run_dir: Path) -> str | None:
+    """The newest complete checkpoint: Trainer writes trainer_state.json last, so a save cut off by a crash (kill -9)
+    lacks it and is skipped in favour of the one before."""
+    checkpoints = sorted((run_dir / CHECKPOINTS_DIR).glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
+    complete = [c for c in checkpoints if (c / "trainer_state.json").is_file()]
+    return str(complete[-1]) if complete else None
+
+
+def read_config(run_dir: Path, overrides: Sequence[str] = ()) -> RunConfig:
+    """The run's config (with `overrides`: how to read an input), its label names checked against labels.json where
+    the folder has one (training writes it for readers without budgetlora; the label names come from config.yaml)."""
+    run_dir = Path(run_dir)
+    if not (run_dir / CONFIG_FILE).is_file():
+        raise FileNotFoundError(f"{run_dir} is not a budgetlora run folder: {CONFIG_FILE} is missing")
+    config = load_config(run_dir / CONFIG_FILE)
+    labels = run_dir / LABELS_FILE
+    if labels.is_file():
+        label_names = json.loads(labels.read_text())["label_names"]
+        if label_names != config.data.label_names:
+            raise RunFolderError(f"{labels}: labels {label_names} differ from the run's config "
+                                 f"{config.data.label_names}")
+    return with_overrides(config, list(overrides)) if overrides else config
+
+
+@dataclass(frozen=True)
+class Run:
+    """A trained run, loaded: its config, model (adapter and head restored) and tokenizer, and its predictor."""
+
+    path: Path
+    config: RunConfig
+    model: nn.Module
+    tokenizer: PreTrainedTokenizerBase  # its model_max_length is the run's model.max_length
+
+    @property
+    def label_names(self) -> list[str]:
+        return self.config.data.label_names
+
+    def predict(self, texts: list[str], progress: bool = False) -> np.ndarray:
+        """Logits for `texts` with the run's own length, batch size, precision and padding."""
+        return predict_logits(self.model, self.tokenizer, texts, max_length=self.config.model.max_length,
+                              batch_size=self.config.train.eval_batch_size, precision=self.config.train.precision,
+                              pad_to_max_length=self.config.model.pad_to_max_length, progress=progress)
+
+
+def load(run_dir: Path, *, config: RunConfig | None = None, merge: bool = True) -> Run:
+    """Rebuild a trained run: base weights, then adapter and head from the run folder, after checking them.
+
+    `config`: the run's config as read_config returned it (read once by callers that need it before the weights);
+    None reads it here. merge=True folds the LoRA weights into the base layers: inference costs what the bare model
+    costs.
+    """
+    run_dir = Path(run_dir)
+    config = read_config(run_dir) if config is None else config
+    _check_adapter_file(run_dir)
+    base = build_base_model(config.model, config.data.label_names, seed=config.train.seed)
+    try:
+        model = PeftModel.from_pretrained(base, run_dir / ADAPTER_DIR)
+    except (RuntimeError, ValueError) as error:  # size or name mismatches: trained on another base model
+        raise RunFolderError(f"{run_dir / ADAPTER_DIR}: does not fit model {config.model.name!r} "
+                             f"({str(error).splitlines()[0]})") from None
+    model = model.merge_and_unload() if merge else model
+    tokenizer = load_tokenizer(config.model)
+    tokenizer.model_max_length = config.model.max_length
+    return Run(run_dir, config, model.eval(), tokenizer)
+
+
+def check_finite_logits(run_dir: Path, logits: np.ndarray) -> None:
+    """Non-finite logits (fp16 overflow, damaged weights) would all become class 0: refuse them instead."""
+    bad = ~np.isfinite(logits).all(axis=-1)
+    if bad.any():
+        raise RunFolderError(f"{run_dir}: the model gave non-finite logits (NaN or inf) for {int(bad.sum()):,} of "
+                             f"{len(logits):,} texts (the first: row {int(bad.argmax())}); nothing was written")
+
+
+def _check_adapter_file(run_dir: Path) -> None:
+    """The adapter file must hold exactly the parameters the run trained, as trained: never a silently random head."""
+    weights = run_dir / ADAPTER_DIR / WEIGHTS_FILE
+    if not weights.is_file():
+        raise RunFolderError(f"{weights} is missing: the run did not finish, or the folder was copied in part")
+    try:
+        with safe_open(str(weights), framework="pt") as handle:
+            stored = sum(math.prod(handle.get_slice(key).get_shape()) for key in handle.keys())  # noqa: SIM118
+    except Exception as error:  # safetensors raises its own error types for truncated or garbled files
+        raise RunFolderError(f"{weights} is corrupt ({error})") from None
+    trained = json.loads((run_dir / PARAMS_FILE).read_text())["trainable"]
+    if stored != trained:
+        raise RunFolderError(f"{weights} holds {stored:,} parameters but the run trained {trained:,}: the file is "
+                             f"incomplete or from another run")
+    _check_checksums(run_dir / ADAPTER_DIR)
+    _check_finite_weights(weights)
+
+
+def _check_checksums(adapter: Path) -> None:
+    """Every file SHA256SUMS lists must hash as when the run was saved: flipped bytes in the tensor data still parse,
+    and would predict one class for every text. Runs saved before the sums were recorded load with a warning."""
+    sums = adapter / CHECKSUMS_FILE
+    if not sums.is_file():
+        log.warning("%s is missing (a run saved before budgetlora recorded checksums): the adapter cannot be checked "
+                    "for changes since training", sums)
+        return
+    listed: dict[str, str] = {}
+    for line in sums.read_text(errors="replace").splitlines():
+        match = re.fullmatch(r"([0-9a-f]{64}) [ *]([^/\\]+)", line)
+        if match is None:
+            raise RunFolderError(f"{sums} is corrupt (line {line[:100]!r})")
+        listed[match[2]] = match[1]
+    if WEIGHTS_FILE not in listed:
+        raise RunFolderError(f"{sums} does not list {WEIGHTS_FILE}: the file is corrupt")
+    for name, digest in listed.items():
+        path = adapter / name
+        if not path.is_file():
+            raise RunFolderError(f"{path} is missing (listed in {sums})")
+        if file_sha256(path) != digest:
+            raise RunFolderError(f"{path} changed since training: its SHA-256 differs from the one recorded in "
+                                 f"{sums} (the file is damaged or was replaced)")
+
+
+def _check_finite_weights(weights: Path) -> None:
+    """NaN or inf in a tensor makes the logits NaN, and argmax then says class 0 for every text, with no error."""
+    with safe_open(str(weights), framework="pt") as handle:
+        for key in handle.keys():  # noqa: SIM118 - safe_open handles are not iterable
+            tensor = handle.get_tensor(key)
+            if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+                bad = int((~torch.isfinite(tensor)).sum())
+                raise RunFolderError(f"{weights}: tensor {key} holds {bad:,} non-finite values (NaN or inf): "
+                                     f"training diverged or the file was altered; retrain the run")
