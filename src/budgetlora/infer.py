@@ -58,17 +58,17 @@ def shift_to_input_priors(run_dir: Path, texts: list[str], logits: np.ndarray,
     imposed as equal on the texts unlike the run's training texts only ("uniform-ood", domain.py), the others as
     predicted: a model's bias on unfamiliar text is undone there without moving its answers on familiar text."""
     run_dir = Path(run_dir)
-    probs = softmax(logits.astype(np.float64), axis=1)
-    uniform = np.full(logits.shape[1], 1 / logits.shape[1])
-    if method == "uniform":
-        adjusted, offsets = match_priors(probs, uniform)
-        return adjusted, {"prior_adjustment": "uniform", "offsets": offsets.round(4).tolist()}
-    if method == "uniform-ood":
-        split = split_by_domain(training_texts(run_dir), texts)
-        adjusted, offsets = probs.copy(), np.zeros(logits.shape[1])
-        if split.unfamiliar.any():
-            adjusted[split.unfamiliar], offsets = match_priors(probs[split.unfamiliar], uniform)
-        return adjusted, {"prior_adjustment": "uniform-ood", "offsets": offsets.round(4).tolist(), **split.summary()}
+    if method in ("uniform", "uniform-ood"):
+        probs = softmax(logits.astype(np.float64), axis=1)
+        info: dict[str, Any] = {"prior_adjustment": method}
+        rows = np.ones(len(probs), dtype=bool)  # "uniform": every row; "uniform-ood": the unfamiliar ones
+        if method == "uniform-ood":
+            split = split_by_domain(training_texts(run_dir), texts)
+            rows, info = split.unfamiliar, info | split.summary()
+        adjusted, offsets = probs.copy(), np.zeros(probs.shape[1])
+        if rows.any():
+            adjusted[rows], offsets = match_priors(probs[rows], np.full(probs.shape[1], 1 / probs.shape[1]))
+        return adjusted, info | {"offsets": offsets.round(4).tolist()}
     saved = run_dir / runfolder.VALIDATION_LOGITS_FILE
     temperature = 1.0
     if saved.is_file():  # runs from before it was recorded: uncalibrated
