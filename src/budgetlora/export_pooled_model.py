@@ -39,6 +39,16 @@ def pool(hidden: torch.Tensor, attention_mask: torch.Tensor | None, mode: str) -
     return (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)
 
 
+def classify(encoder: nn.Module, dropout: nn.Module, classifier: nn.Module, pooling: str,
+             inputs: dict[str, torch.Tensor | None], labels: torch.Tensor | None) -> SequenceClassifierOutput:
+    """The compact head's forward pass (training and exports share it): encode, pool, dropout, one linear layer."""
+    # Only what the caller gave: DistilBERT and ModernBERT take no token_type_ids.
+    hidden = encoder(**{k: v for k, v in inputs.items() if v is not None}).last_hidden_state
+    logits = classifier(dropout(pool(hidden, inputs.get("attention_mask"), pooling)))
+    loss = nn.functional.cross_entropy(logits.float(), labels) if labels is not None else None
+    return SequenceClassifierOutput(loss=loss, logits=logits)
+
+
 class BudgetloraPooledForSequenceClassification(PreTrainedModel):
     """The bare encoder, pooling over its token states, dropout and one linear layer."""
 
@@ -66,10 +76,6 @@ class BudgetloraPooledForSequenceClassification(PreTrainedModel):
     def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
                 token_type_ids: torch.Tensor | None = None, inputs_embeds: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None, **kwargs) -> SequenceClassifierOutput:
-        # Only what the caller gave: DistilBERT and ModernBERT take no token_type_ids.
         inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "token_type_ids": token_type_ids,
                   "inputs_embeds": inputs_embeds}
-        hidden = self.encoder_model(**{k: v for k, v in inputs.items() if v is not None}).last_hidden_state
-        logits = self.classifier(self.dropout(pool(hidden, attention_mask, self.config.pooling)))
-        loss = nn.functional.cross_entropy(logits.float(), labels) if labels is not None else None
-        return SequenceClassifierOutput(loss=loss, logits=logits)
+        return classify(self.encoder_model, self.dropout, self.classifier, self.config.pooling, inputs, labels)

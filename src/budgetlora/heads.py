@@ -20,7 +20,7 @@ from transformers import PreTrainedModel
 from transformers.modeling_outputs import SequenceClassifierOutput
 
 from .config import ConfigError
-from .export_pooled_model import POOLINGS, pool  # one pooling for training and exports (no budgetlora import)
+from .export_pooled_model import POOLINGS, classify  # one forward pass for training and exports (no budgetlora import)
 
 HEADS = ("standard", "first_token", "mean", "lora_dense")
 COMPACT_HEADS = POOLINGS  # the heads PooledClassifier (and its export) implement
@@ -64,13 +64,9 @@ class PooledClassifier(nn.Module):
     def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
                 token_type_ids: torch.Tensor | None = None, labels: torch.Tensor | None = None,
                 inputs_embeds: torch.Tensor | None = None) -> SequenceClassifierOutput:
-        # Only what the caller gave: DistilBERT and ModernBERT take no token_type_ids.
         inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "token_type_ids": token_type_ids,
                   "inputs_embeds": inputs_embeds}
-        hidden = self.encoder(**{k: v for k, v in inputs.items() if v is not None}).last_hidden_state
-        logits = self.classifier(self.dropout(pool(hidden, attention_mask, self.pooling)))
-        loss = nn.functional.cross_entropy(logits.float(), labels) if labels is not None else None
-        return SequenceClassifierOutput(loss=loss, logits=logits)
+        return classify(self.encoder, self.dropout, self.classifier, self.pooling, inputs, labels)
 
 
 def head_modules(model: nn.Module) -> list[str]:
