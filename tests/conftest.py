@@ -193,6 +193,12 @@ def write_news_csv(path: Path, rows: list[tuple[str, int]]) -> Path:
     return write_csv(path, ["text", "label"], rows)
 
 
+def written_labels(path: Path) -> list[int]:
+    """The Label column of a CSV that `predict` wrote, in its order."""
+    with path.open(newline="", encoding="utf-8") as handle:
+        return [int(row["Label"]) for row in csv.DictReader(handle)]
+
+
 @pytest.fixture
 def news_csv(tmp_path: Path, news_rows: list[tuple[str, int]]) -> Path:
     """The 200 real rows as a header CSV (`text,label`), the Hugging Face AG News layout."""

@@ -229,8 +229,8 @@ def test_a_read_only_run_folder_still_loads_and_predicts(run_dir: Path, news_row
     before = snapshot(run_dir)
     with read_only(run_dir, monkeypatch):
         load(run_dir)
-        labels = predict_run(run_dir, str(source), tmp_path / "predictions.csv")
-    assert len(labels) == 20
+        rows = predict_run(run_dir, str(source), tmp_path / "predictions.csv")
+    assert rows == 20
     assert snapshot(run_dir) == before  # loading and predicting wrote nothing into the run folder
 
 

@@ -157,6 +157,12 @@ def test_an_empty_section_means_its_defaults(tmp_path: Path) -> None:
     assert config.model == ModelConfig() and config.lora == LoraSettings()
 
 
+def test_an_override_fills_an_empty_section(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("name: x\nmodel:\n")
+    assert load_config(path, ["model.name=other"]).model == ModelConfig(name="other")
+
+
 def test_file_problems_are_config_errors(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "missing.yaml")

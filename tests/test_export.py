@@ -27,7 +27,7 @@ from budgetlora.modeling import load_tokenizer, predict_logits
 from budgetlora.runfolder import RunFolderError, load, read_config
 from budgetlora.train import train
 
-from .conftest import LABELS, isolated_cache, tiny_config_dict, write_news_csv
+from .conftest import LABELS, isolated_cache, tiny_config_dict, write_news_csv, written_labels
 
 Rows = list[tuple[str, int]]
 MAX_LENGTH = 64
@@ -138,7 +138,8 @@ def predictions(runs: dict[str, Path], texts: list[str],
         csv.writer(handle).writerows([["text"], *([text] for text in texts)])
     result = {}
     for name, run_dir in runs.items():
-        labels = predict_run(run_dir, str(source), folder / f"{name}.csv")
+        predict_run(run_dir, str(source), folder / f"{name}.csv")
+        labels = written_labels(folder / f"{name}.csv")
         run = load(run_dir)
         logits = predict_logits(run.model, run.tokenizer, texts, max_length=MAX_LENGTH, precision="fp32")
         assert logits.argmax(-1).tolist() == labels

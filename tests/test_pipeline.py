@@ -28,7 +28,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from transformers import TrainerCallback
 
 from budgetlora.cli import main
-from budgetlora.config import RunConfig, from_dict, load_config, with_overrides
+from budgetlora.config import RunConfig, from_dict, load_config
 from budgetlora.data import load_table, split_train_validation
 from budgetlora.hardware import resolve_precision
 from budgetlora.modeling import build_base_model, load_tokenizer, predict_logits
@@ -334,8 +334,9 @@ BF16_ATOL = 5e-2
                     reason=f"train.precision: auto is {resolve_precision('auto')} on this machine, not bf16")
 def test_bf16_reload_predicts_what_the_trained_model_predicts(tmp_path: Path, tiny_roberta_dir: Path,
                                                               news_rows: Rows) -> None:
-    """What ships: a run trained with precision auto (bf16), reloaded as evaluate and predict reload it (merged
-    weights, the run's own precision and batch size), against the model training ended with at the same precision."""
+    """A run trained with precision auto (bf16), reloaded as evaluate and predict reload it (merged weights, the run's
+    own batch size) for bf16 prediction (on a GPU, what auto means; on a CPU auto predicts in int8: test_quantize.py),
+    against the model training ended with at the same precision."""
     values = tiny_config_dict(tiny_roberta_dir, tmp_path / "runs", TRAIN_SETTINGS)
     values["train"]["precision"] = "auto"
     values["data"]["train"] = str(write_news_csv(tmp_path / "news.csv", news_rows))
@@ -343,7 +344,7 @@ def test_bf16_reload_predicts_what_the_trained_model_predicts(tmp_path: Path, ti
     assert result.metrics["precision"] == "bf16"
     texts = [text for text, _ in news_rows]
 
-    run = load(result.run_dir)  # merge=True, as evaluate_run and predict_run load it
+    run = load(result.run_dir, precision="bf16")  # merge=True, as evaluate_run and predict_run load it
     assert run.config.train.precision == "auto"
     reloaded = run.predict(texts)
     in_memory = predict_logits(result.model, run.tokenizer, texts, max_length=64,
@@ -356,7 +357,7 @@ def test_bf16_reload_predicts_what_the_trained_model_predicts(tmp_path: Path, ti
     assert clear.sum() >= len(texts) // 2, f"only {clear.sum()} clear predictions: the comparison says little"
     assert reloaded.argmax(-1)[clear].tolist() == in_memory.argmax(-1)[clear].tolist()
     # bf16 really ran: fp32 gives other logits (the tolerance above is not hiding a precision that was ignored).
-    fp32 = dataclasses.replace(run, config=with_overrides(run.config, ["train.precision=fp32"]))
+    fp32 = dataclasses.replace(run, precision="fp32")
     assert not np.array_equal(fp32.predict(texts), reloaded)
 
 

@@ -10,6 +10,7 @@ import pytest
 from budgetlora.budget import count_parameters
 from budgetlora.cli import main
 from budgetlora.config import RunConfig, load_config
+from budgetlora.heads import COMPACT_HEADS
 from budgetlora.planner import HEAD_CHOICES, MAX_RANK, Candidate, NoShapeFitsError, plan
 
 BUDGET = 5000
@@ -48,9 +49,19 @@ def test_candidate_overrides_reproduce_the_count(candidates: tuple[RunConfig, li
 def test_candidates_are_ordered_by_coverage_then_head_then_lora_share(
         candidates: tuple[RunConfig, list[Candidate]]) -> None:
     _, found = candidates
-    keys = [(candidate.coverage, -HEAD_CHOICES.index(candidate.head), candidate.lora_params) for candidate in found]
+    kinds = ["compact" if candidate.head in COMPACT_HEADS else candidate.head for candidate in found]
+    keys = [(candidate.coverage, -HEAD_CHOICES.index(kind), candidate.lora_params)
+            for candidate, kind in zip(found, kinds, strict=True)]
     assert keys == sorted(keys, reverse=True)
     assert (found[0].targets, found[0].head, found[0].layers) == ("all-linear", "mean", None)
+
+
+def test_the_compact_head_planned_is_the_configs_own(candidates: tuple[RunConfig, list[Candidate]]) -> None:
+    config, found = candidates
+    first_token = plan(load_config(None, [f"model.name={config.model.name}", "model.head=first_token"]), BUDGET)
+    assert {c.head for c in first_token} == {"first_token", "lora_dense", "standard"}
+    assert [(c.targets, c.layers, c.rank, c.report.trainable) for c in first_token] == \
+        [(c.targets, c.layers, c.rank, c.report.trainable) for c in found]  # first_token costs what mean costs
     assert all(f"lora.alpha={4 * c.rank}" in c.overrides() for c in found)  # as the shipped configs and the sweep
 
 

@@ -23,7 +23,7 @@ from budgetlora.runfolder import read_config
 from budgetlora.selftrain import run_training, select_pseudo_labels
 from budgetlora.train import BudgetTrainer, train
 
-from .conftest import LABELS, write_csv, write_news_csv
+from .conftest import LABELS, write_csv, write_news_csv, written_labels
 
 Rows = list[tuple[str, int]]
 
@@ -84,8 +84,9 @@ def test_label_shift_follows_the_inputs_class_balance(tmp_path: Path, tiny_run: 
     """An input that is all one class: EM moves the priors towards it, so at least as many texts get that class."""
     texts = [text for text, label in news_rows if label == 1]
     source = write_csv(tmp_path / "sports.csv", ["text"], [[t] for t in texts])
-    plain = predict_run(tiny_run, str(source), tmp_path / "plain.csv")
-    shifted = predict_run(tiny_run, str(source), tmp_path / "shifted.csv", label_shift="em")
+    predict_run(tiny_run, str(source), tmp_path / "plain.csv")
+    predict_run(tiny_run, str(source), tmp_path / "shifted.csv", label_shift="em")
+    plain, shifted = written_labels(tmp_path / "plain.csv"), written_labels(tmp_path / "shifted.csv")
     majority = max(set(plain), key=plain.count)
     assert shifted.count(majority) >= plain.count(majority)
 
@@ -109,7 +110,8 @@ def test_uniform_priors_balance_the_predictions(tmp_path: Path, tiny_run: Path, 
     """news_rows are balanced (50 a class): with uniform priors imposed, the mean probability of each class is 1/4,
     so no class can take most of the predictions the way a biased model's can."""
     source = write_csv(tmp_path / "news.csv", ["text"], [[t] for t, _ in news_rows])
-    shifted = predict_run(tiny_run, str(source), tmp_path / "uniform.csv", label_shift="uniform")
+    predict_run(tiny_run, str(source), tmp_path / "uniform.csv", label_shift="uniform")
+    shifted = written_labels(tmp_path / "uniform.csv")
     validation = json.loads((tiny_run / "validation_logits.json").read_text())
     logits = np.asarray(validation["logits"])
     adjusted, info = shift_to_input_priors(tiny_run, [""] * len(logits), logits, "uniform")
@@ -208,7 +210,7 @@ def test_self_training_writes_each_round_and_its_pseudo_labels(tmp_path: Path, t
         assert {row["text"] for row in pseudo} <= {t for t, _ in news_rows[1::2]}
     assert rounds[2]["train_rows"] > rounds[0]["train_rows"]  # the student saw the pseudo-labelled rows
     assert result.run_dir == run and (run / "adapter" / "adapter_model.safetensors").is_file()
-    assert len(predict_run(run, str(unlabelled), tmp_path / "out.csv")) == 100
+    assert predict_run(run, str(unlabelled), tmp_path / "out.csv") == 100
 
 
 def test_noise_settings_in_a_config_are_checked_by_key() -> None:

@@ -10,10 +10,10 @@ import pytest
 
 from budgetlora.config import RunConfig, from_dict
 from budgetlora.infer import predict_run
-from budgetlora.submission import SubmissionError, validate_submission, validate_submission_text
+from budgetlora.submission import SubmissionError, validate_submission
 from budgetlora.train import train
 
-from .conftest import LABELS, isolated_cache, tiny_config_dict, write_news_csv
+from .conftest import LABELS, isolated_cache, tiny_config_dict, write_news_csv, written_labels
 
 Rows = list[tuple[str, int]]
 
@@ -30,8 +30,8 @@ def predictions(tmp_path_factory: pytest.TempPathFactory, tiny_roberta_dir: Path
         csv.writer(handle).writerows([["text"], *([text] for text, _ in news_rows[::6][:30])])
     with isolated_cache(folder):
         run_dir = train(from_dict(RunConfig, values)).run_dir
-        labels = predict_run(run_dir, str(source), folder / "submission.csv")
-    return folder / "submission.csv", labels
+        assert predict_run(run_dir, str(source), folder / "submission.csv") == 30
+    return folder / "submission.csv", written_labels(folder / "submission.csv")
 
 
 def write(path: Path, text: str) -> Path:
@@ -90,20 +90,26 @@ def test_a_missing_file_is_named(tmp_path: Path) -> None:
         validate_submission(tmp_path / "nope.csv", 3, 4)
 
 
-def test_the_text_of_a_submission_is_checked_as_its_file_is(predictions: tuple[Path, list[int]]) -> None:
+def test_a_file_under_a_temporary_name_is_checked_as_the_file_it_becomes(tmp_path: Path,
+                                                                         predictions: tuple[Path, list[int]]) -> None:
+    # What `predict --format kaggle` checks before it moves its file into place.
     path, _ = predictions
-    text = path.read_text(encoding="utf-8")
-    assert validate_submission_text(text, str(path), 30, len(LABELS)) == validate_submission(path, 30, len(LABELS))
-    assert validate_submission_text("\ufeff" + text, str(path), 30, len(LABELS)).startswith(f"{path}: OK, 30 rows")
+    target = tmp_path / "submission.csv"
+    temporary = write(tmp_path / ".submission.csv.tmp", path.read_text(encoding="utf-8"))
+    assert validate_submission(temporary, 30, len(LABELS), where=str(target)) == \
+        validate_submission(path, 30, len(LABELS)).replace(str(path), str(target))
+    write(temporary, "\ufeff" + path.read_text(encoding="utf-8"))
+    assert validate_submission(temporary, 30, len(LABELS), where=str(target)).startswith(f"{target}: OK, 30 rows")
 
 
-def test_an_invalid_submission_text_names_the_file_it_is_for_and_the_row(tmp_path: Path,
-                                                                        predictions: tuple[Path, list[int]]) -> None:
-    # What `predict --format kaggle` makes of an input whose ID column runs 1..N, refused before it is written.
+def test_an_invalid_file_names_the_file_it_is_for_and_the_row(tmp_path: Path,
+                                                              predictions: tuple[Path, list[int]]) -> None:
+    # What `predict --format kaggle` makes of an input whose ID column runs 1..N, refused before it is moved into place.
     path, _ = predictions
     rows = list(csv.reader(path.read_text(encoding="utf-8").splitlines()))
     shifted = "".join(f"{int(id_) + 1},{label}\n" for id_, label in rows[1:])
     target = tmp_path / "submission.csv"
     expected = f"{target}, row 30 (line 31): ID 30 is outside 0..29"
     with pytest.raises(SubmissionError, match=f"^{re.escape(expected)}$"):
-        validate_submission_text("ID,Label\n" + shifted, str(target), 30, len(LABELS))
+        validate_submission(write(tmp_path / ".submission.csv.tmp", "ID,Label\n" + shifted), 30, len(LABELS),
+                            where=str(target))

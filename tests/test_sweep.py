@@ -1,14 +1,30 @@
-"""`budgetlora sweep`: trials over budget are never trained, an interrupted sweep resumes, the best config is YAML."""
+"""`budgetlora sweep`: trials over budget are never trained, an interrupted sweep resumes, the best config is YAML;
+the search space comes from the config (sweep.space), checked before any trial runs; the table and plots."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from pathlib import Path
 
 import optuna
+import pytest
+import yaml
+from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+from optuna.trial import TrialState
 
-from budgetlora.config import RunConfig, load_config
-from budgetlora.sweep import run_sweep, sweep_dir
+from budgetlora.budget import count_parameters
+from budgetlora.cli import main
+from budgetlora.config import ConfigError, RunConfig, dump_config, load_config, with_overrides
+from budgetlora.planner import candidate_overrides
+from budgetlora.runfolder import CHECKPOINTS_DIR, CONFIG_FILE
+from budgetlora.search_space import DEFAULT_SPACE, ParamSpec
+from budgetlora.sweep import run_sweep, suggest, sweep_dir
+from budgetlora.sweep_results import write_plots
+from budgetlora.targets import PRESETS
+from budgetlora.train import check_run_dir
+
+from .conftest import CONFIGS_DIR, tiny_config_dict
 
 
 def test_trials_over_budget_are_refused_before_anything_is_built(
@@ -22,15 +38,188 @@ def test_trials_over_budget_are_refused_before_anything_is_built(
     assert not (sweep_dir(config) / "best.yaml").exists()
 
 
-def test_sweep_resumes_and_writes_the_best_config(
+def test_sweep_resumes_and_writes_the_best_config_the_table_and_the_plots(
         tiny_roberta_dir: Path, make_config: Callable[..., RunConfig], news_csv: Path) -> None:
-    config = make_config(tiny_roberta_dir, {"data": {"train": str(news_csv)}, "train": {"max_steps": 2}})
+    space = {"lora.r": {"choices": [2, 4]}, "train.learning_rate": {"low": 1e-3, "high": 1e-2, "log": True}}
+    config = make_config(tiny_roberta_dir, {"data": {"train": str(news_csv)}, "train": {"max_steps": 2},
+                                            "sweep": {"space": space}})
+    folder = sweep_dir(config)
     first = run_sweep(config, trials=2)
     assert len(first.trials) == 2
+    for plot in ("optimization_history.png", "param_importances.png"):
+        assert (folder / plot).read_bytes().startswith(b"\x89PNG\r\n\x1a\n"), plot
     resumed = run_sweep(config, trials=3)  # same storage: one more trial, not three
     assert len(resumed.trials) == 3
-    assert sorted(p.name for p in sweep_dir(config).glob("trial-*")) == ["trial-000", "trial-001", "trial-002"]
-    best = load_config(sweep_dir(config) / "best.yaml")
-    best_trial = resumed.best_trial
-    assert best.lora.r == best_trial.params["r"] and best.model.head == best_trial.params["head"]
+    assert sorted(p.name for p in folder.glob("trial-*")) == ["trial-000", "trial-001", "trial-002"]
+    for trial in resumed.trials:  # each trained the config's space values, the rest as the base config
+        trained = load_config(Path(trial.user_attrs["run_dir"]) / "config.yaml")
+        assert (trained.lora.r, trained.train.learning_rate) == (trial.params["lora.r"],
+                                                                 trial.params["train.learning_rate"])
+        assert trained.lora.alpha == config.lora.alpha
+    table = (folder / "trials.txt").read_text().splitlines()
+    assert table[0].startswith("trial  state") and len(table) == 4
+    assert f"lora.r={resumed.trials[2].params['lora.r']}, train.learning_rate=" in table[3]
+    best = load_config(folder / "best.yaml")
+    assert best.lora.r == resumed.best_trial.params["lora.r"]
     assert best.name == config.name and best.budget == config.budget
+
+
+# --- the search space: from the config, checked before any trial runs ----------------------------------------------
+
+# Earlier versions' fixed space, as suggest() drew it: names, order and distributions (so their studies resume).
+TODAYS_DISTRIBUTIONS = {
+    "r": CategoricalDistribution([1, 2, 4, 8, 16]),
+    "targets": CategoricalDistribution(list(PRESETS)),
+    "head": CategoricalDistribution(["standard", "mean"]),
+    "learning_rate": FloatDistribution(3e-4, 5e-3, log=True),
+    "head_lr_x": CategoricalDistribution([1, 3, 10]),
+    "scheduler": CategoricalDistribution(["linear", "cosine"]),
+    "warmup_fraction": FloatDistribution(0.0, 0.1),
+    "label_smoothing": CategoricalDistribution([0.0, 0.1]),
+}
+
+
+def test_the_default_space_draws_todays_parameters_and_configs() -> None:
+    # A base whose adapter is unlike the planner's shapes, with LoRA+: every trial resets them, as before.
+    base = load_config(None, ["lora.bias=all", "lora.pattern_syntax=peft", "lora.rank_pattern={value: 2}",
+                              "lora.alpha_pattern={value: 3}", "lora.layers_to_transform=[0]", "lora.alpha=7",
+                              "train.loraplus_lr_ratio=16"])
+    assert base.sweep.space is None and base.sweep.searched is DEFAULT_SPACE
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    for _ in range(6):
+        trial = study.ask()
+        config = suggest(trial, base)
+        assert trial.distributions == TODAYS_DISTRIBUTIONS and list(trial.params) == list(TODAYS_DISTRIBUTIONS)
+        p = trial.params
+        assert config == with_overrides(base, [
+            *candidate_overrides(p["targets"], p["head"], None, p["r"]),
+            f"train.learning_rate={p['learning_rate']}",
+            f"train.head_learning_rate={p['learning_rate'] * p['head_lr_x']}",
+            f"train.scheduler={p['scheduler']}", f"train.warmup_steps={p['warmup_fraction']}",
+            f"train.label_smoothing={p['label_smoothing']}", "train.loraplus_lr_ratio=null",
+            f"runs_dir={sweep_dir(base)}", f"name=trial-{trial.number:03d}"])
+        study.tell(trial, 0.5)
+
+
+def test_the_shipped_example_writes_out_the_default_space() -> None:
+    assert load_config(CONFIGS_DIR / "sweep-example.yaml").sweep.space == DEFAULT_SPACE
+    assert DEFAULT_SPACE["lora.target_modules"].choices == list(PRESETS)
+
+
+def test_a_config_space_is_what_the_trials_draw_and_their_configs_are_built_from(
+        tiny_roberta_dir: Path, make_config: Callable[..., RunConfig]) -> None:
+    config = make_config(tiny_roberta_dir, {"lora": {"bias": "lora_only"}, "sweep": {"space": {
+        "lora.target_modules": {"choices": ["all-linear", "attention", "ffn", ["query", "value"]]},
+        "model.head": {"choices": ["standard", "mean", "first_token", "lora_dense"]},
+        "lora.r": {"low": 1, "high": 9, "step": 2},
+        "train.learning_rate": {"low": 1e-5, "high": 1e-2, "log": True, "name": "lr"},
+        "train.head_learning_rate": {"choices": [2, 5], "times": "train.learning_rate"},
+        "lora.dropout": {"low": 0.0, "high": 0.2},
+        "lora.alpha": {"choices": [2], "times": "lora.r"},
+    }}})
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=1))
+    drawn_targets, drawn_heads = set(), set()
+    for _ in range(24):
+        trial = study.ask()
+        trial_config = suggest(trial, config)
+        study.tell(trial, 0.5)
+        p = trial.params
+        assert trial.distributions["lr"] == FloatDistribution(1e-5, 1e-2, log=True)
+        assert trial.distributions["lora.r"] == IntDistribution(1, 9, step=2)
+        assert set(p) == {"lora.target_modules", "model.head", "lora.r", "lr", "train.head_learning_rate",
+                          "lora.dropout"}  # lora.alpha: fixed (2 r), not searched
+        assert trial_config.lora.target_modules == yaml.safe_load(p["lora.target_modules"])  # a list: as YAML
+        assert trial_config.model.head == p["model.head"]
+        assert trial_config.lora.r == p["lora.r"] in (1, 3, 5, 7, 9)
+        assert trial_config.lora.alpha == 2 * p["lora.r"]
+        assert trial_config.train.learning_rate == p["lr"] and 1e-5 <= p["lr"] <= 1e-2
+        assert trial_config.train.head_learning_rate == pytest.approx(p["lr"] * p["train.head_learning_rate"])
+        assert trial_config.lora.dropout == p["lora.dropout"] and 0.0 <= p["lora.dropout"] <= 0.2
+        assert trial_config.lora.bias == "lora_only"  # not in the space: the base config's
+        assert trial_config.sweep.space is None  # a trial searches nothing
+        drawn_targets.add(p["lora.target_modules"])
+        drawn_heads.add(p["model.head"])
+        assert count_parameters(trial_config).trainable > 0  # every shape counts on the tiny RoBERTa
+    assert drawn_targets == {*PRESETS, "[query, value]"} and drawn_heads == {"standard", "mean", "first_token",
+                                                                              "lora_dense"}
+
+
+@pytest.mark.parametrize(("space", "message"), [
+    ("train.learning_rat: {low: 1.0e-4, high: 1.0e-3}",
+     "sweep.space.train.learning_rat: no such config key"),
+    ("lora.r: {low: 8, high: 4}", "sweep.space.lora.r.low: empty range: low 8 > high 4"),
+    ("lora.r: {choices: []}", "sweep.space.lora.r.choices: must not be empty"),
+    ("model.head: {choices: [mean, pooled]}", "sweep.space.model.head: pooled is refused: model.head: must be one of"),
+    ("lora.r: {choices: [2, 0]}", "sweep.space.lora.r: 0 is refused: lora.r: must be > 0"),
+    ("lora.r: {low: 1.0, high: 4.0}", "sweep.space.lora.r: 1.0 is refused: lora.r: expected int"),
+    ("lora.r: {choices: [2, 4], lo: 3}", "sweep.space.lora.r.lo: unknown key"),
+    ("train.learning_rate: {low: 0.0, high: 0.1, log: true}", "sweep.space.train.learning_rate.log: a log scale"),
+    ("lora.alpha: {choices: [2], times: model.name}", "sweep.space.lora.alpha.times: the values of lora.alpha and"),
+    ("name: {choices: [a, b]}", "sweep.space.name: set by the sweep itself"),
+])
+def test_a_bad_space_is_an_error_naming_the_entry_before_any_trial_runs(
+        tmp_path: Path, tiny_roberta_dir: Path, news_csv: Path, capsys: pytest.CaptureFixture[str], space: str,
+        message: str) -> None:
+    values = tiny_config_dict(tiny_roberta_dir, tmp_path / "runs", {"data": {"train": str(news_csv)}})
+    path = tmp_path / "c.yaml"
+    path.write_text(f"{yaml.safe_dump(values)}sweep:\n  space:\n    {space}\n")  # dotted keys as YAML keys
+    assert main(["sweep", "--config", str(path), "--trials", "1"]) == 2
+    assert f"budgetlora: error: {path}: {message}" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_space_entry_can_be_given_on_the_command_line() -> None:
+    config = load_config(CONFIGS_DIR / "sweep-example.yaml", ["sweep.space.lora.r={choices: [2, 4]}"])
+    assert config.sweep.space == {**DEFAULT_SPACE, "lora.r": ParamSpec(choices=[2, 4])}
+
+
+def test_a_resume_ignores_the_sweep_settings(tmp_path: Path) -> None:
+    config = load_config(None, [f"runs_dir={tmp_path}", "train.max_steps=8"])
+    (config.run_dir / CHECKPOINTS_DIR).mkdir(parents=True)  # a run that has started
+    (config.run_dir / CONFIG_FILE).write_text(dump_config(config))
+    resumed = with_overrides(config, ["sweep.pruner=none", "sweep.space={lora.r: {choices: [2, 4]}}",
+                                      "train.max_steps=16"])
+    assert check_run_dir(resumed, resume=True) == "train.max_steps 8 -> 16"
+
+
+def test_values_that_do_not_go_together_are_refused_not_trained(
+        tiny_roberta_dir: Path, make_config: Callable[..., RunConfig], news_csv: Path) -> None:
+    # Each value on its own is one the config takes; lora_dense with layers_to_transform is not.
+    config = make_config(tiny_roberta_dir, {"data": {"train": str(news_csv)}, "sweep": {"space": {
+        "model.head": {"choices": ["lora_dense", "mean"]}, "lora.layers_to_transform": {"choices": [None, [1]]}}}})
+    folder = sweep_dir(config)
+    folder.mkdir(parents=True)
+    study = optuna.create_study(study_name=config.name, storage=f"sqlite:///{folder / 'optuna.db'}")
+    study.enqueue_trial({"model.head": "lora_dense", "lora.layers_to_transform": "[1]"})  # a list: as YAML
+    (trial,) = run_sweep(config, trials=1).trials
+    assert trial.state == TrialState.PRUNED
+    assert "model.head: 'lora_dense' cannot be combined with lora.layers_to_transform" in trial.user_attrs["refused"]
+    assert not list(folder.glob("trial-*"))
+
+
+def test_a_space_that_changes_the_choices_of_a_studys_parameter_is_refused_before_any_trial_runs(
+        tiny_roberta_dir: Path, make_config: Callable[..., RunConfig]) -> None:
+    config = make_config(tiny_roberta_dir, {"sweep": {"space": {"lora.r": {"choices": [2, 4], "name": "r"}}}})
+    folder = sweep_dir(config)
+    folder.mkdir(parents=True)
+    storage = f"sqlite:///{folder / 'optuna.db'}"
+    study = optuna.create_study(study_name=config.name, storage=storage, direction="maximize")
+    study.add_trial(optuna.trial.create_trial(value=0.5, params={"r": 8},
+                                              distributions={"r": TODAYS_DISTRIBUTIONS["r"]}))
+    with pytest.raises(ConfigError, match=r"^sweep\.space\.lora\.r: trial 0 of study 'tiny' drew r from "
+                                          r"CategoricalDistribution\(choices=\(1, 2, 4, 8, 16\)\); Optuna cannot"):
+        run_sweep(config, trials=2)
+    assert len(optuna.load_study(study_name=config.name, storage=storage).trials) == 1
+
+
+def test_plots_that_would_show_nothing_are_skipped_with_a_log_line(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    study = optuna.create_study(direction="maximize")
+    with caplog.at_level(logging.INFO, logger="budgetlora.sweep_results"):
+        assert write_plots(study, tmp_path) == []
+        study.add_trial(optuna.trial.create_trial(value=0.5, params={"r": 8},
+                                                  distributions={"r": TODAYS_DISTRIBUTIONS["r"]}))
+        assert write_plots(study, tmp_path) == [tmp_path / "optimization_history.png"]
+    assert "sweep plots skipped: no trial has completed" in caplog.text
+    assert "param_importances.png skipped: importances need two completed trials whose parameters differ" in caplog.text
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["optimization_history.png"]

@@ -7,7 +7,9 @@ are errors that name the dotted key, so a typo in a YAML file never silently fal
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
+import functools
 import types
 import typing
 from dataclasses import dataclass, field
@@ -17,6 +19,7 @@ from typing import Any, Literal
 import yaml
 
 from .augment import NoiseSettings
+from .search_space import DEFAULT_SPACE, ParamSpec, as_yaml, probes
 
 AG_NEWS_LABELS = ("World", "Sports", "Business", "Sci/Tech")
 
@@ -226,9 +229,14 @@ class TrainSettings:
 
 @dataclass
 class SweepSettings:
-    """`budgetlora sweep`: how trials that fall behind the others are stopped early (pruned). Each trial reports its
-    validation accuracy at every evaluation; a pruned trial keeps its run folder and the metrics of its best
-    evaluation so far, and counts toward --trials."""
+    """`budgetlora sweep`: what it searches, and how trials that fall behind the others are stopped early (pruned).
+    Each trial reports its validation accuracy at every evaluation; a pruned trial keeps its run folder and the
+    metrics of its best evaluation so far, and counts toward --trials. A trial changes only the keys of the space."""
+
+    # The search space, by dotted config key: {lora.r: {choices: [2, 4, 8]}, train.learning_rate: {low: 1.0e-4, high:
+    # 3.0e-3, log: true}, ...} (sweep.space.<key> below; configs/sweep-example.yaml writes out the default). null: the
+    # default space: target preset, rank (alpha 4r), head, learning rates, scheduler, warmup, label smoothing.
+    space: dict[str, ParamSpec] | None = None
 
     # "median": stop a trial whose best accuracy so far is below the median of the earlier trials' at the same step;
     # "successive_halving": asynchronous successive halving (keeps the best third at each rung); "none": never stop.
@@ -241,6 +249,12 @@ class SweepSettings:
     def __post_init__(self) -> None:
         _require(self.startup_trials >= 0, "sweep.startup_trials", f"must be >= 0, got {self.startup_trials}")
         _require(self.warmup_steps >= 0, "sweep.warmup_steps", f"must be >= 0, got {self.warmup_steps}")
+        _require(self.space is None or bool(self.space), "sweep.space", "must not be empty (null: the default space)")
+
+    @property
+    def searched(self) -> dict[str, ParamSpec]:
+        """The space a sweep searches: sweep.space, else the default."""
+        return DEFAULT_SPACE if self.space is None else self.space
 
 
 @dataclass
@@ -266,6 +280,23 @@ class RunConfig:
                  "'lora_dense' cannot be combined with lora.layers_to_transform (peft would skip the head's dense)")
         _require(self.self_training.rounds == 0 or self.data.unlabelled is not None, "self_training.rounds",
                  "needs unlabelled texts: set data.unlabelled to a file (e.g. the test set's test_unlabelled.pkl)")
+        if self.sweep.space is not None:
+            self._check_sweep_space(self.sweep.space)
+
+    def _check_sweep_space(self, space: dict[str, ParamSpec]) -> None:
+        """Every value the space lists, with its fixed entries, must be one the loader accepts in this config: a clear
+        error when the config loads, before any trial runs (search_space.probes)."""
+        try:
+            checks = probes(space, flat_settings(self))
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
+        values = self.to_dict()
+        values["sweep"]["space"] = None  # each probe is a config of its own: no space to check again
+        for key, value, overrides in checks:
+            try:
+                from_dict(RunConfig, apply_overrides(copy.deepcopy(values), overrides))
+            except ConfigError as error:
+                raise ConfigError(f"sweep.space.{key}: {as_yaml(value)} is refused: {error}") from None
 
     @property
     def run_dir(self) -> Path:
@@ -275,16 +306,34 @@ class RunConfig:
         return dataclasses.asdict(self)
 
 
+def flat_settings(section: Any, prefix: str = "") -> dict[str, Any]:
+    """Every setting of a config (or section) by its dotted key: the keys an override or sweep.space names."""
+    flat: dict[str, Any] = {}
+    for item in dataclasses.fields(section):
+        value = getattr(section, item.name)
+        if dataclasses.is_dataclass(value):
+            flat |= flat_settings(value, f"{prefix}{item.name}.")
+        else:
+            flat[f"{prefix}{item.name}"] = value
+    return flat
+
+
 # --- building dataclasses from plain dicts, with type checks that name the key -------------------------------------
 
 def _check_type(value: Any, annotation: Any, key: str) -> Any:
     """Return `value` if it fits `annotation` (ints and numeric strings are accepted for floats), else raise."""
+    if annotation is Any:
+        return value
+    if dataclasses.is_dataclass(annotation):  # a section inside a mapping (sweep.space.<key>)
+        return from_dict(annotation, value, f"{key}.")
     origin = typing.get_origin(annotation)
     if origin in (typing.Union, types.UnionType):
         for option in typing.get_args(annotation):
             try:
                 return _check_type(value, option, key)
-            except ConfigError:
+            except ConfigError as error:
+                if str(error).startswith(f"{key}."):  # a mapping of this option, wrong in one entry: that one's error
+                    raise
                 continue
         raise ConfigError(f"{key}: expected {_type_name(annotation)}, got {value!r}")
     if annotation is type(None):
@@ -320,11 +369,16 @@ def _type_name(annotation: Any) -> str:
     return str(annotation).replace("typing.", "")
 
 
+@functools.cache
+def _type_hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)  # slow (it evaluates the annotations' text), and asked for at every load
+
+
 def from_dict(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
     """Build dataclass `cls` from `values`; unknown keys and wrong types raise ConfigError naming the dotted key."""
     if not isinstance(values, dict):
         raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {values!r}")
-    hints = typing.get_type_hints(cls)
+    hints = _type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - names)
     if unknown:
@@ -351,9 +405,13 @@ def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, A
         if not sep or not key:
             raise ConfigError(f"override {override!r}: expected dotted.key=value")
         *parents, leaf = key.split(".")
+        if key.startswith("sweep.space."):  # the space's entries are named by dotted keys themselves
+            parents, leaf = ["sweep", "space"], key.removeprefix("sweep.space.")
         node = values
         for part in parents:
-            node = node.setdefault(part, {})
+            if node.get(part) is None:  # absent, or an empty section (`model:` in YAML) or space (null: the default)
+                node[part] = {}
+            node = node[part]
             if not isinstance(node, dict):
                 raise ConfigError(f"override {override!r}: {part} is not a section")
         try:

@@ -1,7 +1,8 @@
 """`budgetlora config`: every config key with its type, default and help, the help read from config.py's comments.
 
 The help of a key is written once, as the comment lines right above its field in config.py (or augment.py for
-augment.noise); this module reads them from the source (inspect, tokenize, ast) instead of repeating them.
+augment.noise, search_space.py for an entry of sweep.space); this module reads them from the source (inspect, tokenize,
+ast) instead of repeating them.
 """
 
 from __future__ import annotations
@@ -15,9 +16,8 @@ import tokenize
 import typing
 from dataclasses import dataclass
 
-import yaml
-
 from .config import RunConfig
+from .search_space import ParamSpec, as_yaml
 
 
 @dataclass(frozen=True)
@@ -54,11 +54,6 @@ def field_sources(cls: type) -> dict[str, tuple[str, str]]:
     return found
 
 
-def _as_yaml(value: object) -> str:
-    """`value` as an override writes it: null, true, [query, value], roberta-base."""
-    return yaml.safe_dump(value, default_flow_style=True, width=10**6).removesuffix("...\n").strip()
-
-
 def config_sections(cls: type = RunConfig, prefix: str = "") -> list[Section]:
     """`cls`'s keys with their type, default and help, then each nested section's, depth first in field order."""
     hints = typing.get_type_hints(cls)
@@ -71,14 +66,15 @@ def config_sections(cls: type = RunConfig, prefix: str = "") -> list[Section]:
             continue
         default = field.default_factory() if field.default is dataclasses.MISSING else field.default
         annotation, help_text = sources[field.name]
-        keys.append(ConfigKey(key, annotation, _as_yaml(default), help_text))
+        keys.append(ConfigKey(key, annotation, as_yaml(default), help_text))
     return [Section(prefix.rstrip("."), inspect.cleandoc(cls.__doc__ or ""), keys), *nested]
 
 
 def format_config_help(width: int = 100) -> str:
-    """Every key, section by section: `key: type = default`, then its help indented."""
+    """Every key, section by section: `key: type = default`, then its help indented; then the fields of an entry of
+    sweep.space (one per dotted key it searches)."""
     lines = []
-    for section in config_sections():
+    for section in [*config_sections(), *config_sections(ParamSpec, "sweep.space.<key>.")]:
         title = f"{section.prefix}: " if section.prefix else "top level: "
         lines += ["", *textwrap.wrap(title + " ".join(section.doc.split()), width)]
         for key in section.keys:

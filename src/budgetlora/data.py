@@ -1,18 +1,20 @@
 """Read texts (and labels) from the Hub, CSV, JSONL, parquet or a pickled Dataset into one checked table.
 
 Every loader ends in the same table: `text` (str), and `label` (int, 0..K-1) and `id` where present. Problems are
-reported with the file and row before any model is built.
+reported with the file and row before any model is built. CSV, JSONL and parquet files are read in chunks, which
+stream.py also uses to predict a corpus without holding it; the row checks (row_texts, column_ids, check_unique_ids)
+are the same for a whole table and for a chunk.
 """
 
 from __future__ import annotations
 
 import csv
-import io
 import json
 import logging
 import math
 import pickle
-from collections import Counter
+from collections import Counter, deque
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,6 +22,7 @@ from typing import Any
 import datasets
 import pandas as pd
 import pyarrow as pa
+import pyarrow.parquet as pq
 from sklearn.model_selection import train_test_split
 
 from .config import DataConfig
@@ -28,6 +31,8 @@ from .safe_pickle import UnsafePickleError, load_pickle
 log = logging.getLogger(__name__)
 # A validation split of fewer rows measures accuracy in steps of more than 5%: worth a warning, not a refusal.
 SMALL_VALIDATION_ROWS = 20
+# Rows a CSV or parquet file is read in when it is read whole (pandas and pyarrow work best on large blocks).
+READ_ROWS = 65_536
 
 
 class DataError(ValueError):
@@ -36,34 +41,46 @@ class DataError(ValueError):
 
 # --- reading sources into columns ---------------------------------------------------------------------------------
 
-def _utf8_text(path: Path) -> str:
-    """The file's text (a leading byte-order mark dropped); a byte that is not UTF-8 is named by line and column."""
-    raw = path.read_bytes()
-    try:
-        return raw.decode("utf-8").removeprefix("\ufeff")
-    except UnicodeDecodeError as error:
-        line_start = raw.rfind(b"\n", 0, error.start) + 1
-        line = raw.count(b"\n", 0, error.start) + 1
-        column = len(raw[line_start:error.start].decode("utf-8", errors="replace")) + 1
-        raise DataError(f"{path}, line {line}, column {column}: not UTF-8 text (byte 0x{raw[error.start]:02x}: "
-                        f"{error.reason}); save it as UTF-8") from None
+def _utf8_lines(path: Path) -> Iterator[str]:
+    """The file's lines, newlines kept (a leading byte-order mark dropped); a byte that is not UTF-8 is named by line
+    and column. Lines are split at b"\\n", which never occurs inside a multi-byte UTF-8 character."""
+    with path.open("rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as error:
+                column = len(raw[:error.start].decode("utf-8", errors="replace")) + 1
+                raise DataError(f"{path}, line {number}, column {column}: not UTF-8 text (byte "
+                                f"0x{raw[error.start]:02x}: {error.reason}); save it as UTF-8") from None
+            yield line.removeprefix("\ufeff") if number == 1 else line
 
 
-def _is_original_ag_news_csv(text: str, data: DataConfig) -> bool:
-    """The original AG News release: no header, three fields `class (1-4), title, description`."""
-    first = next(csv.reader(io.StringIO(text, newline="")), [])
+def _is_original_ag_news_csv(first: list[str], data: DataConfig) -> bool:
+    """The original AG News release: no header, three fields `class (1-4), title, description` (`first`: its first
+    record)."""
     return len(first) == 3 and first[0].strip().isdigit() and not set(data.text_columns) & set(first)
 
 
-def _read_csv(path: Path, data: DataConfig) -> pd.DataFrame:
-    text = _utf8_text(path)
-    if _is_original_ag_news_csv(text, data):
-        frame = pd.read_csv(io.StringIO(text), header=None, names=["label", "title", "description"], dtype=str,
-                            keep_default_na=False)
-        frame["text"] = frame["title"] + " " + frame["description"]
-        frame["label"] = [_ag_news_class(value, i, path) for i, value in enumerate(frame["label"])]
-        return frame[["text", "label"]]
-    return pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False, on_bad_lines="error")
+def csv_chunks(path: Path, data: DataConfig, rows: int) -> Iterator[dict[str, list[Any]]]:
+    """The columns of a CSV file, `rows` rows at a time (every value as text, an empty field as ""; a header-only file
+    gives one chunk without rows). The original AG News release gives `text` (title and description) and `label`."""
+    ag_news = _is_original_ag_news_csv(next(csv.reader(_utf8_lines(path)), []), data)
+    layout: dict[str, Any] = {"header": None, "names": ["label", "title", "description"]} if ag_news else {}
+    try:
+        for frame in pd.read_csv(path, chunksize=rows, encoding="utf-8-sig", dtype=str, keep_default_na=False,
+                                 on_bad_lines="error", **layout):
+            if ag_news:  # frame.index: the rows' positions in the file, chunk after chunk
+                frame = pd.DataFrame({"text": frame["title"] + " " + frame["description"],
+                                      "label": [_ag_news_class(value, i, path)
+                                                for i, value in zip(frame.index, frame["label"], strict=True)]})
+            yield frame.to_dict(orient="list")
+    except UnicodeDecodeError:
+        deque(_utf8_lines(path), maxlen=0)  # raises the DataError naming the line and column
+        raise
+    except pd.errors.EmptyDataError:
+        raise DataError(f"{path}: the file is empty") from None
+    except pd.errors.ParserError as error:
+        raise DataError(f"{path}: malformed file: {error}") from None
 
 
 def _ag_news_class(value: str, index: int, path: Path) -> int:
@@ -92,56 +109,77 @@ def _json_error(path: Path, line: int, error: json.JSONDecodeError) -> DataError
     return DataError(f"{path}, line {line}, column {error.colno}: not valid JSON ({error.msg})")
 
 
-def _read_json(path: Path, *, lines: bool) -> dict[str, list[Any]]:
-    """.jsonl: one JSON object a line (blank lines skipped); .json: an array of objects. A key a record lacks is
-    null there."""
-    text = _utf8_text(path)
-    if not text.strip():
-        raise DataError(f"{path}: the file is empty")
-    if lines:
-        records = []
-        # Split on newlines only: str.splitlines() would also split inside strings holding U+2028 and the like.
-        for number, line in enumerate(text.split("\n"), start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise _json_error(path, number, error) from None
-            if not isinstance(record, dict):
-                raise DataError(f"{path}, line {number}: expected a JSON object ({{...}}), got {type(record).__name__}")
-            records.append(record)
-    else:
+def jsonl_records(path: Path) -> Iterator[dict[str, Any]]:
+    """The records of a .jsonl file, one JSON object a line (blank lines skipped), read a line at a time."""
+    found = False
+    for number, line in enumerate(_utf8_lines(path), start=1):
+        if not line.strip():
+            continue
         try:
-            records = json.loads(text)
+            record = json.loads(line.removesuffix("\n"))  # an error's column is then on this line
         except json.JSONDecodeError as error:
-            raise _json_error(path, error.lineno, error) from None
-        if not isinstance(records, list) or not all(isinstance(record, dict) for record in records):
-            got = {dict: "one object", list: "an array of other values"}.get(type(records), type(records).__name__)
-            raise DataError(f"{path}: not an array of records ([{{...}}, ...]): got {got}")
-    if not records:
-        raise DataError(f"{path}: holds no rows")
+            raise _json_error(path, number, error) from None
+        if not isinstance(record, dict):
+            raise DataError(f"{path}, line {number}: expected a JSON object ({{...}}), got {type(record).__name__}")
+        found = True
+        yield record
+    if not found:
+        raise DataError(f"{path}: the file is empty")
+
+
+def record_columns(records: list[dict[str, Any]]) -> dict[str, list[Any]]:
+    """Columns of JSON records: every key a record has; a key a record lacks is null there."""
     keys = dict.fromkeys(key for record in records for key in record)
     return {key: [record.get(key) for record in records] for key in keys}
 
 
-def _read_parquet(path: Path) -> dict[str, list[Any]]:
+def _read_json(path: Path) -> dict[str, list[Any]]:
+    """A .json array of objects."""
+    text = "".join(_utf8_lines(path))
+    if not text.strip():
+        raise DataError(f"{path}: the file is empty")
     try:
-        return pd.read_parquet(path).to_dict(orient="list")
+        records = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise _json_error(path, error.lineno, error) from None
+    if not isinstance(records, list) or not all(isinstance(record, dict) for record in records):
+        got = {dict: "one object", list: "an array of other values"}.get(type(records), type(records).__name__)
+        raise DataError(f"{path}: not an array of records ([{{...}}, ...]): got {got}")
+    if not records:
+        raise DataError(f"{path}: holds no rows")
+    return record_columns(records)
+
+
+def parquet_chunks(path: Path, rows: int) -> Iterator[dict[str, list[Any]]]:
+    """The columns of a parquet file, at most `rows` rows at a time (a null is None)."""
+    try:
+        with pq.ParquetFile(path) as parquet:
+            for batch in parquet.iter_batches(batch_size=rows):
+                yield batch.to_pydict()
     except (pa.ArrowException, OSError) as error:  # pyarrow reports a corrupt file as ArrowInvalid or as an OSError
         reason = str(error).strip().splitlines()[0].removeprefix(f"Could not open Parquet input source '{path}': ")
         raise DataError(f"{path}: not a readable parquet file (corrupt, truncated or another format: {reason})") \
             from None
 
 
+def _joined(chunks: Iterable[dict[str, list[Any]]]) -> dict[str, list[Any]]:
+    columns: dict[str, list[Any]] = {}
+    for chunk in chunks:
+        for key, values in chunk.items():
+            columns.setdefault(key, []).extend(values)
+    return columns
+
+
 def _read_file(path: Path, data: DataConfig) -> dict[str, list[Any]]:
     suffix = path.suffix.lower()
     if suffix == ".csv":
-        return _read_csv(path, data).to_dict(orient="list")
-    if suffix in (".jsonl", ".json"):
-        return _read_json(path, lines=suffix == ".jsonl")
+        return _joined(csv_chunks(path, data, READ_ROWS))
+    if suffix == ".jsonl":
+        return record_columns(list(jsonl_records(path)))
+    if suffix == ".json":
+        return _read_json(path)
     if suffix == ".parquet":
-        return _read_parquet(path)
+        return _joined(parquet_chunks(path, READ_ROWS))
     if suffix in (".pkl", ".pickle"):
         return _read_pickle(path, data)
     raise DataError(f"{path}: unknown file type {suffix!r} (use .csv, .jsonl, .parquet or .pkl)")
@@ -151,12 +189,7 @@ def load_columns(source: str, data: DataConfig) -> tuple[dict[str, list[Any]], s
     """Columns of a file or a Hub dataset (`name` or `name:split`), and how to name the source in messages."""
     path = Path(source)
     if path.is_file():
-        try:
-            return _read_file(path, data), str(path)
-        except pd.errors.EmptyDataError:
-            raise DataError(f"{path}: the file is empty") from None
-        except pd.errors.ParserError as error:
-            raise DataError(f"{path}: malformed file: {error}") from None
+        return _read_file(path, data), str(path)
     if path.suffix or path.exists():  # a name like "owner/dataset" (no suffix) is a Hub id
         raise DataError(f"{source}: no such file")
     name, _, split = source.partition(":")
@@ -174,21 +207,34 @@ def _is_missing(value: Any) -> bool:
     return value is None or (isinstance(value, float) and math.isnan(value))
 
 
-def _texts(columns: dict[str, list[Any]], data: DataConfig, where: str) -> list[str]:
+def row_texts(columns: dict[str, list[Any]], data: DataConfig, where: str, first_row: int = 0) -> list[str]:
+    """The texts of `columns` (data.text_columns joined with a space); a missing column, or a null or blank text, is
+    an error naming the row (rows counted from first_row + 1: a chunk of a larger source)."""
     missing = [c for c in data.text_columns if c not in columns]
     if missing:
         raise DataError(f"{where}: no column {missing[0]!r} (data.text_columns); columns present: {sorted(columns)}")
     texts = []
-    for row, parts in enumerate(zip(*(columns[c] for c in data.text_columns), strict=True)):
+    for row, parts in enumerate(zip(*(columns[c] for c in data.text_columns), strict=True), start=first_row + 1):
         if any(_is_missing(part) for part in parts):
-            raise DataError(f"{where}, row {row + 1}: the text is missing (null/NaN)")
+            raise DataError(f"{where}, row {row}: the text is missing (null/NaN)")
         text = " ".join(str(part) for part in parts).strip()
         if not text:
-            raise DataError(f"{where}, row {row + 1}: the text is empty or only whitespace")
+            raise DataError(f"{where}, row {row}: the text is empty or only whitespace")
         texts.append(text)
-    if not texts:
-        raise DataError(f"{where}: holds no rows")
     return texts
+
+
+def column_ids(columns: dict[str, list[Any]], data: DataConfig) -> list[str] | None:
+    """data.id_column's values as text, or None where the source has no such column (rows are then numbered)."""
+    return [str(value) for value in columns[data.id_column]] if data.id_column in columns else None
+
+
+def check_unique_ids(numbered_ids: Iterable[tuple[int, str]], seen: dict[str, int], where: str) -> None:
+    """A DataError at the first ID of (row index, ID) pairs that `seen` (ID -> row index, filled as it goes) holds."""
+    for row, value in numbered_ids:
+        if value in seen:
+            raise DataError(f"{where}, row {row + 1}: duplicate ID {value!r} (first at row {seen[value] + 1})")
+        seen[value] = row
 
 
 def _label_index(value: Any) -> Any:
@@ -223,19 +269,17 @@ def _labels(values: list[Any], label_names: list[str], where: str) -> list[int]:
 def load_table(source: str, data: DataConfig, *, labelled: bool) -> datasets.Dataset:
     """A checked table with `text`, plus `label` when `labelled` and `id` when the source has data.id_column."""
     columns, where = load_columns(source, data)
-    table: dict[str, list[Any]] = {"text": _texts(columns, data, where)}
+    table: dict[str, list[Any]] = {"text": row_texts(columns, data, where)}
+    if not table["text"]:
+        raise DataError(f"{where}: holds no rows")
     if labelled:
         if data.label_column not in columns:
             raise DataError(f"{where}: no label column {data.label_column!r} (data.label_column); "
                             f"columns present: {sorted(columns)}")
         table["label"] = _labels(columns[data.label_column], data.label_names, where)
-    if data.id_column in columns:
-        ids = [str(value) for value in columns[data.id_column]]
-        seen: dict[str, int] = {}
-        for row, value in enumerate(ids):
-            if value in seen:
-                raise DataError(f"{where}, row {row + 1}: duplicate ID {value!r} (first at row {seen[value] + 1})")
-            seen[value] = row
+    ids = column_ids(columns, data)
+    if ids is not None:
+        check_unique_ids(enumerate(ids), {}, where)
         table["id"] = ids
     return datasets.Dataset.from_dict(table)
 

@@ -14,7 +14,7 @@ import stat
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 _KINDS = {stat.S_IFDIR: "a directory", stat.S_IFIFO: "a FIFO", stat.S_IFCHR: "a character device",
           stat.S_IFBLK: "a block device", stat.S_IFSOCK: "a socket"}
@@ -53,21 +53,32 @@ def write_target(path: Path) -> Path:
     return path
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
-    """Write to a temporary file beside `path`, flush it to disk, then rename it over `path`."""
+@contextlib.contextmanager
+def atomic_writer(path: str | Path, *, binary: bool = False) -> Iterator[IO[Any]]:
+    """A file to write that replaces `path` only once the block ends without an error: written beside it under a
+    temporary name (the handle's `name`, so the caller can check it first), flushed to disk, then renamed over
+    `path`. Text mode writes UTF-8 with newlines as given."""
     path = write_target(Path(path))
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(handle)  # reopened by name: the handle's name is then the temporary file's
     try:
         os.chmod(tmp, _file_mode(path))
-        with os.fdopen(handle, "wb") as out:
-            out.write(data)
+        with open(tmp, "wb") if binary else open(tmp, "w", encoding="utf-8", newline="") as out:
+            yield out
             out.flush()
             os.fsync(out.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
+    """Write to a temporary file beside `path`, flush it to disk, then rename it over `path`."""
+    path = write_target(Path(path))
+    with atomic_writer(path, binary=True) as out:
+        out.write(data)
     return path
 
 

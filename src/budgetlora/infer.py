@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import csv
 import hashlib
-import io
 import json
 import logging
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -18,21 +15,26 @@ from scipy.special import softmax
 
 from . import runfolder
 from .config import RunConfig
-from .data import join_labels, load_table, row_ids, split_train_validation
+from .data import join_labels, load_table, split_train_validation
 from .domain import split_by_domain
-from .files import atomic_write_text, write_json, write_target
+from .files import write_json, write_target
 from .label_shift import estimate_priors, fit_temperature, match_priors
 from .metrics import classification_metrics
-from .submission import validate_submission_text
+from .stream import ChunkedInput, check_input, predict_stream
 
 log = logging.getLogger(__name__)
 
 
+def _input_config(run_dir: Path, trust_pickle: bool, overrides: Sequence[str]) -> RunConfig:
+    """The run's config, input-reading settings as trained unless `overrides` set them (e.g. data.text_columns=[title]),
+    trust_pickle as asked."""
+    return runfolder.read_config(run_dir, [*overrides, f"data.trust_pickle={str(trust_pickle).lower()}"])
+
+
 def _read_source(run_dir: Path, source: str, *, labelled: bool, trust_pickle: bool,
                  overrides: Sequence[str] = ()) -> tuple[RunConfig, datasets.Dataset]:
-    """The run's config (input-reading settings as trained unless `overrides` set them, e.g. data.text_columns=[title];
-    trust_pickle as asked) and the source's checked table."""
-    config = runfolder.read_config(run_dir, [*overrides, f"data.trust_pickle={str(trust_pickle).lower()}"])
+    """The run's config (_input_config) and the source's checked table."""
+    config = _input_config(run_dir, trust_pickle, overrides)
     return config, load_table(source, config.data, labelled=labelled)  # bad input fails before the model is loaded
 
 
@@ -89,7 +91,8 @@ def _probabilities(run_dir: Path, texts: list[str], logits: np.ndarray,
 
 
 def evaluate_run(run_dir: Path, source: str, *, labels: str | None = None, label_shift: str | None = None,
-                 trust_pickle: bool = False, overrides: Sequence[str] = (), save: bool = True) -> dict[str, Any]:
+                 trust_pickle: bool = False, overrides: Sequence[str] = (), save: bool = True,
+                 precision: str | None = None) -> dict[str, Any]:
     """Metrics of a saved run on a labelled source, or on an unlabelled one with `labels` joined by ID (IDs as
     `predict` numbers them). A 0/1 column of the labels file (e.g. both_high) also gets the metrics of its 1-rows,
     under `subsets`. With label_shift (PRIOR_ADJUSTMENTS), predictions are adjusted to the whole input's class priors
@@ -98,7 +101,7 @@ def evaluate_run(run_dir: Path, source: str, *, labels: str | None = None, label
     config, table = _read_source(run_dir, source, labelled=labels is None, trust_pickle=trust_pickle,
                                  overrides=overrides)
     joined = join_labels(table, labels, config.data) if labels is not None else None
-    run = runfolder.load(run_dir, config=config)
+    run = runfolder.load(run_dir, config=config, precision=precision)
     label_names = run.label_names
     texts = table["text"][:]
     rows = joined.rows if joined is not None else list(range(len(texts)))  # the rows with a label
@@ -140,42 +143,29 @@ def _evaluation_key(source: str, labels: str | None, label_shift: str | None, ov
 
 def predict_run(run_dir: Path, source: str, output: Path | str, *, label_shift: str | None = None,
                 trust_pickle: bool = False, overrides: Sequence[str] = (), kaggle: bool = False,
-                with_probs: bool = False) -> list[int]:
+                with_probs: bool = False, precision: str | None = None) -> int | None:
     """Write an `ID,Label` CSV for an unlabelled source, in input order (IDs from data.id_column, else 0..N-1);
     with_probs adds the label's name and one `prob_<class name>` column per class (after any label shift).
-    With kaggle, the CSV is checked against the competition format (submission.py) before it is written: an invalid
-    one never reaches the disk, and a file already at `output` is kept.
+    With kaggle, the CSV is checked against the competition format (submission.py) before it is moved into place: an
+    invalid one never takes the name `output`, and a file already there is kept.
 
-    output "-" (the string, not a Path) writes the CSV to stdout. With label_shift (PRIOR_ADJUSTMENTS), predictions
-    are adjusted to the input's class priors first (shift_to_input_priors). `overrides` set how the input is read
-    (data.text_columns, data.id_column, ...)."""
+    The input is streamed (stream.py): checked whole before the model is loaded, then predicted and written a chunk at
+    a time, in memory that does not grow with its size; under torchrun / accelerate launch each process predicts a
+    share and the first writes the file. output "-" (the string, not a Path) writes the CSV to stdout. With
+    label_shift (PRIOR_ADJUSTMENTS), predictions are adjusted to the input's class priors first
+    (shift_to_input_priors): that holds every row's logits and probabilities (about 150 bytes a row with 4 classes),
+    and uniform-ood every text too. `overrides` set how the input is read (data.text_columns, data.id_column, ...).
+    Returns the rows written (None in the processes that write none)."""
     if output != "-":
         write_target(Path(output))  # a FIFO, device or folder is refused now, not after the whole input
-    config, table = _read_source(run_dir, source, labelled=False, trust_pickle=trust_pickle, overrides=overrides)
-    run = runfolder.load(run_dir, config=config)
-    label_names = run.label_names
-    texts = table["text"][:]
-    logits = run.predict(texts, progress=True)
-    runfolder.check_finite_logits(run_dir, logits)
-    probs, extra = _probabilities(run_dir, texts, logits, label_shift)
-    if extra:
-        log.info("label shift: %s", extra)
-    labels = probs.argmax(-1).tolist()
-    ids = row_ids(table)
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    if with_probs:
-        writer.writerow(["ID", "Label", "label_name", *(f"prob_{name}" for name in label_names)])
-        writer.writerows([row_id, label, label_names[label], *(f"{p:.6f}" for p in row_probs)]
-                         for row_id, label, row_probs in zip(ids, labels, probs, strict=True))
-    else:
-        writer.writerow(["ID", "Label"])
-        writer.writerows(zip(ids, labels, strict=True))
-    if kaggle:
-        validate_submission_text(buffer.getvalue(), str(output), len(labels), len(label_names))
-    if output == "-":  # stdout holds only the CSV: logs and progress bars go to stderr
-        sys.stdout.write(buffer.getvalue())
-        sys.stdout.flush()
-    else:
-        atomic_write_text(output, buffer.getvalue())
-    return labels
+    config = _input_config(run_dir, trust_pickle, overrides)
+    rows = ChunkedInput(source, config.data)
+    checked = check_input(rows)  # bad input fails before the model is loaded
+
+    def probabilities(logits: np.ndarray) -> tuple[np.ndarray, dict[str, Any]]:
+        # Only uniform-ood looks at the texts (every one); the other adjustments at the logits alone.
+        texts = [text for chunk in rows.texts() for text in chunk] if label_shift == "uniform-ood" else []
+        return _probabilities(run_dir, texts, logits, label_shift)
+
+    return predict_stream(run_dir, config, rows, checked, output, probabilities, whole=label_shift is not None,
+                          kaggle=kaggle, with_probs=with_probs, precision=precision)

@@ -1,10 +1,10 @@
 """`budgetlora plan`: adapter shapes that fit the budget, with exact counts, from the model config alone.
 
 Rule, in order: adapt more module types (then more layers) before raising the rank; at equal coverage, a compact head
-(the mean of the token states, measured best in docs/results.md) before the standard head, and more of the budget on
-LoRA. Public results back breadth over rank under a fixed budget (roberta-base on AG News under 1M: r=2 on query,
-key, value and both FFN layers beat r=8 on query/value). Each candidate takes the largest rank that fits. The target
-sets are the family-neutral presets (targets.py), so the plan works for every encoder family.
+(the config's own compact head, else the mean of the token states; docs/results.md) before the standard head, and more
+of the budget on LoRA. Public results back breadth over rank under a fixed budget (roberta-base on AG News under 1M:
+r=2 on query, key, value and both FFN layers beat r=8 on query/value). Each candidate takes the largest rank that
+fits. The target sets are the family-neutral presets (targets.py), so the plan works for every encoder family.
 """
 
 from __future__ import annotations
@@ -13,12 +13,13 @@ from dataclasses import dataclass
 
 from .budget import ParamReport, count_parameters
 from .config import ConfigError, RunConfig, with_overrides
+from .heads import COMPACT_HEADS
 from .modeling import load_model_config
 from .targets import PRESETS
 
-# Best first at equal coverage: the compact mean head, then the standard head's shape with LoRA on its dense, then the
-# standard head trained in full (first_token costs what mean costs).
-HEAD_CHOICES = ("mean", "lora_dense", "standard")
+# Best first at equal coverage: a compact head (first_token and mean cost the same: the config's, else mean), then the
+# standard head's shape with LoRA on its dense, then the standard head trained in full.
+HEAD_CHOICES = ("compact", "lora_dense", "standard")
 MAX_RANK = 64
 COVERAGE = {"all-linear": 3, "attention": 2, "ffn": 1}
 assert set(COVERAGE) == set(PRESETS)
@@ -50,7 +51,8 @@ class Candidate:
 
     @property
     def rank_key(self) -> tuple:
-        return self.coverage, -HEAD_CHOICES.index(self.head), self.lora_params
+        kind = "compact" if self.head in COMPACT_HEADS else self.head
+        return self.coverage, -HEAD_CHOICES.index(kind), self.lora_params
 
     def overrides(self) -> list[str]:
         return candidate_overrides(self.targets, self.head, self.layers, self.rank)
@@ -71,10 +73,11 @@ def plan(config: RunConfig, budget: int) -> list[Candidate]:
     smallest shape tried and its count.
     """
     layer_count = load_model_config(config.model, config.data.label_names, shapes_only=True).num_hidden_layers
+    compact = config.model.head if config.model.head in COMPACT_HEADS else "mean"
     candidates = []
     smallest: Candidate | None = None  # the cheapest shape tried, at rank 1
     for targets in PRESETS:
-        for head in HEAD_CHOICES:
+        for head in (compact if choice == "compact" else choice for choice in HEAD_CHOICES):
             for layers in (None, list(range(layer_count // 2, layer_count))):
                 if head == "lora_dense" and layers is not None:
                     continue  # peft applies layers_to_transform to the head's dense too (see config.py)
@@ -92,7 +95,7 @@ def plan(config: RunConfig, budget: int) -> list[Candidate]:
                         with_overrides(config, candidate_overrides(targets, head, layers, rank)))
                     candidates.append(Candidate(targets, head, layers, rank, report))
     if not candidates:
-        assert smallest is not None  # the presets and the mean head work on every family the planner loads
+        assert smallest is not None  # the presets and the compact heads work on every family the planner loads
         raise NoShapeFitsError(
             f"no adapter shape fits a budget of {budget:,}: the smallest the planner tries ({smallest.targets} on "
             f"layers {smallest.layers_label}, model.head={smallest.head}, r=1) needs {smallest.report.trainable:,} "

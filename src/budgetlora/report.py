@@ -44,7 +44,7 @@ def _figure(**kwargs: Any) -> Figure:
     return Figure(**kwargs)
 
 
-def _save_png(figure: Figure, path: Path) -> Path:
+def save_png(figure: Figure, path: Path) -> Path:
     """Render to memory (Agg, via savefig's format), then replace the file: a crash never leaves half a PNG."""
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=120, bbox_inches="tight")
@@ -179,10 +179,10 @@ def write_report(run_dir: Path) -> list[Path]:
     evaluations = {path.stem: _read_json(path) for path in sorted((run_dir / EVALUATIONS_DIR).glob("*.json"))}
     out = run_dir / REPORT_DIR
     out.mkdir(exist_ok=True)
-    images = [_save_png(training_figure(history, metrics.get("best_checkpoint")), out / "training.png"),
-              _save_png(confusion_figure(metrics["validation"], "validation"), out / "confusion_validation.png")]
+    images = [save_png(training_figure(history, metrics.get("best_checkpoint")), out / "training.png"),
+              save_png(confusion_figure(metrics["validation"], "validation"), out / "confusion_validation.png")]
     # Titled by the source's file name: its full path would not fit above the matrix.
-    images += [_save_png(confusion_figure(evaluation, Path(str(evaluation.get("source", name))).name),
+    images += [save_png(confusion_figure(evaluation, Path(str(evaluation.get("source", name))).name),
                          out / f"confusion_{name}.png") for name, evaluation in evaluations.items()]
     summary = atomic_write_text(out / "summary.md", summary_markdown(run_dir, metrics, params, evaluations, images))
     return [*images, summary]

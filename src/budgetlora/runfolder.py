@@ -15,7 +15,7 @@ import json
 import logging
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,8 +31,9 @@ from transformers import PreTrainedTokenizerBase
 from .budget import ParamReport
 from .config import RunConfig, dump_config, load_config, with_overrides
 from .files import atomic_write_text, lock_folder, umask_mode, write_json
+from .hardware import device, resolve_predict_precision
 from .manifest import build_manifest, file_sha256
-from .modeling import build_base_model, load_tokenizer, predict_logits
+from .modeling import build_base_model, load_tokenizer, predict_logits, quantize_int8
 
 CONFIG_FILE = "config.yaml"
 LABELS_FILE = "labels.json"
@@ -136,29 +137,34 @@ class Run:
 
     path: Path
     config: RunConfig
-    model: nn.Module
+    model: nn.Module  # float weights, LoRA merged unless loaded with merge=False: what export writes
     tokenizer: PreTrainedTokenizerBase  # its model_max_length is the run's model.max_length
+    precision: str  # what predict runs in: fp32, bf16, fp16 or int8 (hardware.resolve_predict_precision)
+    predictor: nn.Module  # what predict runs: `model`, or its int8 copy (modeling.quantize_int8)
 
     @property
     def label_names(self) -> list[str]:
         return self.config.data.label_names
 
     def predict(self, texts: list[str], progress: bool = False) -> np.ndarray:
-        """Logits for `texts` with the run's own length, batch size, precision and padding."""
-        return predict_logits(self.model, self.tokenizer, texts, max_length=self.config.model.max_length,
-                              batch_size=self.config.train.eval_batch_size, precision=self.config.train.precision,
+        """Logits for `texts` with the run's own length, batch size and padding, at the precision it was loaded for."""
+        return predict_logits(self.predictor, self.tokenizer, texts, max_length=self.config.model.max_length,
+                              batch_size=self.config.train.eval_batch_size, precision=self.precision,
                               pad_to_max_length=self.config.model.pad_to_max_length, progress=progress)
 
 
-def load(run_dir: Path, *, config: RunConfig | None = None, merge: bool = True) -> Run:
+def load(run_dir: Path, *, config: RunConfig | None = None, merge: bool = True, precision: str | None = None) -> Run:
     """Rebuild a trained run: base weights, then adapter and head from the run folder, after checking them.
 
     `config`: the run's config as read_config returned it (read once by callers that need it before the weights);
     None reads it here. merge=True folds the LoRA weights into the base layers: inference costs what the bare model
-    costs.
+    costs. `precision`: what Run.predict runs in (hardware.PREDICT_PRECISIONS: int8 only when asked for); None: the
+    run's train.precision (hardware.resolve_predict_precision). Checked before any weights are read.
     """
     run_dir = Path(run_dir)
     config = read_config(run_dir) if config is None else config
+    requested = precision or config.train.precision
+    precision = resolve_predict_precision(requested, device())
     _check_adapter_file(run_dir)
     base = build_base_model(config.model, config.data.label_names, seed=config.train.seed)
     try:
@@ -166,18 +172,25 @@ def load(run_dir: Path, *, config: RunConfig | None = None, merge: bool = True) 
     except (RuntimeError, ValueError) as error:  # size or name mismatches: trained on another base model
         raise RunFolderError(f"{run_dir / ADAPTER_DIR}: does not fit model {config.model.name!r} "
                              f"({str(error).splitlines()[0]})") from None
-    model = model.merge_and_unload() if merge else model
+    model = (model.merge_and_unload() if merge else model).eval()
     tokenizer = load_tokenizer(config.model)
     tokenizer.model_max_length = config.model.max_length
-    return Run(run_dir, config, model.eval(), tokenizer)
+    log.info("prediction precision: %s (asked: %s)", precision, requested)
+    return Run(run_dir, config, model, tokenizer, precision, quantize_int8(model) if precision == "int8" else model)
 
 
-def check_finite_logits(run_dir: Path, logits: np.ndarray) -> None:
-    """Non-finite logits (fp16 overflow, damaged weights) would all become class 0: refuse them instead."""
-    bad = ~np.isfinite(logits).all(axis=-1)
-    if bad.any():
-        raise RunFolderError(f"{run_dir}: the model gave non-finite logits (NaN or inf) for {int(bad.sum()):,} of "
-                             f"{len(logits):,} texts (the first: row {int(bad.argmax())}); nothing was written")
+def check_finite_logits(run_dir: Path, chunks: Iterable[np.ndarray]) -> None:
+    """Non-finite logits (fp16 overflow, damaged weights) would all become class 0: refuse them, before writing.
+    `chunks`: the input's logits in order, in one array or several (rows are counted over all of them)."""
+    bad, first, rows = 0, None, 0
+    for logits in chunks:
+        flags = ~np.isfinite(logits).all(axis=-1)
+        if first is None and flags.any():
+            first = rows + int(flags.argmax())
+        bad, rows = bad + int(flags.sum()), rows + len(logits)
+    if bad:
+        raise RunFolderError(f"{run_dir}: the model gave non-finite logits (NaN or inf) for {bad:,} of {rows:,} texts "
+                             f"(the first: row {first}); nothing was written")
 
 
 def _check_adapter_file(run_dir: Path) -> None:

@@ -260,11 +260,12 @@ def _request_model(max_texts: int, max_chars: int) -> type[BaseModel]:
 
 
 def create_app(run_dir: Path, *, max_texts: int = 64, max_chars: int = 2000, batch_window_ms: float = 5,
-               batch_texts: int = MAX_BATCH_TEXTS) -> FastAPI:
-    """The API of a trained run: POST /predict, GET /health, and FastAPI's /openapi.json, /docs and /redoc."""
+               batch_texts: int = MAX_BATCH_TEXTS, precision: str | None = None) -> FastAPI:
+    """The API of a trained run: POST /predict, GET /health, and FastAPI's /openapi.json, /docs and /redoc.
+    `precision`: as runfolder.load takes it (None: the run's own train.precision)."""
     _refuse(_limit_problems(max_texts, max_chars, batch_window_ms, batch_texts))
     run_dir = Path(run_dir)
-    run = runfolder.load(run_dir)  # a broken run fails here, not per request
+    run = runfolder.load(run_dir, precision=precision)  # a broken run fails here, not per request
     label_names = run.label_names
     batcher = MicroBatcher(run.predict, batch_window_ms / 1000, batch_texts)
     PredictRequest = _request_model(max_texts, max_chars)
@@ -296,8 +297,8 @@ def create_app(run_dir: Path, *, max_texts: int = 64, max_chars: int = 2000, bat
     async def health() -> dict[str, Any]:
         if not batcher.alive:
             raise HTTPException(503, "the batch worker is not running")
-        return {"status": "ok", "run": run_dir.name, "label_names": label_names, "max_texts": max_texts,
-                "max_chars": max_chars, "batches": batcher.stats.batches}
+        return {"status": "ok", "run": run_dir.name, "label_names": label_names, "precision": run.precision,
+                "max_texts": max_texts, "max_chars": max_chars, "batches": batcher.stats.batches}
 
     @app.post("/predict", response_model=PredictResponse, responses={
         413: {"model": ErrorMessage, "description": f"request body over {body_limit} bytes (max_texts x max_chars)"},
@@ -316,13 +317,14 @@ def create_app(run_dir: Path, *, max_texts: int = 64, max_chars: int = 2000, bat
 
 
 def serve(run_dir: Path, host: str = "127.0.0.1", port: int = 8000, *, max_texts: int = 64, max_chars: int = 2000,
-          batch_window_ms: float = 5) -> None:
+          batch_window_ms: float = 5, precision: str | None = None) -> None:
     """Serve the run with uvicorn until interrupted. Options are checked and the port taken before the model loads."""
     import uvicorn
 
     _refuse(_address_problems(host, port) + _limit_problems(max_texts, max_chars, batch_window_ms, MAX_BATCH_TEXTS))
     with _listen_socket(host, port) as sock:
-        app = create_app(run_dir, max_texts=max_texts, max_chars=max_chars, batch_window_ms=batch_window_ms)
+        app = create_app(run_dir, max_texts=max_texts, max_chars=max_chars, batch_window_ms=batch_window_ms,
+                         precision=precision)
         # uvicorn names the address only when it binds the socket itself.
         url = f"http://{f'[{host}]' if ':' in host else host}:{sock.getsockname()[1]}"
         log.info("serving %s on %s (API docs: %s/docs); Ctrl-C stops", Path(run_dir).name, url, url)

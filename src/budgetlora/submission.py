@@ -2,13 +2,12 @@
 
 The competition format: a header `ID,Label`, then one row per test text, IDs exactly 0..N-1 once each (any order),
 labels integer class indices 0..K-1. A file that breaks any of these is rejected with the row that breaks it; so is
-the text of one before it is written (`validate_submission_text`), so that an invalid file never reaches the disk.
+one still under a temporary name (`where`), so that an invalid file never reaches its name.
 """
 
 from __future__ import annotations
 
 import csv
-import io
 import re
 from collections import Counter
 from collections.abc import Iterable
@@ -27,23 +26,17 @@ def _integer(value: str) -> int | None:
     return int(value) if _INTEGER.fullmatch(value) else None
 
 
-def validate_submission(path: Path, expected_rows: int, num_labels: int) -> str:
+def validate_submission(path: Path, expected_rows: int, num_labels: int, *, where: str | None = None) -> str:
     """Check the file at `path` against the format; return a one-line OK message, or raise SubmissionError naming
-    the row. Rows are numbered from 1 after the header (row n is line n + 1 of the file)."""
+    the row. Rows are numbered from 1 after the header (row n is line n + 1 of the file). `where`: the file named in
+    messages, when `path` is a temporary file that becomes it (checked before it is moved into place, an invalid
+    submission never reaches its name, and a file already there is kept)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"submission file {path} does not exist")
     # utf-8-sig: a byte-order mark (spreadsheet exports) is not part of the header's first name.
     with path.open(newline="", encoding="utf-8-sig") as handle:
-        return _check(handle, str(path), expected_rows, num_labels)
-
-
-def validate_submission_text(text: str, where: str, expected_rows: int, num_labels: int) -> str:
-    """validate_submission for the text of a CSV not yet written (`where`: the file it is for, named in messages).
-
-    Checked before it is written, an invalid submission never reaches the disk, and a file already there is kept."""
-    # A byte-order mark is dropped, as validate_submission drops it from the file this text would become.
-    return _check(io.StringIO(text.removeprefix("\ufeff"), newline=""), where, expected_rows, num_labels)
+        return _check(handle, where or str(path), expected_rows, num_labels)
 
 
 def _check(lines: Iterable[str], where: str, expected_rows: int, num_labels: int) -> str:

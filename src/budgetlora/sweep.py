@@ -7,7 +7,8 @@ and the study ends at exactly --trials finished (trained, pruned or refused) tri
 mid-trial stops sending heartbeats; once its grace period has passed, another worker marks the trial failed and runs
 its parameters again as a new trial. Each trial is a normal run folder under the worker's sweep folder; the objective
 is its best validation accuracy, reported after every evaluation so that the pruner (config section `sweep`) can stop
-a trial that falls behind the others.
+a trial that falls behind the others. What a trial changes is the config's search space (sweep.space,
+search_space.py); a trial over budget, or whose drawn values the config refuses together, is never trained.
 """
 
 from __future__ import annotations
@@ -25,7 +26,6 @@ from typing import Any
 
 import optuna
 import sqlalchemy.exc
-import yaml
 from optuna.exceptions import UpdateFinishedTrialError
 from optuna.storages import BaseStorage, RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.storages._heartbeat import BaseHeartbeat
@@ -33,44 +33,42 @@ from optuna.storages.journal import JournalFileBackend, JournalStorage
 from optuna.trial import FrozenTrial, TrialState
 
 from .budget import count_parameters
-from .config import ConfigError, RunConfig, SweepSettings, dump_config, with_overrides
+from .config import ConfigError, RunConfig, SweepSettings, dump_config, flat_settings, with_overrides
 from .files import atomic_write_text
-from .planner import candidate_overrides
-from .targets import PRESETS
+from .search_space import ParamSpec, sample
+from .sweep_results import write_results
 
 log = logging.getLogger(__name__)
-SEARCH_SPACE = """\
-lora.target_modules  a preset: all-linear, attention, ffn (the same on every encoder family)
-lora.r               1, 2, 4, 8, 16 (lora.alpha = 4 r)
-model.head           standard, mean
-train.learning_rate  3e-4 .. 5e-3 (log)
-train.head_learning_rate  1x, 3x or 10x learning_rate
-train.scheduler      linear, cosine; train.warmup_steps 0 .. 10% of the steps
-train.label_smoothing  0 or 0.1"""
 
 
 def sweep_dir(config: RunConfig) -> Path:
     return Path(config.runs_dir) / f"{config.name}-sweep"
 
 
+def check_study_space(study: optuna.Study, space: dict[str, ParamSpec]) -> None:
+    """Refuse a space that draws a parameter of the study's earlier trials otherwise than they did, in choices or
+    kind: Optuna would fail the first trial (a parameter's choices cannot change within a study)."""
+    trials = study.get_trials(deepcopy=False)
+    for key, spec in space.items():
+        name, now = spec.name or key, spec.distribution()
+        for trial in trials:
+            if now is None or name not in trial.distributions:
+                continue
+            try:
+                optuna.distributions.check_distribution_compatibility(trial.distributions[name], now)
+            except ValueError:
+                raise ConfigError(f"sweep.space.{key}: trial {trial.number} of study {study.study_name!r} drew {name} "
+                                  f"from {trial.distributions[name]}; Optuna cannot change a parameter's choices or "
+                                  f"kind within a study: keep them, give the entry another name (sweep.space.{key}"
+                                  f".name), or start another study (name=...)") from None
+
+
 def suggest(trial: optuna.Trial, base: RunConfig) -> RunConfig:
-    """The trial's config: `base` with the sampled adapter shape and optimisation settings (built by the loader)."""
-    rank = trial.suggest_categorical("r", [1, 2, 4, 8, 16])
-    shape = candidate_overrides(trial.suggest_categorical("targets", list(PRESETS)),
-                                trial.suggest_categorical("head", ["standard", "mean"]), None, rank)
-    learning_rate = trial.suggest_float("learning_rate", 3e-4, 5e-3, log=True)
-    return with_overrides(base, [
-        *shape,
-        f"train.learning_rate={learning_rate}",
-        f"train.head_learning_rate={learning_rate * trial.suggest_categorical('head_lr_x', [1, 3, 10])}",
-        f"train.scheduler={trial.suggest_categorical('scheduler', ['linear', 'cosine'])}",
-        # below 1: a fraction of the steps
-        f"train.warmup_steps={trial.suggest_float('warmup_fraction', 0.0, 0.1)}",
-        f"train.label_smoothing={trial.suggest_categorical('label_smoothing', [0.0, 0.1])}",
-        "train.loraplus_lr_ratio=null",
-        f"runs_dir={sweep_dir(base)}",
-        f"name=trial-{trial.number:03d}",
-    ])
+    """The trial's config: `base` with the values Optuna draws from its search space, built by the loader. Its
+    sweep.space is null: a trial searches nothing, and the space was checked against the base's values (config.py),
+    which a trial's may not pass (lora_dense is fine with the base's layers, not with a trial's)."""
+    return with_overrides(base, [*sample(trial, base.sweep.searched, flat_settings(base)), "sweep.space=null",
+                                 f"runs_dir={sweep_dir(base)}", f"name=trial-{trial.number:03d}"])
 
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
@@ -199,8 +197,8 @@ def _counts(study: optuna.Study) -> dict[TrialState, int]:
 
 def run_sweep(base: RunConfig, trials: int, storage: str | None = None, *, heartbeat: int = HEARTBEAT_S,
               grace: int | None = None) -> optuna.Study:
-    """Run trials until `trials` have finished in the study (trained, pruned or refused as over budget), by this
-    worker and any other on the same storage; write the best config as YAML.
+    """Run trials until `trials` have finished in the study (trained, pruned or refused), by this worker and any
+    other on the same storage; write the table of trials, the best config as YAML and the plots (sweep_results.py).
 
     Before each trial the worker fails the trials whose heartbeat stopped (their parameters are queued again); while
     the trials finished and running elsewhere fill --trials, it waits, since a running trial may yet die.
@@ -215,6 +213,7 @@ def run_sweep(base: RunConfig, trials: int, storage: str | None = None, *, heart
     study = optuna.create_study(study_name=base.name, storage=open_storage(storage, folder, heartbeat, grace),
                                 direction="maximize", load_if_exists=True, pruner=make_pruner(base.sweep),
                                 sampler=optuna.samplers.TPESampler(seed=base.train.seed))
+    check_study_space(study, base.sweep.searched)
 
     def objective(trial: optuna.Trial) -> float:
         # Trial numbers are given out in order by the storage: the trials before this one decide whether it is needed.
@@ -229,8 +228,12 @@ def run_sweep(base: RunConfig, trials: int, storage: str | None = None, *, heart
         if retry_of is not None:
             log.info("trial %d retries trial %d (its worker stopped)", trial.number, retry_of)
             trial.set_user_attr("retry_of", retry_of)
-        config = suggest(trial, base)
-        report = count_parameters(config)  # from the config alone, before anything is built or read
+        try:
+            config = suggest(trial, base)
+            report = count_parameters(config)  # from the config alone, before anything is built or read
+        except ConfigError as error:  # values the config takes one by one but not together, or not on this model
+            trial.set_user_attr("refused", str(error))
+            raise optuna.TrialPruned() from None
         trial.set_user_attr("trainable", report.trainable)
         if not report.within_budget:
             trial.set_user_attr("refused", f"{report.trainable:,} > budget {report.budget:,}")
@@ -267,7 +270,7 @@ def run_sweep(base: RunConfig, trials: int, storage: str | None = None, *, heart
             continue
         waiting_since = None
         study.optimize(objective, n_trials=1, catch=(SurplusTrial,), gc_after_trial=True)
-    write_best(study, base)
+    write_results(study, base, folder)
     return study
 
 
@@ -313,29 +316,3 @@ def run_workers(argv: list[str], workers: int) -> int:
 
 def load_study(base: RunConfig, storage: str | None) -> optuna.Study:
     return optuna.load_study(study_name=base.name, storage=open_storage(storage, sweep_dir(base)))
-
-
-def write_best(study: optuna.Study, base: RunConfig) -> None:
-    """`best.yaml` in the sweep folder: the config of the best trial this sweep trained to the end."""
-    completed = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if "config" in t.user_attrs]
-    if completed:
-        top = max(completed, key=lambda t: t.value)
-        best = yaml.safe_load(top.user_attrs["config"])
-        best["name"], best["runs_dir"] = base.name, base.runs_dir
-        atomic_write_text(sweep_dir(base) / "best.yaml", f"# best of {len(completed)} trials of `budgetlora sweep` "
-                          f"(trial {top.number}, validation accuracy {top.value:.4f})\n"
-                          + yaml.safe_dump(best, sort_keys=False))
-
-
-def format_study(study: optuna.Study) -> str:
-    rows = [f"{'trial':>5}  {'state':<9}{'val acc':>8}{'trainable':>11}  params"]
-    for trial in study.trials:
-        value = f"{trial.value:.4f}" if trial.value is not None else "-"
-        note = trial.user_attrs.get("refused", "")
-        notes = (("pruned", "pruned "), ("retry_of", "retry of "), ("surplus", "not run: "))
-        note = f"  REFUSED: {note}" if note else "".join(
-            f"  {label}{trial.user_attrs[key]}" for key, label in notes if key in trial.user_attrs)
-        params = ", ".join(f"{k}={v:.2g}" if isinstance(v, float) else f"{k}={v}" for k, v in trial.params.items())
-        rows.append(f"{trial.number:>5}  {trial.state.name:<9}{value:>8}{trial.user_attrs.get('trainable', 0):>11,}  "
-                    f"{params}{note}")
-    return "\n".join(rows)

@@ -9,7 +9,6 @@ what the run learns (naming the keys), and trains a finished run further only wh
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 import math
 import os
@@ -40,7 +39,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from . import runfolder
 from .augment import augment_texts
 from .budget import ParamReport, check_budget, parameter_group
-from .config import RunConfig, TrainSettings, with_overrides
+from .config import RunConfig, TrainSettings, flat_settings, with_overrides
 from .data import load_table, split_train_validation
 from .features import choose_max_length, tokenize_table
 from .hardware import resolve_precision
@@ -207,22 +206,10 @@ def training_arguments(config: RunConfig, train_rows: int) -> TrainingArguments:
 
 
 # Settings that only locate the run, or say how it is run and logged rather than what it learns: a resume (of a run
-# folder that was moved or renamed, say) may differ in them.
+# folder that was moved or renamed, say) may differ in them, and in the sweep.* keys (how a sweep searches).
 RESUME_FREE_KEYS = frozenset({"name", "runs_dir", "train.logging_steps", "train.dataloader_workers"})
 # How long to train: a resume may change them on purpose, to train a run longer.
 LENGTH_KEYS = ("train.epochs", "train.max_steps")
-
-
-def _settings(section: Any, prefix: str = "") -> dict[str, Any]:
-    """Every setting of a config (or section) by its dotted key."""
-    flat: dict[str, Any] = {}
-    for item in dataclasses.fields(section):
-        value = getattr(section, item.name)
-        if dataclasses.is_dataclass(value):
-            flat |= _settings(value, f"{prefix}{item.name}.")
-        else:
-            flat[f"{prefix}{item.name}"] = value
-    return flat
 
 
 def _trains_longer(new: TrainSettings, saved: TrainSettings) -> bool:
@@ -243,10 +230,10 @@ def check_run_dir(config: RunConfig, resume: bool) -> str | None:
     if not resume or not (run_dir / runfolder.CONFIG_FILE).exists():
         return None
     saved = runfolder.read_config(run_dir)
-    before, after = _settings(saved), _settings(config)
+    before, after = flat_settings(saved), flat_settings(config)
     changed = {key: (before[key], after[key]) for key in before if before[key] != after[key]}
     refused = [f"{key} {old!r} -> {new!r}" for key, (old, new) in changed.items()
-               if key not in RESUME_FREE_KEYS and key not in LENGTH_KEYS]
+               if key not in RESUME_FREE_KEYS and key not in LENGTH_KEYS and not key.startswith("sweep.")]
     if refused:
         raise RunExistsError(f"{run_dir} was started with a different config ({', '.join(refused)}); resume it with "
                              f"its own values (drop those overrides), or train a new run (name=...)")
