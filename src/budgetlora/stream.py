@@ -4,8 +4,9 @@ goes and moved into place at the end; shared across processes under `torchrun` /
 Three passes over the input, each holding one chunk (CHUNK_ROWS rows) at a time:
 1. check, before the model loads: every row's text, the IDs unique, the rows of each chunk (check_input);
 2. predict: process `rank` of `world` predicts chunks k with k % world == rank and appends their logits (float32) to
-   its part file beside the output. A chunk's logits do not depend on which process predicts it, so one process and
-   many write the same bytes;
+   its part file beside the output (a single process unlinks its part at once and keeps the open handle: a kill
+   leaves nothing behind). A chunk's logits do not depend on which process predicts it, so one process and many write
+   the same bytes;
 3. write (the first process, once all parts are complete): the parts' logits in input order, the IDs read again
    where the input has an ID column, the CSV under a temporary name, then renamed over the output.
 CSV, JSONL and parquet files stream; other sources (pickles, .json arrays, Hub datasets) are read whole once and
@@ -27,7 +28,7 @@ import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, BinaryIO, TextIO
 
 import numpy as np
 import torch
@@ -149,21 +150,25 @@ def predict_stream(run_dir: Path, config: RunConfig, rows: ChunkedInput, checked
         raise ValueError("a kaggle file is checked before it is moved into place: give a file, not stdout")
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     folder = Path(tempfile.gettempdir()) if output == "-" else Path(output).resolve().parent
-    with _parts(folder, Path(str(output)).name, rank, world) as parts:
+    with _parts(folder, Path(str(output)).name, rank, world) as parts, contextlib.ExitStack() as files:
         if world > 1 and torch.cuda.is_available():  # each process on its own GPU, as torchrun numbers them
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
         run = runfolder.load(run_dir, config=config, precision=precision)
-        with parts[rank].open("wb") as out, tqdm(total=sum(checked.sizes[rank::world]), desc="Predicting",
-                                                  unit="text", disable=rank != 0) as bar:
+        own = files.enter_context(parts[rank].open("w+b"))
+        if world == 1:  # no other process reads it by name: the open handle is the part, and a kill leaves no file
+            parts[rank].unlink()
+        with tqdm(total=sum(checked.sizes[rank::world]), desc="Predicting", unit="text", disable=rank != 0) as bar:
             for index, texts in enumerate(rows.texts()):
                 if index % world == rank:
-                    out.write(run.predict(texts).astype(np.float32).tobytes())
+                    own.write(run.predict(texts).astype(np.float32).tobytes())
                     bar.update(len(texts))
+        own.flush()
         if world > 1:
             torch.distributed.barrier()  # every part complete
         if rank != 0:
             return None
-        probs = _chunk_probabilities(run_dir, parts, checked.sizes, len(run.label_names), probabilities, whole)
+        handles = [own if r == rank else files.enter_context(parts[r].open("rb")) for r in range(world)]
+        probs = _chunk_probabilities(run_dir, handles, checked.sizes, len(run.label_names), probabilities, whole)
         if output == "-":  # stdout holds only the CSV: logs and progress bars go to stderr
             _write_csv(sys.stdout, _chunk_ids(rows, checked), probs, run.label_names, with_probs)
             sys.stdout.flush()
@@ -202,16 +207,17 @@ def _parts(folder: Path, name: str, rank: int, world: int) -> Iterator[list[Path
             torch.distributed.destroy_process_group()
 
 
-def _part_logits(parts: list[Path], sizes: list[int], classes: int) -> Iterator[np.ndarray]:
-    """The logits of each chunk, in input order: chunk k is the next one in part k % len(parts)."""
-    with contextlib.ExitStack() as stack:
-        handles = [stack.enter_context(part.open("rb")) for part in parts]
-        for index, size in enumerate(sizes):
-            data = handles[index % len(parts)].read(size * classes * 4)
-            yield np.frombuffer(data, dtype=np.float32).reshape(size, classes)
+def _part_logits(parts: list[BinaryIO], sizes: list[int], classes: int) -> Iterator[np.ndarray]:
+    """The logits of each chunk, in input order, from the parts' open handles: chunk k is the next one in part
+    k % len(parts)."""
+    for part in parts:
+        part.seek(0)
+    for index, size in enumerate(sizes):
+        data = parts[index % len(parts)].read(size * classes * 4)
+        yield np.frombuffer(data, dtype=np.float32).reshape(size, classes)
 
 
-def _chunk_probabilities(run_dir: Path, parts: list[Path], sizes: list[int], classes: int,
+def _chunk_probabilities(run_dir: Path, parts: list[BinaryIO], sizes: list[int], classes: int,
                          probabilities: Probabilities, whole: bool) -> Iterable[np.ndarray]:
     """The probabilities of each chunk, after a check of every logit. `whole`: from all the logits at once."""
     if not whole:
