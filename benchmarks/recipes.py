@@ -32,6 +32,7 @@ RECIPES = {
         "configs/recipes/mpnet-loraplus.yaml",
         "configs/recipes/mpnet-attention-r12.yaml",
         "configs/recipes/mpnet-first-token-8k.yaml",  # 8,000 training rows: the 93% target
+        "configs/recipes/mpnet-first-token-8k-lr5e-4.yaml",
     ],
     "minilm": [
         "configs/recipes/minilm-reference.yaml",
