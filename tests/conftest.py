@@ -16,6 +16,7 @@ import contextlib  # noqa: E402
 import copy  # noqa: E402
 import csv  # noqa: E402
 import dataclasses  # noqa: E402
+import signal  # noqa: E402
 import string  # noqa: E402
 from collections.abc import Callable, Collection, Iterator  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -179,6 +180,15 @@ def isolated_cache(folder: Path) -> Iterator[None]:
         patch.setenv("BUDGETLORA_CACHE", str(folder / "budgetlora-cache"))
         patch.setenv("HF_HUB_OFFLINE", "1")
         yield
+
+
+def ctrl_c_as_in_a_terminal() -> None:
+    """`preexec_fn` for a child that the test stops with SIGINT: the signal at its default, as in a terminal.
+
+    A shell without job control (`make test &`, some CI runners) starts its background commands with SIGINT ignored,
+    and Python then installs no KeyboardInterrupt handler: the child would never see the Ctrl-C the test sends.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def write_csv(path: Path, header: list[str], rows: Collection[Collection[object]]) -> Path:

@@ -8,7 +8,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +17,7 @@ import yaml
 
 from budgetlora.cli import main
 
-from .conftest import TrainedRun, tiny_config_dict, write_news_csv
+from .conftest import TrainedRun, ctrl_c_as_in_a_terminal, tiny_config_dict, write_news_csv
 
 Rows = list[tuple[str, int]]
 
@@ -157,13 +156,16 @@ def test_predict_with_probs_writes_names_and_probabilities(tmp_path: Path, train
 
 
 def test_ctrl_c_during_start_up_is_one_line(tmp_path: Path, tiny_roberta_dir: Path, news_csv: Path) -> None:
-    """SIGINT while the command still imports torch and loads the model: no traceback, exit 130."""
-    config = write_config(tmp_path, tiny_roberta_dir, news_csv)
+    """SIGINT after the parameter table, while the data is tokenized and the model loaded: no traceback, exit 130."""
+    config = write_config(tmp_path, tiny_roberta_dir, news_csv, {"train": {"epochs": 50}})
     process = subprocess.Popen([sys.executable, "-m", "budgetlora.cli", "train", "--config", str(config)],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               env={**os.environ, "OMP_NUM_THREADS": "1"})
-    time.sleep(3)  # the interpreter is up and inside main(); imports and model loading take longer than this
-    process.send_signal(signal.SIGINT)
-    _, err = process.communicate(timeout=120)
+                               env={**os.environ, "OMP_NUM_THREADS": "1"}, preexec_fn=ctrl_c_as_in_a_terminal)
+    # A line the process prints, not a fixed sleep: on a fast machine a sleep could outlast the whole start-up.
+    for line in process.stderr:
+        if "trainable parameters" in line:
+            process.send_signal(signal.SIGINT)
+            break
+    err = process.communicate(timeout=120)[1]
     assert process.returncode == 130 and "Traceback" not in err, err
     assert err.strip().splitlines()[-1] == "budgetlora: interrupted"

@@ -29,7 +29,7 @@ from budgetlora.runfolder import load
 from budgetlora.serve import ServeError, create_app, serve
 from budgetlora.train import train
 
-from .conftest import LABELS, isolated_cache, tiny_config_dict, write_news_csv
+from .conftest import LABELS, ctrl_c_as_in_a_terminal, isolated_cache, tiny_config_dict, write_news_csv
 
 Rows = list[tuple[str, int]]
 Logits = Callable[[list[str]], np.ndarray]
@@ -265,7 +265,8 @@ def test_the_cli_serves_a_run_until_ctrl_c(server: Server) -> None:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     command = [sys.executable, "-m", "budgetlora.cli", "serve", "--run", str(server.run_dir), "--port", str(port)]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               preexec_fn=ctrl_c_as_in_a_terminal)
     try:
         deadline = time.monotonic() + 90
         while True:
