@@ -199,7 +199,8 @@ class TrainSettings:
     group_by_length: bool = True
     torch_compile: bool = False
     logging_steps: int = 50
-    dataloader_workers: int = 0
+    # Processes that collate the next batches while the model computes; None: 2 on a GPU, 0 on a CPU (hardware.py).
+    dataloader_workers: int | None = None
     # Learning rate of the classification head (None: learning_rate). A fresh head often wants a larger one.
     head_learning_rate: float | None = None
     # Stop when validation accuracy has not improved for this many evaluations (epochs); None: never.
@@ -217,6 +218,8 @@ class TrainSettings:
                  f"must be in [0, 1), got {self.label_smoothing}")
         _require(self.max_steps is None or self.max_steps > 0, "train.max_steps", f"must be > 0, got {self.max_steps}")
         _require(self.logging_steps > 0, "train.logging_steps", f"must be > 0, got {self.logging_steps}")
+        _require(self.dataloader_workers is None or self.dataloader_workers >= 0, "train.dataloader_workers",
+                 f"must be >= 0 (or null: by device), got {self.dataloader_workers}")
         _require(self.head_learning_rate is None or self.head_learning_rate > 0, "train.head_learning_rate",
                  f"must be > 0, got {self.head_learning_rate}")
         _require(self.early_stopping_patience is None or self.early_stopping_patience > 0,

@@ -54,6 +54,20 @@ def device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def pad_multiple(on: torch.device) -> int | None:
+    """Batch lengths on a GPU round up to a multiple of 8: tensor-core tiles, and few distinct shapes for the kernels
+    chosen per shape. On a CPU the extra padding would only be extra work."""
+    return 8 if on.type == "cuda" else None
+
+
+def loader_workers(requested: int | None, on: torch.device) -> int:
+    """train.dataloader_workers; None: 2 on a GPU (the next batches are collated while it computes), 0 on a CPU,
+    where a worker process would take a core from the computation itself."""
+    if requested is not None:
+        return requested
+    return 2 if on.type == "cuda" else 0
+
+
 def cpu_supports_bf16() -> bool:
     # oneDNN reports native bf16 (AVX512-BF16 or AMX); emulated bf16 on older CPUs is slower than fp32.
     return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()

@@ -31,7 +31,7 @@ from transformers.pytorch_utils import Conv1D
 from transformers.utils import logging as transformers_logging
 
 from .config import ConfigError, ModelConfig, RunConfig
-from .hardware import INT8_ENGINE, autocast, device, resolve_precision
+from .hardware import INT8_ENGINE, autocast, device, pad_multiple, resolve_precision
 from .heads import (
     COMPACT_HEADS,
     PooledClassifier,
@@ -230,10 +230,12 @@ def predict_logits(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, t
 
     Texts are batched longest-first so each batch pads to a similar length (little padding, and an out-of-memory
     error, if any, comes on the first batch); the original order is restored at the end. pad_to_max_length pads
-    every batch to max_length, as the reference pipeline does. precision "int8" needs quantize_int8's model.
+    every batch to max_length, as the reference pipeline does; otherwise a GPU's batches pad to a multiple of 8
+    (hardware.pad_multiple). precision "int8" needs quantize_int8's model.
     """
-    padding = {"padding": "max_length", "max_length": max_length} if pad_to_max_length else {}
     on = device()
+    padding = ({"padding": "max_length", "max_length": max_length} if pad_to_max_length
+               else {"pad_to_multiple_of": pad_multiple(on)})
     model.to(on).eval()
     precision = resolve_precision(precision)
     encoded = tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]

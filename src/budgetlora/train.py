@@ -42,7 +42,7 @@ from .budget import ParamReport, check_budget, parameter_group
 from .config import RunConfig, TrainSettings, flat_settings, with_overrides
 from .data import load_table, split_train_validation
 from .features import choose_max_length, tokenize_table
-from .hardware import resolve_precision
+from .hardware import device, loader_workers, pad_multiple, resolve_precision
 from .metrics import classification_metrics
 from .modeling import build_peft_model, load_tokenizer
 
@@ -169,6 +169,7 @@ def training_arguments(config: RunConfig, train_rows: int) -> TrainingArguments:
     """Trainer settings: evaluate and checkpoint once an epoch, keep the best checkpoint by validation accuracy."""
     train = config.train
     precision = resolve_precision(train.precision)
+    workers = loader_workers(train.dataloader_workers, device())
     world = int(os.environ.get("WORLD_SIZE", 1))
     steps_per_epoch = math.ceil(train_rows / (train.batch_size * world))
     total_steps = train.max_steps or math.ceil(train.epochs * steps_per_epoch)
@@ -199,9 +200,13 @@ def training_arguments(config: RunConfig, train_rows: int) -> TrainingArguments:
         bf16=precision == "bf16",
         fp16=precision == "fp16",
         use_cpu=not torch.cuda.is_available(),
+        # transformers' own default since torch 2.8, pinned here: one kernel for all parameters instead of a launch
+        # per tensor and step (on a GPU that launch overhead, not the arithmetic, sets the pace of small LoRA steps).
+        optim="adamw_torch_fused",
         train_sampling_strategy="group_by_length" if train.group_by_length else "random",
         torch_compile=train.torch_compile,
-        dataloader_num_workers=train.dataloader_workers,
+        dataloader_num_workers=workers,
+        dataloader_persistent_workers=workers > 0,  # not forked again for every evaluation
     )
 
 
@@ -354,7 +359,7 @@ def _train(config: RunConfig, params: ParamReport, *, resume: bool, callbacks: S
         args=training_arguments(config, len(train_set)),
         train_dataset=train_set,
         eval_dataset=val_set,
-        data_collator=DataCollatorWithPadding(tokenizer),
+        data_collator=DataCollatorWithPadding(tokenizer, pad_to_multiple_of=pad_multiple(device())),
         processing_class=tokenizer,
         compute_metrics=lambda p: _scalar_metrics(p, label_names),
         callbacks=callbacks,

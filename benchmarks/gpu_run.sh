@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# The GPU measurements of benchmarks/speed.py in one command, for a machine lent through the device tool (a few
+# minutes on an H100/H200): after `bash benchmarks/gpu_bundle.sh` here, run(command="bash benchmarks/gpu_run.sh",
+# carry=[".gpu"], timeout_s=540). Writes to $OUT (else gpu-out/): env.txt (GPU, versions), steady.txt (both pipelines,
+# budgetlora's training in steady state, one epoch of 8,000 real rows end to end for both, measured), cold.txt
+# (budgetlora's first run, every batch shape new), batch128.txt (budgetlora at batch 128: a GPU's memory; on a CPU
+# the roberta-base shape takes 19 GB), and their logs. Extra
+# arguments go to every speed.py call (a quick local check: --steps 2 --reference-steps 1 --predict-rows 64
+# --e2e-rows 100 --e2e-texts 50 --e2e-reference extrapolate, with PYTHON=.venv/bin/python to use this machine's
+# environment instead of the carried wheels). Copy the tables into the README's "On a GPU" with the GPU's name.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+out=${OUT:-gpu-out}
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1
+if [[ -z "${PYTHON:-}" && -d .gpu/wheels ]]; then  # that machine installs nothing from the network: the carried wheels, over its own
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .gpu/wheels/*.whl
+  export PYTHONPATH="$PWD/src:/tmp/site"
+  # speed.py reads ../shared/data, which does not travel.
+  [[ -e ../shared/data ]] || { mkdir -p ../shared && ln -s "$PWD/.gpu/data" ../shared/data; }
+fi
+python=${PYTHON:-python3}
+"$python" - <<'PY' | tee "$out/env.txt"
+import importlib.metadata as m
+
+import torch
+
+print("device:", torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU (no GPU visible)")
+print("torch", torch.__version__, "CUDA", torch.version.cuda)
+for name in ("transformers", "peft", "datasets", "accelerate", "pyarrow", "tokenizers"):
+    print(name, m.version(name))
+import budgetlora.train  # noqa: E402,F401  (fails here, early, if a library is missing or too old)
+PY
+speed() {  # one speed.py run: its table on stdout and in $out/$1.txt, its logs in $out/$1.log
+  local name=$1; shift
+  "$python" benchmarks/speed.py --models roberta-base "$@" 2> "$out/$name.log" | tee "$out/$name.txt"
+}
+speed steady --steps 50 --reference-steps 20 --warmup 3 --e2e-rows 8422 --e2e-reference measure "$@"
+speed cold --pipelines budgetlora --steps 50 --warmup 3 --cold --e2e-rows 2000 "$@"
+speed batch128 --pipelines budgetlora --steps 30 --warmup 3 --e2e-rows 2000 \
+  --set train.batch_size=128 train.eval_batch_size=256 "$@"
