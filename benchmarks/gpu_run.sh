@@ -3,11 +3,12 @@
 # minutes on an H100/H200): after `bash benchmarks/gpu_bundle.sh` here, run(command="bash benchmarks/gpu_run.sh",
 # carry=[".gpu"], timeout_s=540). Writes to $OUT (else gpu-out/): env.txt (GPU, versions), steady.txt (both pipelines,
 # budgetlora's training in steady state, one epoch of 8,000 real rows end to end for both, measured), cold.txt
-# (budgetlora's first run, every batch shape new), batch128.txt (budgetlora at batch 128: a GPU's memory; on a CPU
-# the roberta-base shape takes 19 GB), and their logs. Extra
-# arguments go to every speed.py call (a quick local check: --steps 2 --reference-steps 1 --predict-rows 64
-# --e2e-rows 100 --e2e-texts 50 --e2e-reference extrapolate, with PYTHON=.venv/bin/python to use this machine's
-# environment instead of the carried wheels). Copy the tables into the README's "On a GPU" with the GPU's name.
+# (budgetlora's first run, every batch shape new), batch128.txt (budgetlora at batch 128: a GPU's memory; on a CPU the
+# roberta-base shape takes 19 GB at that batch), and their logs. Copy the tables into the README's "On a GPU", with
+# the GPU's name. Extra arguments go to every speed.py call; a quick local check of the script itself (budgetlora
+# only, this machine's environment instead of the carried wheels):
+#   PYTHON=.venv/bin/python bash benchmarks/gpu_run.sh --pipelines budgetlora --steps 2 --warmup 1 --predict-rows 64 \
+#     --e2e-rows 100 --e2e-texts 50
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-gpu-out}

@@ -1,0 +1,204 @@
+"""int8 prediction on a CPU: torch dynamic int8 against ONNX Runtime dynamic int8, next to the bf16 default.
+
+    OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 python benchmarks/int8.py      # the two MiniLM runs; about 30 minutes
+    OMP_NUM_THREADS=1 python benchmarks/int8.py --runs runs/bench/minilm-no-dropout-s42 --test-rows 300   # a quick look
+
+Four ways to predict with one trained run, each on 1 thread:
+- bf16: `runfolder.load(run)` then `run.predict` (the default: LoRA merged, bf16 autocast where the CPU has it);
+- torch int8: `runfolder.load(run, precision="int8")` (modeling.quantize_int8: every nn.Linear dynamically quantised);
+- ORT int8: the graph of `budgetlora export --format onnx` (export_onnx.write_onnx), its weights quantised per channel
+  to QInt8 by onnxruntime.quantization.quantize_dynamic, run by onnxruntime's CPU provider;
+- ORT fused int8: the same graph after onnxruntime.transformers.optimizer's BERT fusions (attention, layer norm,
+  GELU), then quantised the same way.
+The ORT ways batch as modeling.predict_logits does: longest-first batches of the run's eval_batch_size, padded to
+their longest text, original order restored. Columns: accuracy on the official AG News test split (7,600 rows), on
+the competition file's 484 labelled generated texts (dev_ood_labels.csv), the share of test labels equal to bf16's,
+and samples/s over the test texts, timed after one untimed pass over them (the kernels' first use of each batch
+shape), with its ratio to bf16's. The one-time preparation (loading, quantising, exporting, fusing) is not timed
+with prediction: it is printed in its own table. The last line of the output is JSON with every number.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import onnxruntime
+import torch
+from onnxruntime.quantization import QuantType, quantize_dynamic
+from onnxruntime.transformers.optimizer import optimize_model
+from table import markdown_table
+from transformers import PreTrainedTokenizerBase
+
+from budgetlora import runfolder
+from budgetlora.data import join_labels, load_table
+from budgetlora.export import PROBE_TEXTS
+from budgetlora.export_onnx import ONNX_FILE, write_onnx
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "data"
+TEST = SHARED / "ag_news" / "test.csv"
+COMPETITION = SHARED / "competition" / "test_unlabelled.pkl"
+DEV_LABELS = SHARED / "competition" / "dev_ood_labels.csv"
+RUNS = ["runs/bench/minilm-no-dropout-s42", "runs/bench/minilm-no-dropout-s43"]
+WAYS = ["bf16", "torch int8", "ORT int8", "ORT fused int8"]
+# Texts of other lengths than the export's example batch: the fused graph must give the plain graph's logits on them.
+CHECK_TEXTS = [*reversed(PROBE_TEXTS), "a third text", "Oil prices rose on Tuesday after the storm shut refineries."]
+
+Predict = Callable[[list[str]], np.ndarray]
+
+
+class OrtPredictor:
+    """Logits from an ONNX graph on one CPU thread, batched as modeling.predict_logits batches on a CPU."""
+
+    def __init__(self, path: Path, run: runfolder.Run, threads: int) -> None:
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        self.session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self.inputs = [node.name for node in self.session.get_inputs()]
+        self.tokenizer: PreTrainedTokenizerBase = run.tokenizer
+        self.max_length = run.config.model.max_length
+        self.batch_size = run.config.train.eval_batch_size
+        self.padding = ({"padding": "max_length", "max_length": self.max_length}
+                        if run.config.model.pad_to_max_length else {})
+        self.num_labels = len(run.label_names)
+
+    def __call__(self, texts: list[str]) -> np.ndarray:
+        encoded = self.tokenizer(texts, truncation=True, max_length=self.max_length)["input_ids"]
+        order = np.argsort([-len(ids) for ids in encoded], kind="stable")
+        logits = np.empty((len(texts), self.num_labels), dtype=np.float32)
+        for start in range(0, len(order), self.batch_size):
+            rows = order[start:start + self.batch_size]
+            batch = self.tokenizer.pad({"input_ids": [encoded[i] for i in rows]}, return_tensors="np", **self.padding)
+            feed = {name: (batch[name] if name in batch else np.zeros_like(batch["input_ids"])).astype(np.int64)
+                    for name in self.inputs}
+            logits[rows] = self.session.run(["logits"], feed)[0]
+        return logits
+
+
+def int8_copy(source: Path, target: Path) -> float:
+    """`source` with its weights dynamically quantised per channel to QInt8, written to `target`; the seconds taken."""
+    started = time.perf_counter()
+    quantize_dynamic(str(source), str(target), per_channel=True, weight_type=QuantType.QInt8)
+    return time.perf_counter() - started
+
+
+def fused_copy(source: Path, target: Path, run: runfolder.Run) -> tuple[float, dict[str, int]]:
+    """`source` after onnxruntime's BERT graph fusions, written to `target`; the seconds taken and the fused ops."""
+    config = run.model.config
+    started = time.perf_counter()
+    optimized = optimize_model(str(source), model_type="bert", num_heads=config.num_attention_heads,
+                               hidden_size=config.hidden_size)
+    optimized.save_model_to_file(str(target))
+    elapsed = time.perf_counter() - started
+    return elapsed, {op: count for op, count in optimized.get_fused_operator_statistics().items() if count}
+
+
+def timed(predict: Predict, texts: list[str]) -> tuple[np.ndarray, float]:
+    """The logits of a second pass of `predict` over `texts` and its samples/s (the first pass is untimed)."""
+    predict(texts)
+    started = time.perf_counter()
+    logits = predict(texts)
+    return logits, len(texts) / (time.perf_counter() - started)
+
+
+def eval_texts(run: runfolder.Run, test_rows: int | None) -> tuple[list[str], np.ndarray, list[str], np.ndarray]:
+    """The official test split's texts and labels (the first test_rows of them) and the 484 labelled generated texts
+    of the competition file with theirs."""
+    data = run.config.data
+    test = load_table(str(TEST), data, labelled=True)
+    competition = load_table(str(COMPETITION), data, labelled=False)
+    joined = join_labels(competition, str(DEV_LABELS), data)
+    texts = competition["text"][:]
+    return (test["text"][:][:test_rows], np.asarray(test["label"][:][:test_rows]),
+            [texts[i] for i in joined.rows], np.asarray(joined.labels))
+
+
+def measure_run(run_dir: Path, threads: int, test_rows: int | None, workdir: Path) -> list[dict]:
+    """Every way on one run: accuracies, agreement with bf16, samples/s and the one-time preparation's seconds."""
+    started = time.perf_counter()
+    run = runfolder.load(run_dir)
+    prepared = {"bf16": time.perf_counter() - started}
+    test_texts, test_labels, dev_texts, dev_labels = eval_texts(run, test_rows)
+    notes = {"bf16": "runfolder.load", "torch int8": "runfolder.load(precision=\"int8\"), quantize_int8 included"}
+
+    started = time.perf_counter()
+    int8_run = runfolder.load(run_dir, precision="int8")
+    prepared["torch int8"] = time.perf_counter() - started
+    predictors: dict[str, Predict] = {"bf16": run.predict, "torch int8": int8_run.predict}
+
+    folder = workdir / run_dir.name
+    folder.mkdir(parents=True)
+    started = time.perf_counter()
+    write_onnx(copy.deepcopy(run.model), run.tokenizer, folder, run.label_names, run.config.model.max_length,
+               PROBE_TEXTS)
+    exported = time.perf_counter() - started
+    plain = folder / ONNX_FILE
+    prepared["ORT int8"] = exported + int8_copy(plain, folder / "int8.onnx")
+    predictors["ORT int8"] = OrtPredictor(folder / "int8.onnx", run, threads)
+    notes["ORT int8"] = f"export {exported:.1f} s + quantise {prepared['ORT int8'] - exported:.1f} s"
+
+    fuse_s, fused_ops = fused_copy(plain, folder / "fused.onnx", run)
+    # The fusions must not change the fp32 graph's logits: checked on texts of other lengths than the export's.
+    difference = float(np.abs(OrtPredictor(plain, run, threads)(CHECK_TEXTS)
+                              - OrtPredictor(folder / "fused.onnx", run, threads)(CHECK_TEXTS)).max())
+    quantise_s = int8_copy(folder / "fused.onnx", folder / "fused-int8.onnx")
+    prepared["ORT fused int8"] = exported + fuse_s + quantise_s
+    predictors["ORT fused int8"] = OrtPredictor(folder / "fused-int8.onnx", run, threads)
+    notes["ORT fused int8"] = f"export {exported:.1f} s + fuse {fuse_s:.1f} s + quantise {quantise_s:.1f} s"
+    fusion = {"fused_ops": fused_ops, "fused_vs_plain_fp32_max_logit_difference": difference}
+
+    results, reference = [], None
+    for way, predict in predictors.items():
+        logits, speed = timed(predict, test_texts)
+        labels = logits.argmax(-1)
+        reference = labels if reference is None else reference
+        results.append({
+            "run": run_dir.name, "way": way, "test_rows": len(test_texts),
+            "test_accuracy": float(np.mean(labels == test_labels)),
+            "dev_accuracy": float(np.mean(predict(dev_texts).argmax(-1) == dev_labels)),
+            "agreement_with_bf16": float(np.mean(labels == reference)), "samples_per_s": speed,
+            "prepare_s": prepared[way], "prepare": notes[way], **(fusion if way == "ORT fused int8" else {})})
+        results[-1]["x_bf16"] = speed / results[0]["samples_per_s"]
+        print(json.dumps(results[-1]), flush=True)
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", nargs="*", type=Path, default=[ROOT / run for run in RUNS])
+    parser.add_argument("--threads", type=int, default=1, help="torch and onnxruntime intra-op threads")
+    parser.add_argument("--test-rows", type=int, default=None, help="the first N test rows only (a quick look)")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    results = []
+    with tempfile.TemporaryDirectory(prefix="budgetlora-int8-") as workdir:
+        for run_dir in args.runs:
+            results += measure_run(run_dir, args.threads, args.test_rows, Path(workdir))
+    rows = results[0]["test_rows"]
+    print(f"\n{args.threads} thread(s); AG test: {rows:,} rows of the official test split; dev: the 484 labelled "
+          f"generated texts; samples/s over the AG test texts, after an untimed pass\n")
+    print(markdown_table(
+        ["run", "way", "AG test acc", "dev acc", "agreement with bf16", "samples/s", "x bf16"],
+        [[r["run"], r["way"], f"{100 * r['test_accuracy']:.2f}", f"{100 * r['dev_accuracy']:.2f}",
+          f"{100 * r['agreement_with_bf16']:.2f}", r["samples_per_s"], r["x_bf16"]] for r in results]))
+    print("\none-time preparation (not in samples/s):\n")
+    print(markdown_table(["run", "way", "seconds", "what"],
+                         [[r["run"], r["way"], r["prepare_s"], r["prepare"]] for r in results]))
+    for r in results:
+        if "fused_ops" in r:
+            print(f"{r['run']}: fused graph's operators {r['fused_ops']}; fp32 logits against the plain graph's on "
+                  f"{len(CHECK_TEXTS)} texts: max difference {r['fused_vs_plain_fp32_max_logit_difference']:.1e}")
+    print(json.dumps({"threads": args.threads, "results": [
+        {key: round(value, 4) if isinstance(value, float) else value for key, value in r.items()} for r in results]}))
+
+
+if __name__ == "__main__":
+    main()
