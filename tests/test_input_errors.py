@@ -4,6 +4,7 @@ value, and exit status 2; never a traceback, and never minutes of training first
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -112,6 +113,20 @@ def test_predict_format_kaggle_leaves_no_invalid_file(tmp_path: Path, trained_ti
     output.write_text("ID,Label\n0,1\n")  # a file already there (an earlier submission) is kept as it was
     user_error(capsys, argv)
     assert output.read_text() == "ID,Label\n0,1\n"
+
+
+def test_predict_format_kaggle_reports_its_check_once(tmp_path: Path, trained_tiny_run: TrainedRun, news_rows: Rows,
+                                                      capsys: pytest.CaptureFixture[str],
+                                                      caplog: pytest.LogCaptureFixture) -> None:
+    source = tmp_path / "test.csv"
+    pd.DataFrame({"text": [t for t, _ in news_rows[:8]]}).to_csv(source, index=False)
+    output = tmp_path / "submission.csv"
+    with caplog.at_level(logging.INFO, logger="budgetlora"):
+        assert main(["predict", "--run", str(trained_tiny_run.run_dir), "--input", str(source), "--output",
+                     str(output), "--format", "kaggle"]) == 0
+    assert f"wrote 8 predictions to {output}" in capsys.readouterr().out
+    # Checked once, under its temporary name, and reported by the file's own name.
+    assert caplog.text.count(f"{output}: OK, 8 rows, IDs 0..7") == 1, caplog.text
 
 
 # One bad value per subcommand, each caught before a model is loaded: exit 2, one line, no traceback.

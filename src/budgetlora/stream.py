@@ -177,7 +177,8 @@ def predict_stream(run_dir: Path, config: RunConfig, rows: ChunkedInput, checked
             _write_csv(csv_file, _chunk_ids(rows, checked), probs, run.label_names, with_probs)
             if kaggle:  # checked under its temporary name: an invalid file never replaces an earlier one
                 csv_file.flush()
-                validate_submission(Path(csv_file.name), checked.rows, len(run.label_names), where=str(output))
+                log.info(validate_submission(Path(csv_file.name), checked.rows, len(run.label_names),
+                                             where=str(output)))
         return checked.rows
 
 
