@@ -1,16 +1,14 @@
 """Run configuration: nested dataclasses loaded from YAML, with dotted command-line overrides.
 
-Every field is type-checked and every section validates itself in ``__post_init__``; unknown keys and wrong types
-are errors that name the dotted key, so a typo in a YAML file never silently falls back to a default.
+Every field is type-checked (typed_yaml.py) and every section validates itself in ``__post_init__``; unknown keys and
+wrong types are errors that name the dotted key, so a typo in a YAML file never silently falls back to a default.
+This module owns the schema: the sections, their defaults and their rules.
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
-import functools
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,17 +18,9 @@ import yaml
 
 from .augment import NoiseSettings
 from .search_space import DEFAULT_SPACE, ParamSpec, as_yaml, probes
+from .typed_yaml import ConfigError, apply_overrides, from_dict, load_yaml_file, require
 
 AG_NEWS_LABELS = ("World", "Sports", "Business", "Sci/Tech")
-
-
-class ConfigError(ValueError):
-    """A configuration value is missing, unknown, of the wrong type or out of range."""
-
-
-def _require(condition: bool, key: str, message: str) -> None:
-    if not condition:
-        raise ConfigError(f"{key}: {message}")
 
 
 @dataclass
@@ -58,10 +48,10 @@ class ModelConfig:
     head: Literal["standard", "first_token", "mean", "lora_dense"] = "standard"
 
     def __post_init__(self) -> None:
-        _require(bool(self.name.strip()), "model.name", "must not be empty")
-        _require(self.max_length == "auto" or self.max_length > 0, "model.max_length",
+        require(bool(self.name.strip()), "model.name", "must not be empty")
+        require(self.max_length == "auto" or self.max_length > 0, "model.max_length",
                  f"must be > 0 or 'auto', got {self.max_length}")
-        _require(bool(self.attn_implementation.strip()), "model.attn_implementation", "must not be empty")
+        require(bool(self.attn_implementation.strip()), "model.attn_implementation", "must not be empty")
 
 
 @dataclass
@@ -90,12 +80,12 @@ class DataConfig:
     unlabelled: str | None = None
 
     def __post_init__(self) -> None:
-        _require(bool(self.text_columns), "data.text_columns", "must name at least one column")
-        _require(0.0 < self.validation_fraction < 0.5, "data.validation_fraction",
+        require(bool(self.text_columns), "data.text_columns", "must name at least one column")
+        require(0.0 < self.validation_fraction < 0.5, "data.validation_fraction",
                  f"must be in (0, 0.5), got {self.validation_fraction}")
-        _require(self.max_train_rows is None or self.max_train_rows > 0, "data.max_train_rows",
+        require(self.max_train_rows is None or self.max_train_rows > 0, "data.max_train_rows",
                  f"must be > 0, got {self.max_train_rows}")
-        _require(len(set(self.label_names)) == len(self.label_names) >= 2, "data.label_names",
+        require(len(set(self.label_names)) == len(self.label_names) >= 2, "data.label_names",
                  f"must hold at least two distinct names, got {self.label_names}")
 
 
@@ -122,12 +112,12 @@ class LoraSettings:
     use_rslora: bool = False
 
     def __post_init__(self) -> None:
-        _require(self.r > 0, "lora.r", f"must be > 0, got {self.r}")
-        _require(self.alpha > 0, "lora.alpha", f"must be > 0, got {self.alpha}")
-        _require(0.0 <= self.dropout < 1.0, "lora.dropout", f"must be in [0, 1), got {self.dropout}")
-        _require(bool(self.target_modules), "lora.target_modules", "must not be empty")
+        require(self.r > 0, "lora.r", f"must be > 0, got {self.r}")
+        require(self.alpha > 0, "lora.alpha", f"must be > 0, got {self.alpha}")
+        require(0.0 <= self.dropout < 1.0, "lora.dropout", f"must be in [0, 1), got {self.dropout}")
+        require(bool(self.target_modules), "lora.target_modules", "must not be empty")
         for key, rank in self.rank_pattern.items():
-            _require(rank > 0, f"lora.rank_pattern.{key}", f"must be > 0, got {rank}")
+            require(rank > 0, f"lora.rank_pattern.{key}", f"must be > 0, got {rank}")
 
 
 @dataclass
@@ -140,7 +130,7 @@ class AugmentSettings:
     noise: NoiseSettings = field(default_factory=NoiseSettings)
 
     def __post_init__(self) -> None:
-        _require(self.copies >= 0, "augment.copies", f"must be >= 0, got {self.copies}")
+        require(self.copies >= 0, "augment.copies", f"must be >= 0, got {self.copies}")
 
 
 # Ways to adjust predictions to an input's class priors (infer.shift_to_input_priors).
@@ -170,11 +160,11 @@ class SelfTrainSettings:
     label_shift: PriorAdjustment | None = None
 
     def __post_init__(self) -> None:
-        _require(self.rounds >= 0, "self_training.rounds", f"must be >= 0, got {self.rounds}")
-        _require(0.0 <= self.threshold < 1.0, "self_training.threshold", f"must be in [0, 1), got {self.threshold}")
-        _require(self.max_per_class is None or self.max_per_class > 0, "self_training.max_per_class",
+        require(self.rounds >= 0, "self_training.rounds", f"must be >= 0, got {self.rounds}")
+        require(0.0 <= self.threshold < 1.0, "self_training.threshold", f"must be in [0, 1), got {self.threshold}")
+        require(self.max_per_class is None or self.max_per_class > 0, "self_training.max_per_class",
                  f"must be > 0, got {self.max_per_class}")
-        _require(self.weight > 0, "self_training.weight", f"must be > 0, got {self.weight}")
+        require(self.weight > 0, "self_training.weight", f"must be > 0, got {self.weight}")
 
 
 @dataclass
@@ -209,24 +199,24 @@ class TrainSettings:
     loraplus_lr_ratio: float | None = None
 
     def __post_init__(self) -> None:
-        _require(self.epochs > 0, "train.epochs", f"must be > 0, got {self.epochs}")
-        _require(self.learning_rate > 0, "train.learning_rate", f"must be > 0, got {self.learning_rate}")
-        _require(self.batch_size > 0, "train.batch_size", f"must be > 0, got {self.batch_size}")
-        _require(self.eval_batch_size > 0, "train.eval_batch_size", f"must be > 0, got {self.eval_batch_size}")
-        _require(self.warmup_steps >= 0, "train.warmup_steps", f"must be >= 0, got {self.warmup_steps}")
-        _require(0.0 <= self.label_smoothing < 1.0, "train.label_smoothing",
+        require(self.epochs > 0, "train.epochs", f"must be > 0, got {self.epochs}")
+        require(self.learning_rate > 0, "train.learning_rate", f"must be > 0, got {self.learning_rate}")
+        require(self.batch_size > 0, "train.batch_size", f"must be > 0, got {self.batch_size}")
+        require(self.eval_batch_size > 0, "train.eval_batch_size", f"must be > 0, got {self.eval_batch_size}")
+        require(self.warmup_steps >= 0, "train.warmup_steps", f"must be >= 0, got {self.warmup_steps}")
+        require(0.0 <= self.label_smoothing < 1.0, "train.label_smoothing",
                  f"must be in [0, 1), got {self.label_smoothing}")
-        _require(self.max_steps is None or self.max_steps > 0, "train.max_steps", f"must be > 0, got {self.max_steps}")
-        _require(self.logging_steps > 0, "train.logging_steps", f"must be > 0, got {self.logging_steps}")
-        _require(self.dataloader_workers is None or self.dataloader_workers >= 0, "train.dataloader_workers",
+        require(self.max_steps is None or self.max_steps > 0, "train.max_steps", f"must be > 0, got {self.max_steps}")
+        require(self.logging_steps > 0, "train.logging_steps", f"must be > 0, got {self.logging_steps}")
+        require(self.dataloader_workers is None or self.dataloader_workers >= 0, "train.dataloader_workers",
                  f"must be >= 0 (or null: by device), got {self.dataloader_workers}")
-        _require(self.head_learning_rate is None or self.head_learning_rate > 0, "train.head_learning_rate",
+        require(self.head_learning_rate is None or self.head_learning_rate > 0, "train.head_learning_rate",
                  f"must be > 0, got {self.head_learning_rate}")
-        _require(self.early_stopping_patience is None or self.early_stopping_patience > 0,
+        require(self.early_stopping_patience is None or self.early_stopping_patience > 0,
                  "train.early_stopping_patience", f"must be > 0, got {self.early_stopping_patience}")
-        _require(self.loraplus_lr_ratio is None or self.loraplus_lr_ratio >= 1, "train.loraplus_lr_ratio",
+        require(self.loraplus_lr_ratio is None or self.loraplus_lr_ratio >= 1, "train.loraplus_lr_ratio",
                  f"must be >= 1, got {self.loraplus_lr_ratio}")
-        _require(self.loraplus_lr_ratio is None or self.head_learning_rate is None, "train.loraplus_lr_ratio",
+        require(self.loraplus_lr_ratio is None or self.head_learning_rate is None, "train.loraplus_lr_ratio",
                  "cannot be combined with train.head_learning_rate (LoRA+ sets the learning rate of each group)")
 
 
@@ -250,9 +240,9 @@ class SweepSettings:
     warmup_steps: int = 0
 
     def __post_init__(self) -> None:
-        _require(self.startup_trials >= 0, "sweep.startup_trials", f"must be >= 0, got {self.startup_trials}")
-        _require(self.warmup_steps >= 0, "sweep.warmup_steps", f"must be >= 0, got {self.warmup_steps}")
-        _require(self.space is None or bool(self.space), "sweep.space", "must not be empty (null: the default space)")
+        require(self.startup_trials >= 0, "sweep.startup_trials", f"must be >= 0, got {self.startup_trials}")
+        require(self.warmup_steps >= 0, "sweep.warmup_steps", f"must be >= 0, got {self.warmup_steps}")
+        require(self.space is None or bool(self.space), "sweep.space", "must not be empty (null: the default space)")
 
     @property
     def searched(self) -> dict[str, ParamSpec]:
@@ -276,12 +266,12 @@ class RunConfig:
     sweep: SweepSettings = field(default_factory=SweepSettings)
 
     def __post_init__(self) -> None:
-        _require(self.budget > 0, "budget", f"must be > 0, got {self.budget}")
-        _require(bool(self.name) and "/" not in self.name, "name", f"must be a plain folder name, got {self.name!r}")
+        require(self.budget > 0, "budget", f"must be > 0, got {self.budget}")
+        require(bool(self.name) and "/" not in self.name, "name", f"must be a plain folder name, got {self.name!r}")
         # peft applies layers_to_transform to every target, so it would silently skip the head's dense layer.
-        _require(self.model.head != "lora_dense" or self.lora.layers_to_transform is None, "model.head",
+        require(self.model.head != "lora_dense" or self.lora.layers_to_transform is None, "model.head",
                  "'lora_dense' cannot be combined with lora.layers_to_transform (peft would skip the head's dense)")
-        _require(self.self_training.rounds == 0 or self.data.unlabelled is not None, "self_training.rounds",
+        require(self.self_training.rounds == 0 or self.data.unlabelled is not None, "self_training.rounds",
                  "needs unlabelled texts: set data.unlabelled to a file (e.g. the test set's test_unlabelled.pkl)")
         if self.sweep.space is not None:
             self._check_sweep_space(self.sweep.space)
@@ -321,145 +311,6 @@ def flat_settings(section: Any, prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-# --- building dataclasses from plain dicts, with type checks that name the key -------------------------------------
-
-def _check_type(value: Any, annotation: Any, key: str) -> Any:
-    """Return `value` if it fits `annotation` (ints and numeric strings are accepted for floats), else raise."""
-    if annotation is Any:
-        return value
-    if dataclasses.is_dataclass(annotation):  # a section inside a mapping (sweep.space.<key>)
-        return from_dict(annotation, value, f"{key}.")
-    origin = typing.get_origin(annotation)
-    if origin in (typing.Union, types.UnionType):
-        for option in typing.get_args(annotation):
-            try:
-                return _check_type(value, option, key)
-            except ConfigError as error:
-                if str(error).startswith(f"{key}."):  # a mapping of this option, wrong in one entry: that one's error
-                    raise
-                continue
-        raise ConfigError(f"{key}: expected {_type_name(annotation)}, got {value!r}")
-    if annotation is type(None):
-        _require(value is None, key, f"expected null, got {value!r}")
-        return value
-    if origin is Literal:
-        _require(value in typing.get_args(annotation), key,
-                 f"must be one of {list(typing.get_args(annotation))}, got {value!r}")
-        return value
-    if origin is list:
-        _require(isinstance(value, list), key, f"expected a list, got {value!r}")
-        (item_type,) = typing.get_args(annotation)
-        return [_check_type(item, item_type, f"{key}[{i}]") for i, item in enumerate(value)]
-    if origin is dict:
-        _require(isinstance(value, dict), key, f"expected a mapping, got {value!r}")
-        key_type, value_type = typing.get_args(annotation)
-        return {_check_type(k, key_type, key): _check_type(v, value_type, f"{key}.{k}") for k, v in value.items()}
-    if annotation is float:
-        if isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string; a number is what was meant
-            with contextlib.suppress(ValueError):
-                return float(value)
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        _require(ok, key, f"expected a number, got {value!r}")
-        return float(value)
-    if annotation in (int, str, bool):
-        ok = isinstance(value, annotation) and not (annotation is int and isinstance(value, bool))
-        _require(ok, key, f"expected {annotation.__name__}, got {value!r}")
-        return value
-    raise TypeError(f"unsupported annotation {annotation!r} for {key}")  # a bug in this module, not in the config
-
-
-def _type_name(annotation: Any) -> str:
-    return str(annotation).replace("typing.", "")
-
-
-@functools.cache
-def _type_hints(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)  # slow (it evaluates the annotations' text), and asked for at every load
-
-
-def from_dict(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
-    """Build dataclass `cls` from `values`; unknown keys and wrong types raise ConfigError naming the dotted key."""
-    if not isinstance(values, dict):
-        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {values!r}")
-    hints = _type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - names)
-    if unknown:
-        raise ConfigError(f"{prefix}{unknown[0]}: unknown key (known keys: {', '.join(sorted(names))})")
-    kwargs = {}
-    for name, value in values.items():
-        annotation = hints[name]
-        if dataclasses.is_dataclass(annotation):
-            kwargs[name] = from_dict(annotation, value or {}, f"{prefix}{name}.")
-        else:
-            kwargs[name] = _check_type(value, annotation, f"{prefix}{name}")
-    try:
-        return cls(**kwargs)
-    except ConfigError:
-        raise
-    except ValueError as error:  # a dataclass from another module (augment.NoiseSettings) validates itself
-        raise ConfigError(str(error).replace(f"{cls.__name__}.", prefix, 1)) from None
-
-
-def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply `section.key=value` overrides (values parsed as YAML) to a nested dict, in place."""
-    for override in overrides:
-        key, sep, raw = override.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"override {override!r}: expected dotted.key=value")
-        *parents, leaf = key.split(".")
-        if key.startswith("sweep.space."):  # the space's entries are named by dotted keys themselves
-            parents, leaf = ["sweep", "space"], key.removeprefix("sweep.space.")
-        node = values
-        for part in parents:
-            if node.get(part) is None:  # absent, or an empty section (`model:` in YAML) or space (null: the default)
-                node[part] = {}
-            node = node[part]
-            if not isinstance(node, dict):
-                raise ConfigError(f"override {override!r}: {part} is not a section")
-        try:
-            node[leaf] = yaml.safe_load(raw) if raw else ""
-        except yaml.YAMLError as error:
-            raise ConfigError(f"override {override!r}: the value is not valid YAML ({str(error).splitlines()[0]}); "
-                              f"quote patterns that start with '*', e.g. {key}='[\"*.dense\"]'") from None
-    return values
-
-
-def _refuse_duplicate_keys(node: yaml.Node, path: Path, prefix: str = "", seen: set[int] | None = None) -> None:
-    """Raise ConfigError for a key given twice in one mapping (PyYAML would silently keep the last)."""
-    seen = set() if seen is None else seen
-    if id(node) in seen:  # an alias to a node already checked (or to itself, in a recursive document)
-        return
-    seen.add(id(node))
-    if isinstance(node, yaml.SequenceNode):
-        for i, item in enumerate(node.value):
-            _refuse_duplicate_keys(item, path, f"{prefix.rstrip('.')}[{i}].", seen)
-    elif isinstance(node, yaml.MappingNode):
-        first_line: dict[str, int] = {}
-        for key, value in node.value:
-            # A merge key (<<) may be overridden by the mapping's own keys: that is what it is for.
-            if isinstance(key, yaml.ScalarNode) and key.tag != "tag:yaml.org,2002:merge":
-                line = key.start_mark.line + 1
-                if key.value in first_line:
-                    raise ConfigError(f"{path}, line {line}: {prefix}{key.value}: given twice (first at line "
-                                      f"{first_line[key.value]}); YAML would silently keep the last, so remove one")
-                first_line[key.value] = line
-            _refuse_duplicate_keys(value, path, f"{prefix}{key.value}.", seen)
-
-
-def _load_yaml_file(path: Path) -> Any:
-    """The file's YAML document, as yaml.safe_load reads it, after refusing duplicate keys."""
-    loader = yaml.SafeLoader(path.read_text())
-    try:
-        node = loader.get_single_node()
-        if node is None:
-            return None
-        _refuse_duplicate_keys(node, path)
-        return loader.construct_document(node)
-    finally:
-        loader.dispose()
-
-
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
     """Load a YAML config (None: all defaults), apply dotted overrides, validate."""
     values: dict[str, Any] = {}
@@ -468,7 +319,7 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist")
         try:
-            values = _load_yaml_file(path) or {}
+            values = load_yaml_file(path) or {}
         except yaml.YAMLError as error:
             raise ConfigError(f"{path}: not valid YAML: {error}") from error
         if not isinstance(values, dict):
