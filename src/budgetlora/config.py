@@ -50,7 +50,7 @@ class ModelConfig:
     def __post_init__(self) -> None:
         require(bool(self.name.strip()), "model.name", "must not be empty")
         require(self.max_length == "auto" or self.max_length > 0, "model.max_length",
-                 f"must be > 0 or 'auto', got {self.max_length}")
+                f"must be > 0 or 'auto', got {self.max_length}")
         require(bool(self.attn_implementation.strip()), "model.attn_implementation", "must not be empty")
 
 
@@ -82,11 +82,11 @@ class DataConfig:
     def __post_init__(self) -> None:
         require(bool(self.text_columns), "data.text_columns", "must name at least one column")
         require(0.0 < self.validation_fraction < 0.5, "data.validation_fraction",
-                 f"must be in (0, 0.5), got {self.validation_fraction}")
+                f"must be in (0, 0.5), got {self.validation_fraction}")
         require(self.max_train_rows is None or self.max_train_rows > 0, "data.max_train_rows",
-                 f"must be > 0, got {self.max_train_rows}")
+                f"must be > 0, got {self.max_train_rows}")
         require(len(set(self.label_names)) == len(self.label_names) >= 2, "data.label_names",
-                 f"must hold at least two distinct names, got {self.label_names}")
+                f"must hold at least two distinct names, got {self.label_names}")
 
 
 @dataclass
@@ -163,7 +163,7 @@ class SelfTrainSettings:
         require(self.rounds >= 0, "self_training.rounds", f"must be >= 0, got {self.rounds}")
         require(0.0 <= self.threshold < 1.0, "self_training.threshold", f"must be in [0, 1), got {self.threshold}")
         require(self.max_per_class is None or self.max_per_class > 0, "self_training.max_per_class",
-                 f"must be > 0, got {self.max_per_class}")
+                f"must be > 0, got {self.max_per_class}")
         require(self.weight > 0, "self_training.weight", f"must be > 0, got {self.weight}")
 
 
@@ -205,19 +205,19 @@ class TrainSettings:
         require(self.eval_batch_size > 0, "train.eval_batch_size", f"must be > 0, got {self.eval_batch_size}")
         require(self.warmup_steps >= 0, "train.warmup_steps", f"must be >= 0, got {self.warmup_steps}")
         require(0.0 <= self.label_smoothing < 1.0, "train.label_smoothing",
-                 f"must be in [0, 1), got {self.label_smoothing}")
+                f"must be in [0, 1), got {self.label_smoothing}")
         require(self.max_steps is None or self.max_steps > 0, "train.max_steps", f"must be > 0, got {self.max_steps}")
         require(self.logging_steps > 0, "train.logging_steps", f"must be > 0, got {self.logging_steps}")
         require(self.dataloader_workers is None or self.dataloader_workers >= 0, "train.dataloader_workers",
-                 f"must be >= 0 (or null: by device), got {self.dataloader_workers}")
+                f"must be >= 0 (or null: by device), got {self.dataloader_workers}")
         require(self.head_learning_rate is None or self.head_learning_rate > 0, "train.head_learning_rate",
-                 f"must be > 0, got {self.head_learning_rate}")
+                f"must be > 0, got {self.head_learning_rate}")
         require(self.early_stopping_patience is None or self.early_stopping_patience > 0,
-                 "train.early_stopping_patience", f"must be > 0, got {self.early_stopping_patience}")
+                "train.early_stopping_patience", f"must be > 0, got {self.early_stopping_patience}")
         require(self.loraplus_lr_ratio is None or self.loraplus_lr_ratio >= 1, "train.loraplus_lr_ratio",
-                 f"must be >= 1, got {self.loraplus_lr_ratio}")
+                f"must be >= 1, got {self.loraplus_lr_ratio}")
         require(self.loraplus_lr_ratio is None or self.head_learning_rate is None, "train.loraplus_lr_ratio",
-                 "cannot be combined with train.head_learning_rate (LoRA+ sets the learning rate of each group)")
+                "cannot be combined with train.head_learning_rate (LoRA+ sets the learning rate of each group)")
 
 
 @dataclass
@@ -270,9 +270,9 @@ class RunConfig:
         require(bool(self.name) and "/" not in self.name, "name", f"must be a plain folder name, got {self.name!r}")
         # peft applies layers_to_transform to every target, so it would silently skip the head's dense layer.
         require(self.model.head != "lora_dense" or self.lora.layers_to_transform is None, "model.head",
-                 "'lora_dense' cannot be combined with lora.layers_to_transform (peft would skip the head's dense)")
+                "'lora_dense' cannot be combined with lora.layers_to_transform (peft would skip the head's dense)")
         require(self.self_training.rounds == 0 or self.data.unlabelled is not None, "self_training.rounds",
-                 "needs unlabelled texts: set data.unlabelled to a file (e.g. the test set's test_unlabelled.pkl)")
+                "needs unlabelled texts: set data.unlabelled to a file (e.g. the test set's test_unlabelled.pkl)")
         if self.sweep.space is not None:
             self._check_sweep_space(self.sweep.space)
 
