@@ -169,7 +169,8 @@ def training_arguments(config: RunConfig, train_rows: int) -> TrainingArguments:
     """Trainer settings: evaluate and checkpoint once an epoch, keep the best checkpoint by validation accuracy."""
     train = config.train
     precision = resolve_precision(train.precision)
-    workers = loader_workers(train.dataloader_workers, device())
+    on = device()
+    workers = loader_workers(train.dataloader_workers, on)
     world = int(os.environ.get("WORLD_SIZE", 1))
     steps_per_epoch = math.ceil(train_rows / (train.batch_size * world))
     total_steps = train.max_steps or math.ceil(train.epochs * steps_per_epoch)
@@ -199,7 +200,7 @@ def training_arguments(config: RunConfig, train_rows: int) -> TrainingArguments:
         seed=train.seed,
         bf16=precision == "bf16",
         fp16=precision == "fp16",
-        use_cpu=not torch.cuda.is_available(),
+        use_cpu=on.type == "cpu",
         # transformers' own default since torch 2.8, pinned here: one kernel for all parameters instead of a launch
         # per tensor and step (on a GPU that launch overhead, not the arithmetic, sets the pace of small LoRA steps).
         optim="adamw_torch_fused",
