@@ -40,6 +40,7 @@ from budgetlora import runfolder
 from budgetlora.data import join_labels, load_table
 from budgetlora.export import PROBE_TEXTS
 from budgetlora.export_onnx import ONNX_FILE, write_onnx
+from budgetlora.modeling import length_sorted_batches
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
@@ -55,7 +56,8 @@ Predict = Callable[[list[str]], np.ndarray]
 
 
 class OrtPredictor:
-    """Logits from an ONNX graph on one CPU thread, batched as modeling.predict_logits batches on a CPU."""
+    """Logits from an ONNX graph on one CPU thread, batched as modeling.predict_logits batches on a CPU
+    (length_sorted_batches)."""
 
     def __init__(self, path: Path, run: runfolder.Run, threads: int) -> None:
         options = onnxruntime.SessionOptions()
@@ -71,12 +73,9 @@ class OrtPredictor:
         self.num_labels = len(run.label_names)
 
     def __call__(self, texts: list[str]) -> np.ndarray:
-        encoded = self.tokenizer(texts, truncation=True, max_length=self.max_length)["input_ids"]
-        order = np.argsort([-len(ids) for ids in encoded], kind="stable")
         logits = np.empty((len(texts), self.num_labels), dtype=np.float32)
-        for start in range(0, len(order), self.batch_size):
-            rows = order[start:start + self.batch_size]
-            batch = self.tokenizer.pad({"input_ids": [encoded[i] for i in rows]}, return_tensors="np", **self.padding)
+        for rows, batch in length_sorted_batches(self.tokenizer, texts, max_length=self.max_length,
+                                                 batch_size=self.batch_size, padding=self.padding, tensors="np"):
             feed = {name: (batch[name] if name in batch else np.zeros_like(batch["input_ids"])).astype(np.int64)
                     for name in self.inputs}
             logits[rows] = self.session.run(["logits"], feed)[0]

@@ -33,6 +33,8 @@ RECIPES = {
         "configs/recipes/mpnet-attention-r12.yaml",
         "configs/recipes/mpnet-first-token-8k.yaml",  # 8,000 training rows: the 93% target
         "configs/recipes/mpnet-first-token-8k-lr5e-4.yaml",
+        "configs/recipes/mpnet-first-token-head-lr.yaml",
+        "configs/recipes/mpnet-first-token-4-evals.yaml",  # best of 4 checkpoints in the epoch
     ],
     "minilm": [
         "configs/recipes/minilm-reference.yaml",

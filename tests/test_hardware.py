@@ -40,7 +40,16 @@ def test_negative_loader_workers_are_refused_by_name() -> None:
 
 
 def test_training_on_this_cpu_uses_the_fused_optimizer_and_no_worker_processes(tmp_path: Path) -> None:
-    args = training_arguments(load_config(None, [f"runs_dir={tmp_path}"]), train_rows=100)
+    args = training_arguments(load_config(None, [f"runs_dir={tmp_path}"]), train_rows=100, on=CPU)
     assert args.optim == "adamw_torch_fused"
     assert (args.dataloader_num_workers, args.dataloader_persistent_workers) == (0, False)
+    assert args.use_cpu
     assert not args.dataloader_pin_memory  # pinned memory only helps copies to a GPU
+
+
+def test_training_on_a_gpu_gets_persistent_loader_workers(tmp_path: Path) -> None:
+    # fp32: the automatic precision would ask this machine (no GPU) what it supports.
+    config = load_config(None, [f"runs_dir={tmp_path}", "train.precision=fp32"])
+    args = training_arguments(config, train_rows=100, on=GPU)
+    assert (args.dataloader_num_workers, args.dataloader_persistent_workers) == (2, True)
+    assert not args.use_cpu

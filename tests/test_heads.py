@@ -13,7 +13,8 @@ from budgetlora.budget import count_parameters, parameter_group
 from budgetlora.config import ConfigError, RunConfig, load_config
 from budgetlora.modeling import build_peft_model, load_tokenizer, predict_logits
 from budgetlora.runfolder import load
-from budgetlora.train import BudgetTrainer, train
+from budgetlora.train import train
+from budgetlora.trainer import BudgetTrainer
 
 from .conftest import (
     CONFIGS_DIR,

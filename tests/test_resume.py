@@ -92,6 +92,19 @@ def test_resumed_run_ends_like_an_uninterrupted_one(tiny_roberta_dir: Path, news
         torch.testing.assert_close(weights[0][name], weights[1][name], rtol=1e-5, atol=1e-6)
 
 
+def test_several_evaluations_an_epoch_checkpoint_mid_epoch_and_keep_the_best(
+        tiny_roberta_dir: Path, news_csv: Path, make_config: Callable[..., RunConfig]) -> None:
+    config = make_config(tiny_roberta_dir, {"data": {"train": str(news_csv)},
+                                            "train": {"learning_rate": 5e-3, "evaluations_per_epoch": 3}})
+    result = train(config)
+    history = json.loads((config.run_dir / "log_history.json").read_text())
+    evals = [entry for entry in history if "eval_accuracy" in entry]
+    assert [entry["step"] for entry in evals] == [7, 14, 20]  # every ceil(20 / 3) steps, and at the last one
+    best = max(evals, key=lambda entry: entry["eval_accuracy"])  # the first of equals, as the Trainer keeps it
+    assert Path(result.metrics["best_checkpoint"]).name == f"checkpoint-{best['step']}"
+    assert result.metrics["validation"]["accuracy"] == pytest.approx(best["eval_accuracy"])
+
+
 @pytest.mark.parametrize(("signum", "status"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_ctrl_c_or_sigterm_saves_a_checkpoint_and_resume_finishes(tmp_path: Path, tiny_roberta_dir: Path,
                                                                   news_csv: Path, signum: int, status: int) -> None:

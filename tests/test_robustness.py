@@ -21,7 +21,8 @@ from budgetlora.infer import evaluate_run, predict_run, shift_to_input_priors
 from budgetlora.modeling import build_peft_model
 from budgetlora.runfolder import read_config
 from budgetlora.selftrain import run_training, select_pseudo_labels
-from budgetlora.train import BudgetTrainer, train
+from budgetlora.train import train
+from budgetlora.trainer import BudgetTrainer
 
 from .conftest import LABELS, write_csv, write_news_csv, written_labels
 

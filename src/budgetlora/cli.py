@@ -104,7 +104,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     from .runfolder import CONFIG_FILE
     from .selftrain import run_training
-    from .train import TrainingInterrupted
+    from .trainer import TrainingInterrupted
 
     if args.resume:
         run_dir = Path(args.resume)

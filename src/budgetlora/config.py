@@ -193,7 +193,11 @@ class TrainSettings:
     dataloader_workers: int | None = None
     # Learning rate of the classification head (None: learning_rate). A fresh head often wants a larger one.
     head_learning_rate: float | None = None
-    # Stop when validation accuracy has not improved for this many evaluations (epochs); None: never.
+    # Validate and checkpoint this many times an epoch (every steps-per-epoch / this steps, and at the last step). The
+    # run keeps the checkpoint of the best validation accuracy: more evaluations choose the stopping point more finely
+    # (a 1-epoch run has no choice otherwise) and leave more points to resume from, for a validation pass each.
+    evaluations_per_epoch: int = 1
+    # Stop when validation accuracy has not improved for this many evaluations; None: never.
     early_stopping_patience: int | None = None
     # LoRA+ (peft's create_loraplus_optimizer): lora_B learns this many times faster than lora_A; None: off.
     loraplus_lr_ratio: float | None = None
@@ -212,6 +216,8 @@ class TrainSettings:
                 f"must be >= 0 (or null: by device), got {self.dataloader_workers}")
         require(self.head_learning_rate is None or self.head_learning_rate > 0, "train.head_learning_rate",
                 f"must be > 0, got {self.head_learning_rate}")
+        require(self.evaluations_per_epoch > 0, "train.evaluations_per_epoch",
+                f"must be > 0, got {self.evaluations_per_epoch}")
         require(self.early_stopping_patience is None or self.early_stopping_patience > 0,
                 "train.early_stopping_patience", f"must be > 0, got {self.early_stopping_patience}")
         require(self.loraplus_lr_ratio is None or self.loraplus_lr_ratio >= 1, "train.loraplus_lr_ratio",

@@ -10,6 +10,7 @@ import functools
 import logging
 import re
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ from transformers import (
     AutoModel,
     AutoModelForSequenceClassification,
     AutoTokenizer,
+    BatchEncoding,
     PretrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
@@ -222,28 +224,35 @@ def quantize_int8(model: nn.Module) -> nn.Module:
         torch.backends.quantized.engine = engine
 
 
+def length_sorted_batches(tokenizer: PreTrainedTokenizerBase, texts: list[str], *, max_length: int, batch_size: int,
+                          padding: dict[str, Any], tensors: str = "pt") -> Iterator[tuple[np.ndarray, BatchEncoding]]:
+    """(rows of `texts`, their padded batch), longest texts first: each batch pads to a similar length (little
+    padding, and an out-of-memory error, if any, comes on the first batch). `padding`: tokenizer.pad's arguments."""
+    encoded = tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
+    order = np.argsort([-len(ids) for ids in encoded], kind="stable")
+    for start in range(0, len(order), batch_size):
+        rows = order[start:start + batch_size]
+        yield rows, tokenizer.pad({"input_ids": [encoded[i] for i in rows]}, return_tensors=tensors, **padding)
+
+
 @torch.inference_mode()
 def predict_logits(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, texts: list[str], *,
                    max_length: int, batch_size: int = 128, precision: str = "auto",
                    pad_to_max_length: bool = False, progress: bool = False) -> np.ndarray:
-    """Logits for `texts`, in input order.
+    """Logits for `texts`, in input order, batched by length_sorted_batches.
 
-    Texts are batched longest-first so each batch pads to a similar length (little padding, and an out-of-memory
-    error, if any, comes on the first batch); the original order is restored at the end. pad_to_max_length pads
-    every batch to max_length, as the reference pipeline does; otherwise a GPU's batches pad to a multiple of 8
-    (hardware.pad_multiple). precision "int8" needs quantize_int8's model.
+    pad_to_max_length pads every batch to max_length, as the reference pipeline does; otherwise a GPU's batches pad
+    to a multiple of 8 (hardware.pad_multiple). precision "int8" needs quantize_int8's model.
     """
     on = device()
     padding = ({"padding": "max_length", "max_length": max_length} if pad_to_max_length
                else {"pad_to_multiple_of": pad_multiple(on)})
     model.to(on).eval()
     precision = resolve_precision(precision)
-    encoded = tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
-    order = np.argsort([-len(ids) for ids in encoded], kind="stable")
     logits = np.empty((len(texts), model.config.num_labels), dtype=np.float32)
-    for start in tqdm(range(0, len(order), batch_size), desc="Predicting", unit="batch", disable=not progress):
-        rows = order[start:start + batch_size]
-        batch = tokenizer.pad({"input_ids": [encoded[i] for i in rows]}, return_tensors="pt", **padding).to(on)
+    batches = length_sorted_batches(tokenizer, texts, max_length=max_length, batch_size=batch_size, padding=padding)
+    for rows, batch in tqdm(batches, total=-(-len(texts) // batch_size), desc="Predicting", unit="batch",
+                            disable=not progress):
         with autocast(precision, on):
-            logits[rows] = model(**batch).logits.float().cpu().numpy()
+            logits[rows] = model(**batch.to(on)).logits.float().cpu().numpy()
     return logits

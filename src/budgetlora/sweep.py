@@ -203,7 +203,8 @@ def run_sweep(base: RunConfig, trials: int, storage: str | None = None, *, heart
     Before each trial the worker fails the trials whose heartbeat stopped (their parameters are queued again); while
     the trials finished and running elsewhere fill --trials, it waits, since a running trial may yet die.
     """
-    from .train import TrainingInterrupted, train  # heavy import, only when a sweep really runs
+    from .train import train  # heavy imports, only when a sweep really runs
+    from .trainer import TrainingInterrupted
 
     if trials < 1:
         raise ConfigError(f"--trials: must be > 0, got {trials}")
