@@ -35,6 +35,8 @@ RECIPES = {
         "configs/recipes/mpnet-first-token-8k-lr5e-4.yaml",
         "configs/recipes/mpnet-first-token-head-lr.yaml",
         "configs/recipes/mpnet-first-token-4-evals.yaml",  # best of 4 checkpoints in the epoch
+        "configs/recipes/mpnet-first-token-batch8.yaml",
+        "configs/recipes/mpnet-first-token-8k-batch8.yaml",
     ],
     "minilm": [
         "configs/recipes/minilm-reference.yaml",

@@ -100,7 +100,8 @@ def test_several_evaluations_an_epoch_checkpoint_mid_epoch_and_keep_the_best(
     history = json.loads((config.run_dir / "log_history.json").read_text())
     evals = [entry for entry in history if "eval_accuracy" in entry]
     assert [entry["step"] for entry in evals] == [7, 14, 20]  # every ceil(20 / 3) steps, and at the last one
-    best = max(evals, key=lambda entry: entry["eval_accuracy"])  # the first of equals, as the Trainer keeps it
+    # The best accuracy; of equal ones the lower loss (the Trainer alone would keep the first of equals).
+    best = max(evals, key=lambda entry: (entry["eval_accuracy"], -entry["eval_loss"]))
     assert Path(result.metrics["best_checkpoint"]).name == f"checkpoint-{best['step']}"
     assert result.metrics["validation"]["accuracy"] == pytest.approx(best["eval_accuracy"])
 

@@ -194,10 +194,11 @@ class TrainSettings:
     # Learning rate of the classification head (None: learning_rate). A fresh head often wants a larger one.
     head_learning_rate: float | None = None
     # Validate and checkpoint this many times an epoch (every steps-per-epoch / this steps, and at the last step). The
-    # run keeps the checkpoint of the best validation accuracy: more evaluations choose the stopping point more finely
-    # (a 1-epoch run has no choice otherwise) and leave more points to resume from, for a validation pass each.
+    # run keeps the checkpoint of the best validation accuracy (of equal ones, the lower validation loss): more
+    # evaluations choose the stopping point more finely and leave more points to resume from, for a validation pass
+    # each; on a small validation split the finer choice is a noisier one (docs/results.md, MPNet-base).
     evaluations_per_epoch: int = 1
-    # Stop when validation accuracy has not improved for this many evaluations; None: never.
+    # Stop when validation accuracy (of equal ones, the loss) has not improved for this many evaluations; None: never.
     early_stopping_patience: int | None = None
     # LoRA+ (peft's create_loraplus_optimizer): lora_B learns this many times faster than lora_A; None: off.
     loraplus_lr_ratio: float | None = None

@@ -4,7 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
+from scipy.special import log_softmax
 from sklearn.metrics import accuracy_score, classification_report, confusion_matrix, f1_score
+
+# What picks the checkpoint a run keeps (the Trainer's metric_for_best_model; the run logs it as eval_<this>).
+CHECKPOINT_SCORE = "accuracy_ties_by_loss"
 
 
 def classification_metrics(labels: list[int], predictions: list[int], label_names: list[str]) -> dict[str, Any]:
@@ -20,3 +25,15 @@ def classification_metrics(labels: list[int], predictions: list[int], label_name
         "label_names": label_names,
         "rows": len(labels),
     }
+
+
+def checkpoint_score(accuracy: float, labels: list[int], logits: np.ndarray) -> float:
+    """Validation accuracy, equal accuracies ordered by the lower cross-entropy of `logits` against `labels`.
+
+    The Trainer keeps the first of equal scores, and on a few hundred validation rows equal accuracies are common: by
+    accuracy alone, a 1-epoch MPNet-base run with four evaluations kept its 0.75-epoch checkpoint (81.2% on the 484
+    development texts) over the final one, equal on 211 validation rows and lower in loss. The loss term is below
+    1e-7, less than one row of any validation split under ten million rows, so it only breaks ties.
+    """
+    loss = -log_softmax(np.asarray(logits, dtype=np.float64), axis=1)[np.arange(len(labels)), labels].mean()
+    return accuracy - 1e-9 * min(float(loss), 100.0)

@@ -39,7 +39,7 @@ from .config import RunConfig, TrainSettings, flat_settings, with_overrides
 from .data import load_table, split_train_validation
 from .features import choose_max_length, tokenize_table
 from .hardware import device, loader_workers, pad_multiple, resolve_precision
-from .metrics import classification_metrics
+from .metrics import CHECKPOINT_SCORE, checkpoint_score, classification_metrics
 from .modeling import build_peft_model, load_tokenizer
 from .trainer import BudgetTrainer, FollowMovedRun, StopOnInterrupt, TrainingInterrupted
 
@@ -60,7 +60,7 @@ class TrainResult:
 
 def training_arguments(config: RunConfig, train_rows: int, on: torch.device) -> TrainingArguments:
     """Trainer settings: evaluate and checkpoint train.evaluations_per_epoch times an epoch, keep the best checkpoint
-    by validation accuracy. `on`: the device that trains (hardware.device)."""
+    by validation accuracy (metrics.checkpoint_score). `on`: the device that trains (hardware.device)."""
     train = config.train
     precision = resolve_precision(train.precision)
     workers = loader_workers(train.dataloader_workers, on)
@@ -85,7 +85,7 @@ def training_arguments(config: RunConfig, train_rows: int, on: torch.device) -> 
         eval_steps=eval_steps,
         save_steps=eval_steps,
         load_best_model_at_end=True,
-        metric_for_best_model="accuracy",
+        metric_for_best_model=CHECKPOINT_SCORE,  # accuracy; of equal accuracies, the lower loss
         greater_is_better=True,
         save_total_limit=2,  # the best and the latest, enough to resume
         logging_steps=train.logging_steps,
@@ -295,6 +295,8 @@ def _train(config: RunConfig, params: ParamReport, *, resume: bool, callbacks: S
 
 
 def _scalar_metrics(prediction: EvalPrediction, label_names: list[str]) -> dict[str, float]:
-    predicted = np.asarray(prediction.predictions).argmax(-1).tolist()
-    metrics = classification_metrics(np.asarray(prediction.label_ids).tolist(), predicted, label_names)
-    return {"accuracy": metrics["accuracy"], "macro_f1": metrics["macro_f1"]}
+    logits = np.asarray(prediction.predictions)
+    labels = np.asarray(prediction.label_ids).tolist()
+    metrics = classification_metrics(labels, logits.argmax(-1).tolist(), label_names)
+    return {"accuracy": metrics["accuracy"], "macro_f1": metrics["macro_f1"],
+            CHECKPOINT_SCORE: checkpoint_score(metrics["accuracy"], labels, logits)}

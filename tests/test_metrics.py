@@ -1,0 +1,35 @@
+"""Which checkpoint a run keeps: the best validation accuracy, and of equal accuracies the lower loss."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from budgetlora.metrics import checkpoint_score
+
+
+def logits_for(labels: list[int], correct: int, right_margin: float, wrong_margin: float = 1.0) -> np.ndarray:
+    """Logits over 4 classes: the first `correct` rows right by `right_margin`, the rest wrong by `wrong_margin`."""
+    logits = np.zeros((len(labels), 4))
+    for row, label in enumerate(labels):
+        if row < correct:
+            logits[row, label] = right_margin
+        else:
+            logits[row, (label + 1) % 4] = wrong_margin
+    return logits
+
+
+def test_of_equal_accuracies_the_lower_loss_scores_higher() -> None:
+    labels = [0, 1, 2, 3] * 50
+    confident, hesitant = logits_for(labels, 150, 5.0), logits_for(labels, 150, 0.5)
+    assert (confident.argmax(1) == hesitant.argmax(1)).all()  # the same predictions: equal accuracy
+    assert checkpoint_score(0.75, labels, confident) > checkpoint_score(0.75, labels, hesitant)
+
+
+def test_one_more_right_row_outweighs_any_loss_on_ten_thousand_rows() -> None:
+    labels = [0, 1, 2, 3] * 2500
+    # One more right row, but confidently wrong elsewhere: a mean loss near 26 against under 1.
+    better, worse = logits_for(labels, 5001, 0.01, wrong_margin=50.0), logits_for(labels, 5000, 50.0, wrong_margin=0.01)
+    better_score = checkpoint_score(5001 / 10_000, labels, better)
+    worse_score = checkpoint_score(5000 / 10_000, labels, worse)
+    assert better_score > worse_score
+    assert abs(better_score - 5001 / 10_000) < 1e-7  # the loss term only orders ties
