@@ -68,14 +68,14 @@ class OrtPredictor:
         self.tokenizer: PreTrainedTokenizerBase = run.tokenizer
         self.max_length = run.config.model.max_length
         self.batch_size = run.config.train.eval_batch_size
-        self.padding = ({"padding": "max_length", "max_length": self.max_length}
-                        if run.config.model.pad_to_max_length else {})
+        self.pad_to_max_length = run.config.model.pad_to_max_length
         self.num_labels = len(run.label_names)
 
     def __call__(self, texts: list[str]) -> np.ndarray:
         logits = np.empty((len(texts), self.num_labels), dtype=np.float32)
         for rows, batch in length_sorted_batches(self.tokenizer, texts, max_length=self.max_length,
-                                                 batch_size=self.batch_size, padding=self.padding, tensors="np"):
+                                                 batch_size=self.batch_size, pad_to_max_length=self.pad_to_max_length,
+                                                 tensors="np"):
             feed = {name: (batch[name] if name in batch else np.zeros_like(batch["input_ids"])).astype(np.int64)
                     for name in self.inputs}
             logits[rows] = self.session.run(["logits"], feed)[0]

@@ -8,6 +8,7 @@ import contextlib
 import copy
 import functools
 import logging
+import math
 import re
 import warnings
 from collections.abc import Iterator
@@ -225,9 +226,13 @@ def quantize_int8(model: nn.Module) -> nn.Module:
 
 
 def length_sorted_batches(tokenizer: PreTrainedTokenizerBase, texts: list[str], *, max_length: int, batch_size: int,
-                          padding: dict[str, Any], tensors: str = "pt") -> Iterator[tuple[np.ndarray, BatchEncoding]]:
+                          pad_to_max_length: bool = False, pad_to_multiple_of: int | None = None,
+                          tensors: str = "pt") -> Iterator[tuple[np.ndarray, BatchEncoding]]:
     """(rows of `texts`, their padded batch), longest texts first: each batch pads to a similar length (little
-    padding, and an out-of-memory error, if any, comes on the first batch). `padding`: tokenizer.pad's arguments."""
+    padding, and an out-of-memory error, if any, comes on the first batch). pad_to_max_length pads every batch to
+    max_length, as the reference pipeline does; otherwise to its longest text, rounded up to pad_to_multiple_of."""
+    padding = ({"padding": "max_length", "max_length": max_length} if pad_to_max_length
+               else {"pad_to_multiple_of": pad_to_multiple_of})
     encoded = tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
     order = np.argsort([-len(ids) for ids in encoded], kind="stable")
     for start in range(0, len(order), batch_size):
@@ -239,19 +244,15 @@ def length_sorted_batches(tokenizer: PreTrainedTokenizerBase, texts: list[str], 
 def predict_logits(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, texts: list[str], *,
                    max_length: int, batch_size: int = 128, precision: str = "auto",
                    pad_to_max_length: bool = False, progress: bool = False) -> np.ndarray:
-    """Logits for `texts`, in input order, batched by length_sorted_batches.
-
-    pad_to_max_length pads every batch to max_length, as the reference pipeline does; otherwise a GPU's batches pad
-    to a multiple of 8 (hardware.pad_multiple). precision "int8" needs quantize_int8's model.
-    """
+    """Logits for `texts`, in input order, batched by length_sorted_batches (a GPU's batches padded to a multiple of
+    8: hardware.pad_multiple). precision "int8" needs quantize_int8's model."""
     on = device()
-    padding = ({"padding": "max_length", "max_length": max_length} if pad_to_max_length
-               else {"pad_to_multiple_of": pad_multiple(on)})
     model.to(on).eval()
     precision = resolve_precision(precision)
     logits = np.empty((len(texts), model.config.num_labels), dtype=np.float32)
-    batches = length_sorted_batches(tokenizer, texts, max_length=max_length, batch_size=batch_size, padding=padding)
-    for rows, batch in tqdm(batches, total=-(-len(texts) // batch_size), desc="Predicting", unit="batch",
+    batches = length_sorted_batches(tokenizer, texts, max_length=max_length, batch_size=batch_size,
+                                    pad_to_max_length=pad_to_max_length, pad_to_multiple_of=pad_multiple(on))
+    for rows, batch in tqdm(batches, total=math.ceil(len(texts) / batch_size), desc="Predicting", unit="batch",
                             disable=not progress):
         with autocast(precision, on):
             logits[rows] = model(**batch.to(on)).logits.float().cpu().numpy()
