@@ -22,14 +22,14 @@ def test_of_equal_accuracies_the_lower_loss_scores_higher() -> None:
     labels = [0, 1, 2, 3] * 50
     confident, hesitant = logits_for(labels, 150, 5.0), logits_for(labels, 150, 0.5)
     assert (confident.argmax(1) == hesitant.argmax(1)).all()  # the same predictions: equal accuracy
-    assert checkpoint_score(0.75, labels, confident) > checkpoint_score(0.75, labels, hesitant)
+    assert checkpoint_score(labels, confident) > checkpoint_score(labels, hesitant)
 
 
 def test_one_more_right_row_outweighs_any_loss_on_ten_thousand_rows() -> None:
     labels = [0, 1, 2, 3] * 2500
     # One more right row, but confidently wrong elsewhere: a mean loss near 26 against under 1.
     better, worse = logits_for(labels, 5001, 0.01, wrong_margin=50.0), logits_for(labels, 5000, 50.0, wrong_margin=0.01)
-    better_score = checkpoint_score(5001 / 10_000, labels, better)
-    worse_score = checkpoint_score(5000 / 10_000, labels, worse)
+    better_score = checkpoint_score(labels, better)
+    worse_score = checkpoint_score(labels, worse)
     assert better_score > worse_score
     assert abs(better_score - 5001 / 10_000) < 1e-7  # the loss term only orders ties

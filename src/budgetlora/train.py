@@ -299,4 +299,4 @@ def _scalar_metrics(prediction: EvalPrediction, label_names: list[str]) -> dict[
     labels = np.asarray(prediction.label_ids).tolist()
     metrics = classification_metrics(labels, logits.argmax(-1).tolist(), label_names)
     return {"accuracy": metrics["accuracy"], "macro_f1": metrics["macro_f1"],
-            CHECKPOINT_SCORE: checkpoint_score(metrics["accuracy"], labels, logits)}
+            CHECKPOINT_SCORE: checkpoint_score(labels, logits)}
