@@ -2,8 +2,11 @@
 
     python benchmarks/robustness.py                 # MiniLM, 8,000 training rows, 1 epoch, every row below
     python benchmarks/robustness.py --seeds 42 43 --rows default "self-training, uniform-prior pseudo-labels"
+    python benchmarks/robustness.py --model mpnet --rows default "uniform priors on texts unlike training"
 
-Every row starts from a recipe config and adds overrides; each method alone, then combinations. Columns (see
+Every row starts from a recipe config (the model's reference or default recipe: RECIPES) and adds overrides; each
+method alone, then combinations. `--model mpnet` runs the rows on MPNet-base (roberta-base's block shapes, 4,000
+training rows; its default recipe is configs/competition.yaml's shape: all-linear r=6, mean head). Columns (see
 benchmarks/recipe_runs.py): accuracy on the 4,000 AG News test items of the competition file (a fixed stratified half
 of the official test split), on its 484 labelled generated texts (a development set, never trained on) and their 266
 both_high rows, the class shares predicted over the whole file, and wall time. The label-shift rows are not
@@ -24,12 +27,19 @@ from recipe_runs import COMPETITION, ROOT, RecipeResult, result_row, run_recipe
 from recipes import mean_range
 from table import markdown_table
 
-DEFAULT = "configs/recipes/minilm-no-dropout.yaml"  # the shipped default recipe (configs/quickstart.yaml)
+# The recipes the rows start from, by model: the reference script's and the shipped default's
+RECIPES = {
+    "minilm": {"reference": "configs/recipes/minilm-reference.yaml",
+               "default": "configs/recipes/minilm-no-dropout.yaml"},  # configs/quickstart.yaml's recipe
+    "mpnet": {"reference": "configs/recipes/mpnet-reference.yaml",
+              "default": "configs/recipes/mpnet-default.yaml"},  # configs/competition.yaml's shape, 4,000 rows
+}
+DEFAULT = "default"
 UNLABELLED = f"data.unlabelled={COMPETITION}"
 SELF_TRAINING = [UNLABELLED, "self_training.rounds=1", "self_training.threshold=0.9"]
-# name: (recipe config, overrides, prior adjustment at prediction: None or one of config.PRIOR_ADJUSTMENTS)
+# name: (a key of RECIPES[model], overrides, prior adjustment at prediction: None or one of PRIOR_ADJUSTMENTS)
 ROWS: dict[str, tuple[str, list[str], str | None]] = {
-    "reference": ("configs/recipes/minilm-reference.yaml", [], None),
+    "reference": ("reference", [], None),
     "default": (DEFAULT, [], None),
     "label shift (EM)": (DEFAULT, [], "em"),  # the default run, scored with prediction-time adjustments
     "uniform priors": (DEFAULT, [], "uniform"),
@@ -73,13 +83,15 @@ def score_row(result: RecipeResult, label_shift: str | None) -> dict[str, object
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", choices=sorted(RECIPES), default="minilm")
     parser.add_argument("--rows", nargs="*", default=list(ROWS), choices=list(ROWS))
     parser.add_argument("--seeds", type=int, nargs="*", default=[42], help="every row at each; the table: mean (range)")
     parser.add_argument("--rescore", action="store_true", help="score finished runs again (keeps training times)")
     args = parser.parse_args()
     table, results = [], {}
     for name in args.rows:
-        recipe, overrides, label_shift = ROWS[name]
+        recipe_key, overrides, label_shift = ROWS[name]
+        recipe = RECIPES[args.model][recipe_key]
         runs = [run_recipe(recipe, seed, overrides, suffix=suffix(overrides), rescore=args.rescore)
                 for seed in args.seeds]
         scores = [score_row(result, label_shift) for result in runs]

@@ -63,7 +63,8 @@ def peft_reference(config: RunConfig, selector: Selector, *, meta: bool = False)
     lora = config.lora
     return get_peft_model(model, LoraConfig(
         task_type=TaskType.SEQ_CLS, r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, bias=lora.bias,
-        target_modules=names, rank_pattern=lora.rank_pattern, alpha_pattern=lora.alpha_pattern))
+        target_modules=names, rank_pattern=lora.rank_pattern, alpha_pattern=lora.alpha_pattern,
+        use_dora=lora.use_dora))
 
 
 def trainable(model: torch.nn.Module) -> int:
@@ -83,6 +84,8 @@ def reference_groups(model: PeftModel) -> dict[str, int]:
             group = "lora_A"
         elif re.search(r"\.lora_B\.", name):
             group = "lora_B"
+        elif re.search(r"\.lora_magnitude_vector\.", name):
+            group = "lora_magnitude"
         else:
             assert name.endswith(".bias"), name
             group = "bias"
@@ -126,6 +129,8 @@ CASES = {
     "bias-lora-only": Case({"target_modules": ["query", "value"], "bias": "lora_only"}, ends_with("query", "value")),
     "bias-all": Case({"target_modules": ["query", "value"], "bias": "all"}, ends_with("query", "value")),
     "embeddings": Case({"target_modules": ["word_embeddings", "query"]}, ends_with("word_embeddings", "query")),
+    "dora": Case({"target_modules": ["query", "intermediate.dense"], "use_dora": True},
+                 ends_with("query", "intermediate.dense")),
 }
 
 
@@ -161,6 +166,10 @@ def test_group_counts_in_closed_form(tiny_model_dirs: dict[str, Path], make_conf
         "lora_A": LAYERS * (R + 2) * H, "lora_B": LAYERS * (R + 2) * H, "head": head}
     assert groups({"target_modules": ["query", "value"], "layers_to_transform": [0], "pattern_syntax": "peft"}) == {
         "lora_A": qv // 2, "lora_B": qv // 2, "head": head}
+    # DoRA: one magnitude per output feature of every adapted layer (query 32, intermediate.dense 64)
+    assert groups({"target_modules": ["query", "intermediate.dense"], "use_dora": True}) == {
+        "lora_A": LAYERS * R * (H + H), "lora_B": LAYERS * R * (H + FF), "lora_magnitude": LAYERS * (H + FF),
+        "head": head}
     vocab = AutoConfig.from_pretrained(tiny_model_dirs[model]).vocab_size
     assert groups({"target_modules": ["word_embeddings"]}) == {"lora_embedding": R * (vocab + H), "head": head}
 
@@ -259,7 +268,9 @@ def entry_selector(entries: list[str] | str) -> Selector:
     """
     known = {"layer.*.output.dense": layer_output_dense,
              "all-linear": lambda name: re.search(r"\.layer\.\d+\.", name) is not None,
-             "attention": lambda name: re.search(r"\.layer\.\d+\.attention\.", name) is not None}
+             "attention": lambda name: re.search(r"\.layer\.\d+\.attention\.", name) is not None,
+             "ffn": lambda name: re.search(r"\.layer\.\d+\.intermediate\.", name) is not None
+             or layer_output_dense(name)}
     entries = [entries] if isinstance(entries, str) else entries
     for entry in entries:
         assert "*" not in entry or entry in known, f"add a hand-written selector for {entry!r}"

@@ -12,7 +12,7 @@ from .config import RunConfig
 from .modeling import build_peft_model
 from .targets import TargetMatch
 
-GROUPS = ("lora_A", "lora_B", "lora_embedding", "bias", "head", "other")
+GROUPS = ("lora_A", "lora_B", "lora_magnitude", "lora_embedding", "bias", "head", "other")
 
 
 class BudgetError(ValueError):
@@ -26,6 +26,8 @@ def parameter_group(name: str) -> str:
     for group in ("lora_A", "lora_B"):
         if f".{group}." in name:
             return group
+    if ".lora_magnitude_vector." in name:  # DoRA
+        return "lora_magnitude"
     if "lora_embedding" in name:
         return "lora_embedding"
     if name.endswith(".bias"):

@@ -110,6 +110,9 @@ class LoraSettings:
     alpha_pattern: dict[str, float] = field(default_factory=dict)
     # rsLoRA (peft's use_rslora): scale the update by alpha/sqrt(r) instead of alpha/r.
     use_rslora: bool = False
+    # DoRA (peft's use_dora): each adapted layer also learns the norm of every output row of its weight: one more
+    # trainable parameter per output feature, counted against the budget ("lora_magnitude").
+    use_dora: bool = False
 
     def __post_init__(self) -> None:
         require(self.r > 0, "lora.r", f"must be > 0, got {self.r}")

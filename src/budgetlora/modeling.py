@@ -175,6 +175,7 @@ def lora_config(config: RunConfig, target_modules: list[str] | str, head_modules
         # Glob targets reach peft as exact names with the layers already chosen (targets.py); peft syntax is peft's.
         layers_to_transform=lora.layers_to_transform if lora.pattern_syntax == "peft" else None,
         rank_pattern=lora.rank_pattern, alpha_pattern=lora.alpha_pattern, use_rslora=lora.use_rslora,
+        use_dora=lora.use_dora,
     )
 
 
