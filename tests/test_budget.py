@@ -64,7 +64,8 @@ def peft_reference(config: RunConfig, selector: Selector, *, meta: bool = False)
     return get_peft_model(model, LoraConfig(
         task_type=TaskType.SEQ_CLS, r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, bias=lora.bias,
         target_modules=names, rank_pattern=lora.rank_pattern, alpha_pattern=lora.alpha_pattern,
-        use_dora=lora.use_dora))
+        # the meta device has no weights for PiSSA's SVD; the init changes no count
+        use_dora=lora.use_dora, init_lora_weights=True if lora.init == "default" or meta else lora.init))
 
 
 def trainable(model: torch.nn.Module) -> int:
@@ -129,6 +130,7 @@ CASES = {
     "bias-lora-only": Case({"target_modules": ["query", "value"], "bias": "lora_only"}, ends_with("query", "value")),
     "bias-all": Case({"target_modules": ["query", "value"], "bias": "all"}, ends_with("query", "value")),
     "embeddings": Case({"target_modules": ["word_embeddings", "query"]}, ends_with("word_embeddings", "query")),
+    "pissa": Case({"target_modules": ["query", "value"], "init": "pissa"}, ends_with("query", "value")),
     "dora": Case({"target_modules": ["query", "intermediate.dense"], "use_dora": True},
                  ends_with("query", "intermediate.dense")),
 }

@@ -169,20 +169,20 @@ def test_compact_head_logits_do_not_depend_on_the_batch(
 TRAINED = {"bert": "standard", "roberta": "lora_dense", "xlm-roberta": "mean", "distilbert": "first_token",
            "albert": "lora_dense", "electra": "standard", "deberta-v2": "mean", "modernbert": "lora_dense",
            "mpnet": "first_token"}
-# DoRA once per kind of head: its magnitudes must survive the reload (merged) and the export
-DORA = [("roberta", "standard"), ("mpnet", "mean")]
+# DoRA's magnitudes and PiSSA's residual base weights must survive the reload (merged) and the export
+VARIANTS = [("roberta", "standard", {"use_dora": True}), ("mpnet", "mean", {"use_dora": True}),
+            ("bert", "standard", {"init": "pissa"}), ("deberta-v2", "first_token", {"init": "pissa"})]
 
 
-@pytest.mark.parametrize(("family", "head", "dora"),
-                         [(family, head, False) for family, head in TRAINED.items()]
-                         + [(family, head, True) for family, head in DORA])
+@pytest.mark.parametrize(("family", "head", "lora"), [(family, head, {}) for family, head in TRAINED.items()]
+                         + VARIANTS)
 def test_train_then_reload_gives_the_same_predictions(
         tmp_path: Path, family_dirs: dict[str, Path], make_config: Callable[..., RunConfig],
-        news_rows: list[tuple[str, int]], family: str, head: str, dora: bool) -> None:
+        news_rows: list[tuple[str, int]], family: str, head: str, lora: dict[str, object]) -> None:
     data = write_news_csv(tmp_path / "news.csv", news_rows[::5])
     config = make_config(family_dirs[family], {
         "name": family, "model": {"head": head}, "data": {"train": str(data)},
-        "lora": {"target_modules": "all-linear", "use_dora": dora}, "train": {"max_steps": 3, "learning_rate": 1e-2}})
+        "lora": {"target_modules": "all-linear", **lora}, "train": {"max_steps": 3, "learning_rate": 1e-2}})
     result = train(config)
     tokenizer = load_tokenizer(config.model)
     texts = mixed_texts(news_rows)

@@ -164,7 +164,10 @@ def encoder_linear_names(model: nn.Module) -> list[str]:
             and name.startswith(prefix + ".") and ".pooler" not in f".{name}"]
 
 
-def lora_config(config: RunConfig, target_modules: list[str] | str, head_modules: list[str]) -> LoraConfig:
+def lora_config(config: RunConfig, target_modules: list[str] | str, head_modules: list[str], *,
+                meta: bool = False) -> LoraConfig:
+    """peft's config for the run. meta: a build that only counts takes peft's default init (PiSSA's SVD changes no
+    count, and the meta device has no weights to take it of)."""
     lora = config.lora
     return LoraConfig(
         # No task type: peft's SEQ_CLS would train the whole `classifier`, which the compact and lora_dense heads
@@ -175,7 +178,7 @@ def lora_config(config: RunConfig, target_modules: list[str] | str, head_modules
         # Glob targets reach peft as exact names with the layers already chosen (targets.py); peft syntax is peft's.
         layers_to_transform=lora.layers_to_transform if lora.pattern_syntax == "peft" else None,
         rank_pattern=lora.rank_pattern, alpha_pattern=lora.alpha_pattern, use_rslora=lora.use_rslora,
-        use_dora=lora.use_dora,
+        use_dora=lora.use_dora, init_lora_weights=True if lora.init == "default" or meta else lora.init,
     )
 
 
@@ -197,7 +200,7 @@ def build_peft_model(config: RunConfig, label_names: list[str], *,
         raise ConfigError(f"model.head: {config.model.head!r} cannot work on {type(base).__name__}: peft would train "
                           f"{clashes[0][0]!r} in full and also wrap the LoRA-adapted {clashes[0][1]!r} (peft matches "
                           f"modules_to_save by name suffix); use 'standard', 'mean' or 'first_token'")
-    return get_peft_model(base, lora_config(config, targets, trained_in_full)), match
+    return get_peft_model(base, lora_config(config, targets, trained_in_full, meta=meta)), match
 
 
 def quantize_int8(model: nn.Module) -> nn.Module:
