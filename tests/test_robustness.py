@@ -20,7 +20,7 @@ from budgetlora.data import DataError
 from budgetlora.infer import evaluate_run, predict_run, shift_to_input_priors
 from budgetlora.modeling import build_peft_model
 from budgetlora.runfolder import read_config
-from budgetlora.selftrain import run_training, select_pseudo_labels
+from budgetlora.selftrain import run_training, select_pseudo_labels, selection_warning
 from budgetlora.train import train
 from budgetlora.trainer import BudgetTrainer
 
@@ -105,6 +105,21 @@ def test_select_pseudo_labels_threshold_balance_and_cap() -> None:
     assert stats["above_threshold_per_class"] == [3, 2, 1, 2] and stats["per_class"] == [1, 1, 1, 1]
     rows, _, stats = select_pseudo_labels(probs, SelfTrainSettings(threshold=0.9, balance=False, max_per_class=2))
     assert rows.tolist() == [0, 1, 4, 5, 6, 7, 8] and stats["selected"] == 7
+
+
+def test_selection_warning_names_the_class_that_starved_the_balance() -> None:
+    names = ["World", "Sports", "Business", "Sci/Tech"]
+    settings = SelfTrainSettings(threshold=0.9)
+    starved = {"above_threshold_per_class": [1406, 1954, 838, 19], "selected": 76}  # MPNet-base's teacher
+    warning = selection_warning(starved, settings, names)
+    assert warning is not None and "keeps 76 of the 4217" in warning and "'Sci/Tech', has 19" in warning
+    assert selection_warning({"above_threshold_per_class": [3, 2, 1, 2], "selected": 4}, settings, names) is None
+    assert selection_warning({"above_threshold_per_class": [40, 0, 30, 20], "selected": 0}, settings, names) \
+        .startswith("balancing keeps 0")
+    none = {"above_threshold_per_class": [0, 0, 0, 0], "selected": 0}
+    assert selection_warning(none, settings, names).startswith("no pseudo-label passed")  # type: ignore[union-attr]
+    unbalanced = SelfTrainSettings(threshold=0.9, balance=False)
+    assert selection_warning({"above_threshold_per_class": [40, 0, 0, 0], "selected": 40}, unbalanced, names) is None
 
 
 def test_uniform_priors_balance_the_predictions(tmp_path: Path, tiny_run: Path, news_rows: Rows) -> None:
