@@ -37,6 +37,11 @@ RECIPES = {
         "configs/recipes/mpnet-first-token-4-evals.yaml",  # best of 4 checkpoints in the epoch
         "configs/recipes/mpnet-first-token-batch8.yaml",
         "configs/recipes/mpnet-first-token-8k-batch8.yaml",
+        "configs/recipes/mpnet-first-token-dora.yaml",
+        "configs/recipes/mpnet-first-token-pissa.yaml",
+        "configs/recipes/mpnet-first-token-ffn.yaml",  # rank against breadth: FFN only, r=10
+        "configs/recipes/mpnet-first-token-16k-lr5e-4.yaml",  # past the 8,000-row limit: the learning curve
+        "configs/recipes/mpnet-first-token-16k.yaml",
     ],
     "minilm": [
         "configs/recipes/minilm-reference.yaml",
