@@ -65,6 +65,11 @@ def test_lora_dense_head_refuses_layers_to_transform(tiny_roberta_dir: Path) -> 
         load_config(None, [f"model.name={tiny_roberta_dir}", "model.head=lora_dense", "lora.layers_to_transform=[0]"])
 
 
+def test_lora_dense_head_refuses_pissa(tiny_roberta_dir: Path) -> None:
+    with pytest.raises(ConfigError, match=r"^lora\.init: 'pissa' cannot be combined with model\.head: lora_dense"):
+        load_config(None, [f"model.name={tiny_roberta_dir}", "model.head=lora_dense", "lora.init=pissa"])
+
+
 def texts_of_mixed_length(news_rows: list[tuple[str, int]]) -> list[str]:
     texts = [text for text, _ in news_rows[:24]]
     return [*texts[:12], *(" ".join(text.split()[:4]) for text in texts[12:])]  # some short ones: much padding

@@ -116,7 +116,8 @@ class LoraSettings:
     # How the adapters start: "default" (peft's: A random, B zero, so training starts from the pretrained model) or
     # "pissa" (peft's init_lora_weights="pissa": A and B start from each adapted weight's top-r singular vectors, and
     # the frozen weight keeps the rest). PiSSA's full SVD runs again whenever a run is loaded (about 10 s for
-    # roberta-base's 72 layers on a CPU); the result is the same, whatever the singular vectors' signs.
+    # roberta-base's 72 layers on a CPU); the result is the same, whatever the singular vectors' signs, up to float
+    # rounding where a weight's r-th and (r+1)-th singular values differ (pretrained weights: in practice always).
     init: Literal["default", "pissa"] = "default"
 
     def __post_init__(self) -> None:
@@ -286,6 +287,11 @@ class RunConfig:
         # peft applies layers_to_transform to every target, so it would silently skip the head's dense layer.
         require(self.model.head != "lora_dense" or self.lora.layers_to_transform is None, "model.head",
                 "'lora_dense' cannot be combined with lora.layers_to_transform (peft would skip the head's dense)")
+        # lora_dense starts the head's dense layer as the identity: every singular value 1, so PiSSA's top-r subspace
+        # is arbitrary, and the SVD that loading repeats could pick another one on another machine.
+        require(self.model.head != "lora_dense" or self.lora.init != "pissa", "lora.init",
+                "'pissa' cannot be combined with model.head: lora_dense (its identity-initialised dense layer has no "
+                "top singular vectors to start from); use 'default', or another head")
         require(self.self_training.rounds == 0 or self.data.unlabelled is not None, "self_training.rounds",
                 "needs unlabelled texts: set data.unlabelled to a file (e.g. the test set's test_unlabelled.pkl)")
         if self.sweep.space is not None:
