@@ -118,6 +118,8 @@ def test_selection_warning_names_the_class_that_starved_the_balance() -> None:
         .startswith("balancing keeps 0")
     none = {"above_threshold_per_class": [0, 0, 0, 0], "selected": 0}
     assert selection_warning(none, settings, names).startswith("no pseudo-label passed")  # type: ignore[union-attr]
+    capped = SelfTrainSettings(threshold=0.9, max_per_class=2)  # a cap the user chose is no reason to warn
+    assert selection_warning({"above_threshold_per_class": [30, 30, 20, 20], "selected": 8}, capped, names) is None
     unbalanced = SelfTrainSettings(threshold=0.9, balance=False)
     assert selection_warning({"above_threshold_per_class": [40, 0, 0, 0], "selected": 40}, unbalanced, names) is None
 

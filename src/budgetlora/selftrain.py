@@ -57,9 +57,10 @@ def selection_warning(stats: dict[str, Any], settings: SelfTrainSettings, label_
     """What to tell the user when the pseudo-labels are none, or balancing dropped most of the confident ones (a
     class the model is rarely sure of sets the count for all: on MPNet-base, 76 of 4,217; docs/results.md)."""
     above = stats["above_threshold_per_class"]
-    if settings.balance and stats["selected"] < sum(above) / 4:
+    balanced = len(above) * min(above)  # what balancing leaves, before any max_per_class cap
+    if settings.balance and balanced < sum(above) / 4:
         rarest = int(np.argmin(above))
-        return (f"balancing keeps {stats['selected']} of the {sum(above)} pseudo-labels above self_training.threshold"
+        return (f"balancing keeps {balanced} of the {sum(above)} pseudo-labels above self_training.threshold"
                 f"={settings.threshold}: the rarest class, {label_names[rarest]!r}, has {above[rarest]}; a lower "
                 f"threshold (or self_training.balance: false) keeps more")
     if not stats["selected"]:
