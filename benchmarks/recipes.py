@@ -41,7 +41,6 @@ RECIPES = {
         "configs/recipes/mpnet-first-token-pissa.yaml",
         "configs/recipes/mpnet-first-token-ffn.yaml",  # rank against breadth: FFN only, r=10
         "configs/recipes/mpnet-first-token-16k-lr5e-4.yaml",  # past the 8,000-row limit: the learning curve
-        "configs/recipes/mpnet-first-token-16k.yaml",
     ],
     "minilm": [
         "configs/recipes/minilm-reference.yaml",
