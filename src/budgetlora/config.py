@@ -115,7 +115,7 @@ class LoraSettings:
     use_dora: bool = False
     # How the adapters start: "default" (peft's: A random, B zero, so training starts from the pretrained model) or
     # "pissa" (peft's init_lora_weights="pissa": A and B start from each adapted weight's top-r singular vectors, and
-    # the frozen weight keeps the rest). PiSSA's full SVD runs again whenever a run is loaded (about 10 s for
+    # the frozen weight keeps the rest). PiSSA's full SVD runs again whenever a run is loaded (10-30 s for
     # roberta-base's 72 layers on a CPU); the result is the same, whatever the singular vectors' signs, up to float
     # rounding where a weight's r-th and (r+1)-th singular values differ (pretrained weights: in practice always).
     init: Literal["default", "pissa"] = "default"
