@@ -14,7 +14,8 @@ import pandas as pd
 import pytest
 
 from budgetlora.config import DataConfig
-from budgetlora.data import DataError, load_columns, load_table, split_train_validation
+from budgetlora.data import DataError, load_table, split_train_validation
+from budgetlora.readers import load_columns
 
 from .conftest import AG_NEWS_DIR, LABELS, requires_shared_ag_news, write_csv
 

@@ -36,18 +36,9 @@ from tqdm.auto import tqdm
 
 from . import runfolder
 from .config import DataConfig, RunConfig
-from .data import (
-    DataError,
-    check_unique_ids,
-    column_ids,
-    csv_chunks,
-    jsonl_records,
-    load_columns,
-    parquet_chunks,
-    record_columns,
-    row_texts,
-)
+from .data import check_unique_ids, column_ids, row_texts
 from .files import atomic_writer
+from .readers import DataError, csv_chunks, jsonl_records, load_columns, parquet_chunks, record_columns
 from .submission import validate_submission
 
 log = logging.getLogger(__name__)
