@@ -20,7 +20,7 @@ from .config import PRIOR_ADJUSTMENTS, ConfigError, load_config
 # in the modules already imported when an error arrives: importing them here would import torch before `--help`, and
 # an error class whose module was never imported cannot have been raised. OSError covers missing files, disk full
 # and permission errors; its message names the path.
-USER_ERRORS = (("config", "ConfigError"), ("data", "DataError"), ("budget", "BudgetError"),
+USER_ERRORS = (("config", "ConfigError"), ("readers", "DataError"), ("budget", "BudgetError"),
                ("modeling", "ModelLoadError"), ("runfolder", "RunFolderError"), ("report", "ReportError"),
                ("submission", "SubmissionError"), ("hardware", "DeviceError"))
 
