@@ -128,8 +128,9 @@ def run_recipe(config_path: str, seed: int, overrides: Sequence[str] = (), *, fr
     """Train `config_path` with `seed` (unless already done, or `fresh`), then score it (see the module docstring).
 
     whole_file=False predicts only the competition file's labelled rows (4,484 of 8,000: cheaper on a large model);
-    the class shares then cover those rows, and there are no label-shift scores. rescore: score a finished run again
-    (after the scoring changed), keeping its training time."""
+    the class shares then cover those rows, and there are no label-shift scores (a run scored so is scored again when
+    whole_file is asked for). rescore: score a finished run again (after the scoring changed), keeping its training
+    time."""
     for path in (TEST, COMPETITION, DEV_LABELS):
         if not path.is_file():
             raise SystemExit(f"{path} is missing: these benchmarks need ../shared/data beside the project")
@@ -140,6 +141,8 @@ def run_recipe(config_path: str, seed: int, overrides: Sequence[str] = (), *, fr
     if fresh:
         shutil.rmtree(run_dir, ignore_errors=True)
     scores_file = run_dir / "benchmark.json"
+    if whole_file and scores_file.is_file() and not json.loads(scores_file.read_text()).get("label_shift"):
+        rescore = True  # scored on the labelled rows only: no label-shift scores yet
     if rescore or not scores_file.is_file():
         started = time.perf_counter()
         if not (run_dir / runfolder.METRICS_FILE).is_file():
