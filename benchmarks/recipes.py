@@ -44,6 +44,7 @@ RECIPES = {
         "configs/recipes/mpnet-first-token-16k-lr5e-4.yaml",  # past the 8,000-row limit: the learning curve
         "configs/recipes/mpnet-first-token-16k.yaml",  # lr 1e-3 against 5e-4 as steps grow
         "configs/recipes/mpnet-default-lr5e-4.yaml",  # configs/competition.yaml's shape at its lr
+        "configs/recipes/mpnet-default-16k-lr5e-4.yaml",  # the same on 16,000 rows
     ],
     "minilm": [
         "configs/recipes/minilm-reference.yaml",
