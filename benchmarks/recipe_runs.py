@@ -141,15 +141,13 @@ def run_recipe(config_path: str, seed: int, overrides: Sequence[str] = (), *, fr
     if fresh:
         shutil.rmtree(run_dir, ignore_errors=True)
     scores_file = run_dir / "benchmark.json"
-    if whole_file and scores_file.is_file() and not json.loads(scores_file.read_text()).get("label_shift"):
-        rescore = True  # scored on the labelled rows only: no label-shift scores yet
-    if rescore or not scores_file.is_file():
+    scores = json.loads(scores_file.read_text()) if scores_file.is_file() else None
+    # A run scored on the labelled rows only has no label-shift scores: whole_file scores it again.
+    if scores is None or rescore or (whole_file and not scores.get("label_shift")):
         started = time.perf_counter()
         if not (run_dir / runfolder.METRICS_FILE).is_file():
             run_training(config, resume=run_dir.is_dir())
-        train_s = time.perf_counter() - started
-        if scores_file.is_file():
-            train_s = json.loads(scores_file.read_text())["train_wall_s"]
+        train_s = scores["train_wall_s"] if scores else time.perf_counter() - started
         started = time.perf_counter()
         scores = score_run(run_dir, whole_file=whole_file)
         scores |= {"score_s": time.perf_counter() - started, "train_wall_s": train_s}
@@ -158,7 +156,6 @@ def run_recipe(config_path: str, seed: int, overrides: Sequence[str] = (), *, fr
             scores["test_accuracy"], scores["test_macro_f1"] = test["accuracy"], test["macro_f1"]
         scores_file.write_text(json.dumps(scores, indent=1))
     metrics = runfolder.read_metrics(run_dir)
-    scores = json.loads(scores_file.read_text())
     return RecipeResult(config_path, seed, metrics["trainable_params"], metrics["validation"]["accuracy"],
                         scores["ag_half_accuracy"], scores["dev_accuracy"], scores["dev_both_high_accuracy"],
                         scores["predicted_distribution"], scores["train_wall_s"], scores["score_s"],
