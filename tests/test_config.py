@@ -119,6 +119,7 @@ def test_wrong_types_are_errors_naming_the_key(values: dict, dotted_key: str) ->
     ({"name": ""}, "name"),
     ({"model": {"name": "  "}}, "model.name"),
     ({"model": {"max_length": 0}}, "model.max_length"),
+    ({"model": {"dropout": 1.0}}, "model.dropout"),
     ({"data": {"validation_fraction": 0.5}}, "data.validation_fraction"),
     ({"data": {"validation_fraction": 0}}, "data.validation_fraction"),
     ({"data": {"text_columns": []}}, "data.text_columns"),

@@ -46,9 +46,14 @@ class ModelConfig:
     # Classification head (see heads.py): the family's own; one linear layer on the first token or on the mean of the
     # token states (roberta-base: 3,076 parameters instead of 593,668); or the standard head with LoRA on its dense.
     head: Literal["standard", "first_token", "mean", "lora_dense"] = "standard"
+    # Every dropout rate in the encoder's config (hidden states, attention, the head's; the names differ between
+    # families), or None: the family's own (0.1 in most). Dropout only acts in training.
+    dropout: float | None = None
 
     def __post_init__(self) -> None:
         require(bool(self.name.strip()), "model.name", "must not be empty")
+        require(self.dropout is None or 0.0 <= self.dropout < 1.0, "model.dropout",
+                f"must be in [0, 1) or null, got {self.dropout}")
         require(self.max_length == "auto" or self.max_length > 0, "model.max_length",
                 f"must be > 0 or 'auto', got {self.max_length}")
         require(bool(self.attn_implementation.strip()), "model.attn_implementation", "must not be empty")

@@ -87,14 +87,19 @@ def load_model_config(model: ModelConfig, label_names: list[str], *, shapes_only
     labels = {"num_labels": len(label_names), "id2label": dict(enumerate(label_names)),
               "label2id": {name: i for i, name in enumerate(label_names)}}
     try:
-        return _from_pretrained(AutoConfig, "model.name", model.name, **labels)
+        config = _from_pretrained(AutoConfig, "model.name", model.name, **labels)
     except ModelLoadError:
         vendored = VENDORED_CONFIGS.get(model.name)
         if not shapes_only or vendored is None or hub_unavailable() is None:
             raise
-    _announce_vendored(model.name)
-    values = dict(vendored)
-    return AutoConfig.for_model(values.pop("model_type"), **values, **labels)
+        _announce_vendored(model.name)
+        values = dict(vendored)
+        config = AutoConfig.for_model(values.pop("model_type"), **values, **labels)
+    if model.dropout is not None:
+        for key, value in config.to_dict().items():  # a rate, or None where a head falls back on another rate
+            if "dropout" in key and (value is None or type(value) in (int, float)):
+                setattr(config, key, model.dropout)
+    return config
 
 
 @functools.cache
