@@ -45,6 +45,7 @@ RECIPES = {
         "configs/recipes/mpnet-first-token-16k.yaml",  # lr 1e-3 against 5e-4 as steps grow
         "configs/recipes/mpnet-default-lr5e-4.yaml",  # configs/competition.yaml's shape at its lr
         "configs/recipes/mpnet-default-16k-lr5e-4.yaml",  # the same on 16,000 rows
+        "configs/recipes/mpnet-first-token-no-dropout.yaml",  # the encoder's own dropout off
     ],
     "minilm": [
         "configs/recipes/minilm-reference.yaml",
