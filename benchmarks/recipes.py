@@ -46,6 +46,7 @@ RECIPES = {
         "configs/recipes/mpnet-default-lr5e-4.yaml",  # configs/competition.yaml's shape at its lr
         "configs/recipes/mpnet-default-16k-lr5e-4.yaml",  # the same on 16,000 rows
         "configs/recipes/mpnet-first-token-no-dropout.yaml",  # the encoder's own dropout off
+        "configs/recipes/mpnet-first-token-smoothing.yaml",  # label smoothing 0.1
     ],
     "minilm": [
         "configs/recipes/minilm-reference.yaml",
