@@ -138,6 +138,7 @@ def test_wrong_types_are_errors_naming_the_key(values: dict, dotted_key: str) ->
     ({"train": {"label_smoothing": 1.0}}, "train.label_smoothing"),
     ({"train": {"max_steps": 0}}, "train.max_steps"),
     ({"train": {"logging_steps": 0}}, "train.logging_steps"),
+    ({"train": {"head_init": "probe"}}, "train.head_init"),
 ])
 def test_out_of_range_values_are_errors_naming_the_key(values: dict, dotted_key: str) -> None:
     with pytest.raises(ConfigError) as error:

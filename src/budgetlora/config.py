@@ -216,6 +216,9 @@ class TrainSettings:
     early_stopping_patience: int | None = None
     # LoRA+ (peft's create_loraplus_optimizer): lora_B learns this many times faster than lora_A; None: off.
     loraplus_lr_ratio: float | None = None
+    # How the head's last layer starts: "random" (the family's initialisation), or "linear_probe": a logistic
+    # regression on the frozen model's features of up to 4,000 training rows, then fine-tuning (LP-FT; head_init.py).
+    head_init: Literal["random", "linear_probe"] = "random"
 
     def __post_init__(self) -> None:
         require(self.epochs > 0, "train.epochs", f"must be > 0, got {self.epochs}")

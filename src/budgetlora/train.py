@@ -39,6 +39,7 @@ from .config import RunConfig, TrainSettings, flat_settings, with_overrides
 from .data import load_table, split_train_validation
 from .features import choose_max_length, tokenize_table
 from .hardware import device, loader_workers, pad_multiple, resolve_precision
+from .head_init import fit_linear_probe
 from .metrics import CHECKPOINT_SCORE, checkpoint_score, classification_metrics
 from .modeling import build_peft_model, load_tokenizer
 from .trainer import BudgetTrainer, FollowMovedRun, StopOnInterrupt, TrainingInterrupted
@@ -235,6 +236,12 @@ def _train(config: RunConfig, params: ParamReport, *, resume: bool, callbacks: S
     val_set = tokenize_table(val_rows, tokenizer, config.model).sort("length")
 
     model, _ = build_peft_model(config, config.data.label_names)
+    checkpoint = runfolder.latest_checkpoint(config.run_dir) if resume else None
+    if config.train.head_init == "linear_probe" and checkpoint is None:  # a checkpoint holds the head already
+        fit_linear_probe(model, tokenizer, train_rows["text"][:], train_rows["label"][:],
+                         num_labels=len(config.data.label_names), max_length=config.model.max_length,
+                         batch_size=config.train.eval_batch_size, precision=config.train.precision,
+                         seed=config.train.seed)
     on = device()
     # Under torchrun / accelerate launch every process runs this function; only the first one writes the run folder.
     main_process = int(os.environ.get("RANK", "0")) == 0
@@ -261,7 +268,7 @@ def _train(config: RunConfig, params: ParamReport, *, resume: bool, callbacks: S
         callbacks=callbacks,
     )
     try:
-        output = trainer.train(resume_from_checkpoint=runfolder.latest_checkpoint(run_dir) if resume else None)
+        output = trainer.train(resume_from_checkpoint=checkpoint)
     finally:
         interrupt.restore()
     if interrupt.interrupted:
