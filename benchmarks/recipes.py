@@ -47,6 +47,9 @@ RECIPES = {
         "configs/recipes/mpnet-default-16k-lr5e-4.yaml",  # the same on 16,000 rows
         "configs/recipes/mpnet-first-token-no-dropout.yaml",  # the encoder's own dropout off
         "configs/recipes/mpnet-first-token-smoothing.yaml",  # label smoothing 0.1
+        "configs/recipes/mpnet-first-token-cosine.yaml",  # the cosine schedule
+        "configs/recipes/mpnet-first-token-lp-ft.yaml",  # the head started as a linear probe (LP-FT)
+        "configs/recipes/mpnet-mean-lp-ft.yaml",  # the same on the mean head
     ],
     "minilm": [
         "configs/recipes/minilm-reference.yaml",
@@ -55,6 +58,7 @@ RECIPES = {
         "configs/recipes/minilm-tuned.yaml",
         "configs/recipes/minilm-sweep-best.yaml",
         "configs/recipes/minilm-no-dropout.yaml",
+        "configs/recipes/minilm-lp-ft.yaml",  # the head started as a linear probe (LP-FT)
     ],
 }
 # The recipe of the shipped defaults (configs/roberta-base-agnews.yaml, configs/quickstart.yaml): every seed.
