@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from scipy.special import log_softmax
 
-from budgetlora.config import ConfigError, RunConfig
+from budgetlora.config import ConfigError, RunConfig, with_overrides
 from budgetlora.head_init import fit_linear_probe, last_head_layer, probe_features
 from budgetlora.modeling import build_peft_model, load_tokenizer, predict_logits
 from budgetlora.runfolder import read_config
@@ -72,14 +72,45 @@ def test_training_from_a_probed_head(tmp_path: Path, tiny_roberta_dir: Path, mak
     assert "fitted on 160 rows' frozen features" in caplog.text  # the training split (validation_fraction 0.2)
     assert read_config(result.run_dir).train.head_init == "linear_probe"
     assert 0 <= result.metrics["validation"]["accuracy"] <= 1
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="budgetlora.head_init"):  # the checkpoint holds the trained head
+        train(with_overrides(config, ["train.max_steps=4"]), resume=True)
+    assert "fitted on" not in caplog.text
 
 
-def test_a_class_of_one_row_is_a_config_error(tiny_roberta_dir: Path, make_config: Callable[..., RunConfig],
-                                              news_rows: list[tuple[str, int]]) -> None:
-    rows = [row for row in news_rows if row[1] != 2][:60] + [next(row for row in news_rows if row[1] == 2)]
+def test_a_class_of_one_probe_row_is_left_to_training(tiny_roberta_dir: Path,
+                                                      make_config: Callable[..., RunConfig],
+                                                      news_rows: list[tuple[str, int]]) -> None:
+    of_class = {label: [row for row in news_rows if row[1] == label] for label in range(len(LABELS))}
+    rows = of_class[0][:30] + of_class[1][:30] + of_class[2][:1]
     config = make_config(tiny_roberta_dir, {"model": {"head": "first_token"}})
     model, _ = build_peft_model(config, LABELS)
-    with pytest.raises(ConfigError, match=r"^train.head_init: 'linear_probe' needs at least two training rows"):
+    regression = fit_linear_probe(model, load_tokenizer(config.model), [text for text, _ in rows],
+                                  [label for _, label in rows], num_labels=len(LABELS), max_length=64, batch_size=16,
+                                  precision="fp32", seed=0)
+    assert regression.classes_.tolist() == [0, 1]  # class 2's single row could not be cross-validated
+    layer = last_head_layer(model, len(LABELS))
+    assert not layer.weight[2:].any()  # classes 2 (one row) and 3 (none) start with no weight
+    assert layer.bias[2] == layer.bias[3] == layer.bias[:2].min()
+
+
+def test_too_few_rows_is_a_config_error_naming_the_key(tiny_roberta_dir: Path, make_config: Callable[..., RunConfig],
+                                                       news_rows: list[tuple[str, int]]) -> None:
+    rows = [news_rows[0], next(row for row in news_rows if row[1] == 1)]  # one row of each of two classes
+    config = make_config(tiny_roberta_dir, {"model": {"head": "first_token"}})
+    model, _ = build_peft_model(config, LABELS)
+    with pytest.raises(ConfigError, match=r"^train.head_init: 'linear_probe' needs two training rows"):
         fit_linear_probe(model, load_tokenizer(config.model), [text for text, _ in rows],
                          [label for _, label in rows], num_labels=len(LABELS), max_length=64, batch_size=16,
                          precision="fp32", seed=0)
+
+
+def test_the_probe_restores_training_mode(tiny_roberta_dir: Path, make_config: Callable[..., RunConfig],
+                                          news_rows: list[tuple[str, int]]) -> None:
+    config = make_config(tiny_roberta_dir, {"model": {"head": "mean"}})
+    model, _ = build_peft_model(config, LABELS)
+    model.train()
+    fit_linear_probe(model, load_tokenizer(config.model), [text for text, _ in news_rows],
+                     [label for _, label in news_rows], num_labels=len(LABELS), max_length=64, batch_size=16,
+                     precision="fp32", seed=0)
+    assert all(module.training for module in model.modules())

@@ -249,20 +249,32 @@ def length_sorted_batches(tokenizer: PreTrainedTokenizerBase, texts: list[str], 
         yield rows, tokenizer.pad({"input_ids": [encoded[i] for i in rows]}, return_tensors=tensors, **padding)
 
 
-@torch.inference_mode()
-def predict_logits(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, texts: list[str], *,
-                   max_length: int, batch_size: int = 128, precision: str = "auto",
-                   pad_to_max_length: bool = False, progress: bool = False) -> np.ndarray:
-    """Logits for `texts`, in input order, batched by length_sorted_batches (a GPU's batches padded to a multiple of
-    8: hardware.pad_multiple). precision "int8" needs quantize_int8's model."""
+def batched_forward(model: nn.Module, tokenizer: PreTrainedTokenizerBase, texts: list[str], *, max_length: int,
+                    batch_size: int, precision: str, pad_to_max_length: bool = False,
+                    progress: bool = False) -> Iterator[tuple[np.ndarray, Any]]:
+    """(rows of `texts`, the model's output for them), batched by length_sorted_batches (a GPU's batches padded to a
+    multiple of 8: hardware.pad_multiple), the model in eval mode on hardware.device(). precision "int8" needs
+    quantize_int8's model."""
     on = device()
+    # Moved outside inference mode: parameters moved inside it would become inference tensors, which no later
+    # training step (a linear probe's model trains next) can save for backward.
     model.to(on).eval()
     precision = resolve_precision(precision)
-    logits = np.empty((len(texts), model.config.num_labels), dtype=np.float32)
     batches = length_sorted_batches(tokenizer, texts, max_length=max_length, batch_size=batch_size,
                                     pad_to_max_length=pad_to_max_length, pad_to_multiple_of=pad_multiple(on))
     for rows, batch in tqdm(batches, total=math.ceil(len(texts) / batch_size), desc="Predicting", unit="batch",
                             disable=not progress):
-        with autocast(precision, on):
-            logits[rows] = model(**batch.to(on)).logits.float().cpu().numpy()
+        with torch.inference_mode(), autocast(precision, on):  # left before yielding: no mode leaks to the caller
+            output = model(**batch.to(on))
+        yield rows, output
+
+
+def predict_logits(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, texts: list[str], *,
+                   max_length: int, batch_size: int = 128, precision: str = "auto",
+                   pad_to_max_length: bool = False, progress: bool = False) -> np.ndarray:
+    """Logits for `texts`, in input order (batched_forward)."""
+    logits = np.empty((len(texts), model.config.num_labels), dtype=np.float32)
+    for rows, output in batched_forward(model, tokenizer, texts, max_length=max_length, batch_size=batch_size,
+                                        precision=precision, pad_to_max_length=pad_to_max_length, progress=progress):
+        logits[rows] = output.logits.float().cpu().numpy()
     return logits
