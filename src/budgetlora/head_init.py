@@ -73,15 +73,16 @@ def fit_linear_probe(model: nn.Module, tokenizer: PreTrainedTokenizerBase, texts
     rows = np.random.default_rng(seed).permutation(len(texts))[:PROBE_ROWS]
     targets = np.asarray(labels)[rows]
     classes, counts = np.unique(targets, return_counts=True)
-    kept = np.isin(targets, classes[counts >= 2])  # cross-validation needs two rows of a class
-    rows, targets = rows[kept], targets[kept]
-    if len(np.unique(targets)) < 2:
+    fitted = counts >= 2  # cross-validation needs two rows of a class
+    if fitted.sum() < 2:
         raise ConfigError("train.head_init: 'linear_probe' needs two training rows of each of at least two classes "
                           "among the probe's rows; use 'random' or give more rows")
+    kept = np.isin(targets, classes[fitted])
+    rows, targets = rows[kept], targets[kept]
     layer = last_head_layer(model, num_labels)
     features = probe_features(model, layer, tokenizer, [texts[i] for i in rows], max_length=max_length,
                               batch_size=batch_size, precision=precision)
-    folds = min(PROBE_FOLDS, *np.unique(targets, return_counts=True)[1])
+    folds = min(PROBE_FOLDS, counts[fitted].min())
     regression = LogisticRegressionCV(Cs=PROBE_CS, cv=folds, scoring="neg_log_loss", max_iter=2000).fit(features,
                                                                                                        targets)
     coef, intercept = regression.coef_, regression.intercept_
