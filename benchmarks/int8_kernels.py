@@ -8,7 +8,7 @@ the model (attention, GELU, layer norm) then runs in fp32 instead of bf16. Wheth
 linear layers alone: each shape below is one of MiniLM's or roberta-base's, over a batch of 128 texts of 60 tokens
 (AG News' length), timed as TFLOP/s for
 - fp32 and bf16: the layer with its bias (bf16: what the default prediction's autocast runs);
-- int8 x86 / int8 onednn: torch's dynamic int8 linear (activations quantised per call) packed for that engine;
+- int8 x86 / int8 onednn: modeling.quantize_int8's layer (activations quantised per call) packed for that engine;
 - _int_mm: torch's bare int8 x int8 -> int32 product, no quantisation around it (an upper bound for int8).
 The last line is JSON with every figure.
 """
@@ -18,12 +18,13 @@ from __future__ import annotations
 import argparse
 import json
 import time
-import warnings
 from collections.abc import Callable
 
 import torch
 from table import markdown_table
 from torch import nn
+
+from budgetlora.modeling import quantize_int8
 
 # (model, layer, in_features, out_features) of MiniLM (hidden 384, FFN 1536) and roberta-base (768, 3072).
 SHAPES = [("minilm", "attention", 384, 384), ("minilm", "ffn in", 384, 1536), ("minilm", "ffn out", 1536, 384),
@@ -42,19 +43,6 @@ def seconds_per_call(call: Callable[[], object], seconds: float = 1.0) -> float:
     return (time.perf_counter() - started) / count
 
 
-def int8_linear(layer: nn.Linear, engine: str) -> nn.Module:
-    from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
-
-    previous = torch.backends.quantized.engine
-    torch.backends.quantized.engine = engine
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # torch.ao's deprecation notices
-            return quantize_dynamic(nn.Sequential(layer), {nn.Linear: per_channel_dynamic_qconfig})
-    finally:
-        torch.backends.quantized.engine = previous
-
-
 @torch.inference_mode()
 def measure(in_features: int, out_features: int) -> dict[str, float]:
     """TFLOP/s of each way for one layer of this shape over TOKENS rows."""
@@ -66,7 +54,7 @@ def measure(in_features: int, out_features: int) -> dict[str, float]:
             "_int_mm": lambda: torch._int_mm(xi, wi)}
     for engine in ("x86", "onednn"):
         if engine in torch.backends.quantized.supported_engines:
-            quantised = int8_linear(layer, engine)
+            quantised = quantize_int8(nn.Sequential(layer), engine=engine)
             ways[f"int8 {engine}"] = lambda quantised=quantised: quantised(x)
     flops = 2 * TOKENS * in_features * out_features
     return {name: flops / seconds_per_call(call) / 1e12 for name, call in ways.items()}

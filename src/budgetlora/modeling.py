@@ -208,21 +208,22 @@ def build_peft_model(config: RunConfig, label_names: list[str], *,
     return get_peft_model(base, lora_config(config, targets, trained_in_full, meta=meta)), match
 
 
-def quantize_int8(model: nn.Module) -> nn.Module:
+def quantize_int8(model: nn.Module, engine: str = INT8_ENGINE) -> nn.Module:
     """A copy of `model` for int8 prediction on the CPU: every nn.Linear dynamically quantised (int8 weights with one
     scale per output row; activations quantised as each batch comes, on 7 bits: torch's x86 default, safe on CPUs
     without VNNI; 8 bits agreed with fp32 more often but scored no better on real runs); `model` is left as it is.
 
     The copy shares every other tensor with `model` (embeddings, norms): only the int8 weights are new memory.
     Per-row weight scales, not one per matrix: on a real MiniLM run the per-matrix kind changed 1.7% of the labels and
-    cost 1.2 points on the competition's generated texts; per row, 1.3% and 0.2 points.
+    cost 1.2 points on the competition's generated texts; per row, 1.3% and 0.2 points. `engine`: torch's quantized
+    engine to pack the weights for (benchmarks/int8_kernels.py compares onednn's with the default).
     """
     from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
 
     shared = {id(tensor): tensor for tensor in (*model.parameters(), *model.buffers())}
     copied = copy.deepcopy(model, memo=shared)
-    engine = torch.backends.quantized.engine
-    torch.backends.quantized.engine = INT8_ENGINE  # the packed weights are this engine's, whatever is set later
+    previous = torch.backends.quantized.engine
+    torch.backends.quantized.engine = engine  # the packed weights are this engine's, whatever is set later
     try:
         with warnings.catch_warnings():
             # torch.ao.quantization and quantized tensors are deprecated in favour of torchao (not a dependency):
@@ -231,7 +232,7 @@ def quantize_int8(model: nn.Module) -> nn.Module:
             warnings.filterwarnings("ignore", message=r".*quantized tensor creation functions .* are deprecated")
             return quantize_dynamic(copied, {nn.Linear: per_channel_dynamic_qconfig}, inplace=True)
     finally:
-        torch.backends.quantized.engine = engine
+        torch.backends.quantized.engine = previous
 
 
 def length_sorted_batches(tokenizer: PreTrainedTokenizerBase, texts: list[str], *, max_length: int, batch_size: int,
