@@ -71,7 +71,6 @@ def test_training_from_a_probed_head(tmp_path: Path, tiny_roberta_dir: Path, mak
         result = train(config)
     assert "fitted on 160 rows' frozen features" in caplog.text  # the training split (validation_fraction 0.2)
     assert read_config(result.run_dir).train.head_init == "linear_probe"
-    assert 0 <= result.metrics["validation"]["accuracy"] <= 1
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="budgetlora.head_init"):  # the checkpoint holds the trained head
         train(with_overrides(config, ["train.max_steps=4"]), resume=True)

@@ -1,0 +1,138 @@
+"""Compiled prediction on a CPU: torch.compile's bf16 and torchao's compiled int8 against the eager bf16 default.
+
+    python benchmarks/compiled_predict.py         # the MiniLM run of benchmarks/int8.py; about 5 minutes; alone
+    python benchmarks/compiled_predict.py --runs runs/bench/mpnet-first-token-s42 --test-rows 500   # about 8 minutes
+
+`benchmarks/int8_kernels.py` bounds int8's linear layers on a CPU that multiplies bf16 natively; the untried path it
+names is a compiled one, where the quantisation around each int8 product is fused into the graph. Four ways to
+predict with one trained run (LoRA merged), on the same texts:
+- bf16: `Run.predict`, the default (eager, bf16 autocast, batches padded to their longest text);
+- bf16 compiled: the same model through `torch.compile(dynamic=True)` with inductor's freezing (weights folded in as
+  constants and prepacked for the CPU's matmul library), batches padded to a multiple of 16 (fewer shapes to compile);
+- torch int8: `runfolder.load(precision="int8")`, what `--precision int8` runs (eager);
+- torchao int8 compiled: torchao's `Int8DynamicActivationInt8WeightConfig` (int8 weights per output row, activations
+  quantised per token as each batch comes) on every linear layer, compiled as above, bf16 autocast around it. Needs
+  `pip install torchao` (not a budgetlora dependency); skipped with a line saying so when it is missing.
+Columns: the seconds to prepare and run the first pass (compilation included), accuracy on the first test rows of the
+official AG News test split and on the 484 labelled generated texts, the share of test labels equal to bf16's, and
+samples/s over the test texts: the median of `--repeats` passes, the ways taking turns pass by pass (this shared
+machine's speed drifts; turns keep the drift out of the ratios). The last line is JSON with every number.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from int8 import ROOT, eval_texts
+from table import markdown_table
+from torch import nn
+
+from budgetlora import runfolder
+from budgetlora.modeling import length_sorted_batches
+
+RUN = "runs/bench/minilm-no-dropout-s42"
+PAD_MULTIPLE = 16
+
+Predict = Callable[[list[str]], np.ndarray]
+
+
+def compiled_predictor(model: nn.Module, run: runfolder.Run) -> Predict:
+    """Logits from `model` compiled by inductor with freezing, bf16 autocast, batched as Run.predict batches (length
+    sorted, the run's batch size) but padded to a multiple of PAD_MULTIPLE."""
+    compiled = torch.compile(model.eval(), dynamic=True, options={"freezing": True})
+
+    def predict(texts: list[str]) -> np.ndarray:
+        logits = np.empty((len(texts), len(run.label_names)), dtype=np.float32)
+        for rows, batch in length_sorted_batches(run.tokenizer, texts, max_length=run.config.model.max_length,
+                                                 batch_size=run.config.train.eval_batch_size,
+                                                 pad_to_multiple_of=PAD_MULTIPLE):
+            with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+                logits[rows] = compiled(**batch).logits.float().numpy()
+        return logits
+
+    return predict
+
+
+def torchao_int8(model: nn.Module) -> nn.Module | None:
+    """A copy of `model` with torchao's dynamic int8 linear layers; None when torchao is not installed."""
+    try:
+        from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
+    except ImportError:
+        return None
+    quantized = copy.deepcopy(model)
+    quantize_(quantized, Int8DynamicActivationInt8WeightConfig())
+    return quantized
+
+
+def predictors(run_dir: Path) -> tuple[runfolder.Run, dict[str, Predict]]:
+    """The run loaded for bf16 prediction, and each way's predict function (torchao's only when installed)."""
+    run = runfolder.load(run_dir)
+    ways: dict[str, Predict] = {
+        "bf16": run.predict,
+        "bf16 compiled": compiled_predictor(run.model, run),
+        "torch int8": runfolder.load(run_dir, precision="int8").predict,
+    }
+    quantized = torchao_int8(run.model)
+    if quantized is None:
+        print("torchao is not installed (pip install torchao): its row is skipped", flush=True)
+    else:
+        ways["torchao int8 compiled"] = compiled_predictor(quantized, run)
+    return run, ways
+
+
+def measure_run(run_dir: Path, test_rows: int, repeats: int) -> list[dict]:
+    """Every way on one run: first-pass seconds, accuracies, agreement with bf16, median samples/s."""
+    run, ways = predictors(run_dir)
+    test_texts, test_labels, dev_texts, dev_labels = eval_texts(run, test_rows)
+    results = {}
+    for way, predict in ways.items():
+        started = time.perf_counter()
+        labels = predict(test_texts).argmax(-1)
+        results[way] = {"run": run_dir.name, "way": way, "test_rows": len(test_texts),
+                        "first_pass_s": time.perf_counter() - started,
+                        "test_accuracy": float(np.mean(labels == test_labels)),
+                        "dev_accuracy": float(np.mean(predict(dev_texts).argmax(-1) == dev_labels)),
+                        "labels": labels, "pass_s": []}
+    for _ in range(repeats):
+        for way, predict in ways.items():  # in turns: drift in the machine's speed reaches every way alike
+            started = time.perf_counter()
+            predict(test_texts)
+            results[way]["pass_s"].append(time.perf_counter() - started)
+    bf16 = results["bf16"]
+    for result in results.values():
+        result["samples_per_s"] = len(test_texts) / float(np.median(result["pass_s"]))
+        result["x_bf16"] = float(np.median(bf16["pass_s"]) / np.median(result["pass_s"]))
+        result["agreement_with_bf16"] = float(np.mean(result["labels"] == bf16["labels"]))
+    return [{key: value for key, value in result.items() if key != "labels"} for result in results.values()]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", nargs="*", type=Path, default=[ROOT / RUN])
+    parser.add_argument("--threads", type=int, default=2, help="torch's intra-op threads")
+    parser.add_argument("--test-rows", type=int, default=2000, help="the first N rows of the official test split")
+    parser.add_argument("--repeats", type=int, default=3, help="timed passes of each way, taking turns")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    results = [result for run_dir in args.runs for result in measure_run(run_dir, args.test_rows, args.repeats)]
+    print(f"\n{args.threads} thread(s); AG test: the first {results[0]['test_rows']:,} rows of the official test "
+          f"split; dev: the 484 labelled generated texts; samples/s: the median of {args.repeats} passes over the "
+          f"AG test texts, the ways taking turns; first pass: preparation and compilation included\n")
+    print(markdown_table(
+        ["run", "way", "first pass s", "AG test acc", "dev acc", "agreement with bf16", "samples/s", "x bf16"],
+        [[r["run"], r["way"], r["first_pass_s"], f"{100 * r['test_accuracy']:.2f}", f"{100 * r['dev_accuracy']:.2f}",
+          f"{100 * r['agreement_with_bf16']:.2f}", r["samples_per_s"], r["x_bf16"]] for r in results]))
+    print(json.dumps({"threads": args.threads, "results": [
+        {key: round(value, 4) if isinstance(value, float) else value for key, value in r.items() if key != "pass_s"}
+        for r in results]}))
+
+
+if __name__ == "__main__":
+    main()
