@@ -1,22 +1,23 @@
 """Compiled prediction on a CPU: torch.compile's bf16 and torchao's compiled int8 against the eager bf16 default.
 
     python benchmarks/compiled_predict.py         # the MiniLM run of benchmarks/int8.py; about 5 minutes; alone
-    python benchmarks/compiled_predict.py --runs runs/bench/mpnet-first-token-s42 --test-rows 500   # about 8 minutes
+    python benchmarks/compiled_predict.py --runs runs/bench/mpnet-first-token-s42 --test-rows 500   # about 10 minutes
 
-`benchmarks/int8_kernels.py` bounds int8's linear layers on a CPU that multiplies bf16 natively; the untried path it
-names is a compiled one, where the quantisation around each int8 product is fused into the graph. Four ways to
-predict with one trained run (LoRA merged), on the same texts:
-- bf16: `Run.predict`, the default (eager, bf16 autocast, batches padded to their longest text);
+`benchmarks/int8_kernels.py` bounds torch's eager int8 linear layers on a CPU that multiplies bf16 natively; a
+compiled graph can fuse the quantisation around each int8 product into it. Four ways to predict with one trained run
+(LoRA merged), on the same texts, all batched as `Run.predict` batches (modeling.predict_logits):
+- bf16: `Run.predict`, the default (eager, bf16 autocast; the script stops on a CPU without bf16);
 - bf16 compiled: the same model through `torch.compile(dynamic=True)` with inductor's freezing (weights folded in as
-  constants and prepacked for the CPU's matmul library), batches padded to a multiple of 16 (fewer shapes to compile);
+  constants and prepacked for the CPU's matmul library);
 - torch int8: `runfolder.load(precision="int8")`, what `--precision int8` runs (eager);
 - torchao int8 compiled: torchao's `Int8DynamicActivationInt8WeightConfig` (int8 weights per output row, activations
   quantised per token as each batch comes) on every linear layer, compiled as above, bf16 autocast around it. Needs
   `pip install torchao` (not a budgetlora dependency); skipped with a line saying so when it is missing.
-Columns: the seconds to prepare and run the first pass (compilation included), accuracy on the first test rows of the
-official AG News test split and on the 484 labelled generated texts, the share of test labels equal to bf16's, and
-samples/s over the test texts: the median of `--repeats` passes, the ways taking turns pass by pass (this shared
-machine's speed drifts; turns keep the drift out of the ratios). The last line is JSON with every number.
+Columns: the seconds of the first pass over the test texts (compilation included; loading and quantising are not),
+accuracy on the first test rows of the official AG News test split and on the 484 labelled generated texts, the share
+of test labels equal to bf16's, and samples/s over the test texts: the median of `--repeats` passes, the ways taking
+turns pass by pass (a machine's speed drifts; turns keep the drift out of the ratios). The last line is JSON with
+every number.
 """
 
 from __future__ import annotations
@@ -35,29 +36,20 @@ from table import markdown_table
 from torch import nn
 
 from budgetlora import runfolder
-from budgetlora.modeling import length_sorted_batches
+from budgetlora.modeling import predict_logits
 
 RUN = "runs/bench/minilm-no-dropout-s42"
-PAD_MULTIPLE = 16
 
 Predict = Callable[[list[str]], np.ndarray]
 
 
 def compiled_predictor(model: nn.Module, run: runfolder.Run) -> Predict:
-    """Logits from `model` compiled by inductor with freezing, bf16 autocast, batched as Run.predict batches (length
-    sorted, the run's batch size) but padded to a multiple of PAD_MULTIPLE."""
-    compiled = torch.compile(model.eval(), dynamic=True, options={"freezing": True})
-
-    def predict(texts: list[str]) -> np.ndarray:
-        logits = np.empty((len(texts), len(run.label_names)), dtype=np.float32)
-        for rows, batch in length_sorted_batches(run.tokenizer, texts, max_length=run.config.model.max_length,
-                                                 batch_size=run.config.train.eval_batch_size,
-                                                 pad_to_multiple_of=PAD_MULTIPLE):
-            with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
-                logits[rows] = compiled(**batch).logits.float().numpy()
-        return logits
-
-    return predict
+    """Logits from `model` compiled by inductor with freezing (dynamic shapes: one graph for every batch length), in
+    bf16 autocast, batched as Run.predict batches."""
+    compiled = torch.compile(model, dynamic=True, options={"freezing": True})
+    return lambda texts: predict_logits(compiled, run.tokenizer, texts, max_length=run.config.model.max_length,
+                                        batch_size=run.config.train.eval_batch_size, precision="bf16",
+                                        pad_to_max_length=run.config.model.pad_to_max_length)
 
 
 def torchao_int8(model: nn.Module) -> nn.Module | None:
@@ -74,6 +66,8 @@ def torchao_int8(model: nn.Module) -> nn.Module | None:
 def predictors(run_dir: Path) -> tuple[runfolder.Run, dict[str, Predict]]:
     """The run loaded for bf16 prediction, and each way's predict function (torchao's only when installed)."""
     run = runfolder.load(run_dir)
+    if run.precision != "bf16":
+        raise SystemExit(f"{run_dir}: predicts in {run.precision} on this machine; this benchmark compares with bf16")
     ways: dict[str, Predict] = {
         "bf16": run.predict,
         "bf16 compiled": compiled_predictor(run.model, run),
