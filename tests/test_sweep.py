@@ -4,6 +4,8 @@ the search space comes from the config (sweep.space), checked before any trial r
 from __future__ import annotations
 
 import logging
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -223,3 +225,25 @@ def test_plots_that_would_show_nothing_are_skipped_with_a_log_line(
     assert "sweep plots skipped: no trial has completed" in caplog.text
     assert "param_importances.png skipped: importances need two completed trials whose parameters differ" in caplog.text
     assert sorted(p.name for p in tmp_path.iterdir()) == ["optimization_history.png"]
+
+
+def test_plots_leave_the_backend_and_figures_of_a_session_already_using_pyplot(tmp_path: Path) -> None:
+    # A notebook has pyplot imported with its own backend and open figures: switching to Agg would close them all.
+    script = """
+import sys
+from pathlib import Path
+import matplotlib
+matplotlib.use("svg")
+from matplotlib import pyplot
+import optuna
+from optuna.distributions import IntDistribution
+from budgetlora.sweep_results import write_plots
+kept = pyplot.figure()
+study = optuna.create_study(direction="maximize")
+study.add_trial(optuna.trial.create_trial(value=0.5, params={"r": 8}, distributions={"r": IntDistribution(1, 16)}))
+assert write_plots(study, Path(sys.argv[1])), "no plot written"
+assert matplotlib.get_backend() == "svg", matplotlib.get_backend()
+assert pyplot.get_fignums() == [kept.number], pyplot.get_fignums()
+"""
+    subprocess.run([sys.executable, "-c", script, str(tmp_path)], check=True)
+    assert (tmp_path / "optimization_history.png").stat().st_size > 0

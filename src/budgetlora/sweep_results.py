@@ -6,6 +6,7 @@ each written atomically, from the study alone: any worker, or the command after 
 from __future__ import annotations
 
 import logging
+import sys
 import warnings
 from pathlib import Path
 
@@ -62,7 +63,8 @@ def write_plots(study: optuna.Study, folder: Path) -> list[Path]:
     except ImportError:
         log.info("sweep plots skipped: they need matplotlib (pip install 'budgetlora[report]')")
         return []
-    matplotlib.use("Agg")  # Optuna draws with pyplot; sweeps run headless (servers, worker processes)
+    if "matplotlib.pyplot" not in sys.modules:  # Optuna draws with pyplot; sweeps run headless (servers, workers)
+        matplotlib.use("Agg")  # not once pyplot is in use (a notebook): switching would close the user's figures
     from matplotlib import pyplot
     from optuna.visualization import matplotlib as plots
 
