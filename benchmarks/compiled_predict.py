@@ -118,7 +118,7 @@ def main() -> None:
     results = [result for run_dir in args.runs for result in measure_run(run_dir, args.test_rows, args.repeats)]
     print(f"\n{args.threads} thread(s); AG test: the first {results[0]['test_rows']:,} rows of the official test "
           f"split; dev: the 484 labelled generated texts; samples/s: the median of {args.repeats} passes over the "
-          f"AG test texts, the ways taking turns; first pass: preparation and compilation included\n")
+          f"AG test texts, the ways taking turns; first pass: compilation included, loading and quantising not\n")
     print(markdown_table(
         ["run", "way", "first pass s", "AG test acc", "dev acc", "agreement with bf16", "samples/s", "x bf16"],
         [[r["run"], r["way"], r["first_pass_s"], f"{100 * r['test_accuracy']:.2f}", f"{100 * r['dev_accuracy']:.2f}",
