@@ -14,7 +14,7 @@ import pytest
 
 from budgetlora.config import DataConfig
 from budgetlora.data import DataError, load_table
-from budgetlora.domain import split_by_domain
+from budgetlora.domain import MAX_TRAINING_TEXTS, split_by_domain, training_sample
 
 from .conftest import AG_NEWS_DIR, LABELS, SHARED_DATA
 
@@ -70,3 +70,14 @@ def test_bad_arguments_are_refused_with_the_argument_named() -> None:
         split_by_domain(texts, texts, false_positive_rate=1.0)
     with pytest.raises(DataError, match="at least 5 training and 5 input texts, got 10 and 3"):
         split_by_domain(texts, texts[:3])
+
+
+def test_the_training_sample_is_capped_cut_and_the_same_each_time() -> None:
+    """What a run folder keeps: at most MAX_TRAINING_TEXTS texts, chosen the same way every time, each cut to its
+    first 2,000 characters (the input's texts are cut alike in split_by_domain)."""
+    texts = [f"text {i} " + "word " * (i % 700) for i in range(MAX_TRAINING_TEXTS + 500)]
+    sample = training_sample(texts)
+    assert len(sample) == MAX_TRAINING_TEXTS and sample == training_sample(texts)
+    assert max(map(len, sample)) == 2_000 and all(text.startswith("text ") for text in sample)
+    assert training_sample(sample) == sample  # a kept sample is read as it is
+    assert training_sample(texts[:10]) == [text[:2_000] for text in texts[:10]]

@@ -4,6 +4,7 @@ prediction, noisy copies of the training rows, max_length: auto, weighted rows, 
 
 from __future__ import annotations
 
+import gzip
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -14,12 +15,14 @@ import torch
 from scipy.special import softmax
 from transformers import TrainingArguments
 
+from budgetlora import runfolder
 from budgetlora.cli import main
 from budgetlora.config import ConfigError, RunConfig, SelfTrainSettings, load_config
-from budgetlora.data import DataError
+from budgetlora.data import DataError, load_table, split_train_validation
+from budgetlora.domain import training_sample
 from budgetlora.infer import evaluate_run, predict_run, shift_to_input_priors
 from budgetlora.modeling import build_peft_model
-from budgetlora.runfolder import read_config
+from budgetlora.runfolder import TRAINING_TEXTS_FILE, RunFolderError, read_config, read_training_texts
 from budgetlora.selftrain import run_training, select_pseudo_labels, selection_warning
 from budgetlora.train import train
 from budgetlora.trainer import BudgetTrainer
@@ -150,6 +153,57 @@ def test_uniform_ood_moves_only_the_texts_unlike_the_training_texts(tiny_run: Pa
     assert flagged[60:].all() and flagged[:60].mean() < 0.3 and info["unlike_training_rows"] == flagged.sum()
     np.testing.assert_allclose(adjusted[flagged].mean(axis=0), np.full(4, 0.25), atol=1e-5)
     assert info["prior_adjustment"] == "uniform-ood" and info["offsets"][3] < 0 < info["domain_threshold"] < 1
+
+
+def _garbled_and_familiar(news_rows: Rows) -> tuple[list[str], np.ndarray]:
+    rng = np.random.default_rng(1)
+    made_up = ["".join(rng.choice(list("qxzjvk"), 7)) for _ in range(40)]
+    texts = [text for text, _ in news_rows[1::2]][:30] + [" ".join(rng.choice(made_up, 12)) for _ in range(30)]
+    return texts, rng.normal(size=(60, 4))
+
+
+def test_uniform_ood_needs_no_training_file_after_training(tiny_run: Path, news_rows: Rows) -> None:
+    """The run keeps the sample of training texts the domain split reads (a predict on another machine, or offline
+    where data.train is a Hub name): the same adjustment after the training file is gone."""
+    texts, logits = _garbled_and_familiar(news_rows)
+    before, info = shift_to_input_priors(tiny_run, texts, logits, "uniform-ood")
+    config = read_config(tiny_run)
+    train_rows, _ = split_train_validation(load_table(config.data.train, config.data, labelled=True), config.data)
+    assert read_training_texts(tiny_run) == training_sample(train_rows["text"][:])
+    Path(config.data.train).unlink()
+    after, info_after = shift_to_input_priors(tiny_run, texts, logits, "uniform-ood")
+    np.testing.assert_array_equal(before, after)
+    assert info == info_after and info["unlike_training_rows"] > 0
+
+
+def test_a_run_without_the_kept_sample_reads_its_training_file_again(tiny_run: Path, news_rows: Rows) -> None:
+    """Runs trained before the sample was kept: the same split from data.train; with that gone too, an error that
+    says why the file is needed and what to do."""
+    texts, logits = _garbled_and_familiar(news_rows)
+    kept, _ = shift_to_input_priors(tiny_run, texts, logits, "uniform-ood")
+    (tiny_run / TRAINING_TEXTS_FILE).unlink()
+    again, _ = shift_to_input_priors(tiny_run, texts, logits, "uniform-ood")
+    np.testing.assert_array_equal(kept, again)
+    Path(read_config(tiny_run).data.train).unlink()
+    with pytest.raises(DataError, match=f"no {TRAINING_TEXTS_FILE} .*no such file.*retrain"):
+        shift_to_input_priors(tiny_run, texts, logits, "uniform-ood")
+
+
+@pytest.mark.parametrize(("content", "error"), [
+    (b"not gzip at all", "is corrupt"),
+    (gzip.compress(b'["a", "b"')[:-9], "is corrupt"),  # cut off
+    (gzip.compress(b'{"texts": ["a"]}'), "not a list of at most 20,000 texts"),
+    (gzip.compress(b'["a", 3]'), "not a list of at most 20,000 texts"),
+    (gzip.compress(json.dumps(["x" * 2_001]).encode()), "not a list of at most 20,000 texts of at most 2,000"),
+    (gzip.compress(b" " * 4_000 + b"[]"), "unpacks to more than 0 MiB"),  # a bomb, with the limit at 4,000 bytes
+])
+def test_a_kept_sample_that_budgetlora_did_not_write_is_refused(tiny_run: Path, news_rows: Rows, content: bytes,
+                                                                 error: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(runfolder, "MAX_TRAINING_TEXTS_BYTES", 4_000)
+    (tiny_run / TRAINING_TEXTS_FILE).write_bytes(content)
+    texts, logits = _garbled_and_familiar(news_rows)
+    with pytest.raises(RunFolderError, match=f"{TRAINING_TEXTS_FILE}.*{error}"):
+        shift_to_input_priors(tiny_run, texts, logits, "uniform-ood")
 
 
 def test_label_shift_calibrates_on_the_validation_rows_first(tiny_run: Path) -> None:

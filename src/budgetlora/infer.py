@@ -15,7 +15,7 @@ from scipy.special import softmax
 
 from . import runfolder
 from .config import RunConfig
-from .data import join_labels, load_table, split_train_validation
+from .data import DataError, join_labels, load_table, split_train_validation
 from .domain import split_by_domain
 from .files import write_json, write_target
 from .label_shift import estimate_priors, fit_temperature, match_priors
@@ -46,9 +46,19 @@ def train_priors(run_dir: Path, label_count: int) -> np.ndarray:
 
 
 def training_texts(run_dir: Path) -> list[str]:
-    """The texts the run trained on (its labelled training split, read again from its data.train)."""
+    """The run's sample of its training texts (runfolder.read_training_texts); for a run from before it was kept, its
+    labelled training split, read again from its data.train."""
+    kept = runfolder.read_training_texts(run_dir)
+    if kept is not None:
+        return kept
     config = runfolder.read_config(run_dir)
-    train_rows, _ = split_train_validation(load_table(config.data.train, config.data, labelled=True), config.data)
+    try:
+        table = load_table(config.data.train, config.data, labelled=True)
+    except DataError as error:
+        raise DataError(f"{run_dir} has no {runfolder.TRAINING_TEXTS_FILE} (trained before budgetlora kept it), so "
+                        f"--label-shift uniform-ood reads its training file again, and that failed: {error}. Put the "
+                        f"file back, or retrain the run") from None
+    train_rows, _ = split_train_validation(table, config.data)
     return train_rows["text"][:]
 
 

@@ -2,7 +2,9 @@
 
 Layout (training writes it; evaluate, predict, export, serve, report and self-training read it through here):
 - config.yaml: the resolved config, label names included; labels.json: the label names, for readers without
-  budgetlora (checked against config.yaml when a run is loaded); params.json; manifest.json. Written first.
+  budgetlora (checked against config.yaml when a run is loaded); params.json; manifest.json; training_texts.json.gz,
+  the sample of training texts `--label-shift uniform-ood` compares an input with (domain.training_sample). Written
+  first.
 - adapter/: LoRA weights and the trained head (adapter_model.safetensors, adapter_config.json) and SHA256SUMS, the
   SHA-256 of both; metrics.json, log_history.json, validation_logits.json. Written when training ends.
 - checkpoints/checkpoint-<step>/ (Trainer's), tensorboard/, evaluations/ (evaluate), report/ (report).
@@ -11,10 +13,12 @@ Layout (training writes it; evaluate, predict, export, serve, report and self-tr
 
 from __future__ import annotations
 
+import gzip
 import json
 import logging
 import math
 import re
+import zlib
 from collections.abc import Iterable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
@@ -30,7 +34,8 @@ from transformers import PreTrainedTokenizerBase
 
 from .budget import ParamReport
 from .config import RunConfig, dump_config, load_config, with_overrides
-from .files import atomic_write_text, lock_folder, umask_mode, write_json
+from .domain import MAX_TEXT_CHARS, MAX_TRAINING_TEXTS, training_sample
+from .files import atomic_write_bytes, atomic_write_text, lock_folder, umask_mode, write_json
 from .hardware import device, resolve_predict_precision
 from .manifest import build_manifest, file_sha256
 from .modeling import build_base_model, load_tokenizer, predict_logits, quantize_int8
@@ -42,6 +47,10 @@ MANIFEST_FILE = "manifest.json"
 METRICS_FILE = "metrics.json"
 LOG_HISTORY_FILE = "log_history.json"
 VALIDATION_LOGITS_FILE = "validation_logits.json"
+TRAINING_TEXTS_FILE = "training_texts.json.gz"
+# A folder from elsewhere is untrusted: a few MB of gzip can claim gigabytes. The sample's most (domain.py's limits,
+# 6 bytes a character when JSON escapes it) is well below this.
+MAX_TRAINING_TEXTS_BYTES = 256 << 20
 ADAPTER_DIR = "adapter"
 WEIGHTS_FILE = "adapter_model.safetensors"  # in ADAPTER_DIR
 CHECKSUMS_FILE = "SHA256SUMS"  # in ADAPTER_DIR
@@ -63,10 +72,14 @@ def lock(run_dir: Path) -> AbstractContextManager[None]:
     return lock_folder(run_dir, LOCK_FILE)
 
 
-def write_header(config: RunConfig, params: ParamReport, data_rows: dict[str, int]) -> None:
-    """What the run is, written before training: config, label names, parameter counts and manifest."""
+def write_header(config: RunConfig, params: ParamReport, data_rows: dict[str, int], training_texts: list[str]) -> None:
+    """What the run is, written before training: config, label names, parameter counts, manifest, and the sample of
+    its training texts (domain.training_sample) that prediction's domain split reads."""
     run_dir = config.run_dir
     atomic_write_text(run_dir / CONFIG_FILE, dump_config(config))
+    # mtime=0: the same texts give the same bytes.
+    atomic_write_bytes(run_dir / TRAINING_TEXTS_FILE, gzip.compress(
+        json.dumps(training_sample(training_texts), ensure_ascii=False).encode(), mtime=0))
     write_json(run_dir / MANIFEST_FILE, build_manifest(config, data_rows))
     write_json(run_dir / LABELS_FILE, {"label_names": config.data.label_names})
     write_json(run_dir / PARAMS_FILE, {"groups": params.groups, "trainable": params.trainable,
@@ -105,6 +118,28 @@ def write_metrics(run_dir: Path, metrics: dict[str, Any]) -> None:
 
 def read_metrics(run_dir: Path) -> dict[str, Any]:
     return json.loads((Path(run_dir) / METRICS_FILE).read_text())
+
+
+def read_training_texts(run_dir: Path) -> list[str] | None:
+    """The run's sample of training texts, checked (the folder may come from elsewhere); None for runs from before
+    budgetlora kept it."""
+    path = Path(run_dir) / TRAINING_TEXTS_FILE
+    if not path.is_file():
+        return None
+    try:
+        with gzip.open(path, "rb") as handle:
+            data = handle.read(MAX_TRAINING_TEXTS_BYTES + 1)
+        if len(data) > MAX_TRAINING_TEXTS_BYTES:
+            raise RunFolderError(f"{path} unpacks to more than {MAX_TRAINING_TEXTS_BYTES >> 20} MiB: not a file "
+                                 f"budgetlora wrote")
+        texts = json.loads(data)
+    except (OSError, EOFError, zlib.error, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise RunFolderError(f"{path} is corrupt ({error})") from None
+    if not (isinstance(texts, list) and len(texts) <= MAX_TRAINING_TEXTS
+            and all(isinstance(text, str) and len(text) <= MAX_TEXT_CHARS for text in texts)):
+        raise RunFolderError(f"{path} is not a list of at most {MAX_TRAINING_TEXTS:,} texts of at most "
+                             f"{MAX_TEXT_CHARS:,} characters: not a file budgetlora wrote")
+    return texts
 
 
 def latest_checkpoint(run_dir: Path) -> str | None:

@@ -250,7 +250,8 @@ def _train(config: RunConfig, params: ParamReport, *, resume: bool, callbacks: S
     callbacks = [FollowMovedRun(), interrupt, *callbacks]
     if main_process:
         rows = {"source": len(table), "train": len(train_set), "validation": len(val_set)}
-        runfolder.write_header(config, params, rows if extra is None else {**rows, "pseudo_labelled": len(extra)})
+        runfolder.write_header(config, params, rows if extra is None else {**rows, "pseudo_labelled": len(extra)},
+                               train_rows["text"][:])
         callbacks = [TensorBoardCallback(SummaryWriter(str(run_dir / runfolder.TENSORBOARD_DIR))), *callbacks]
     label_names = config.data.label_names
     if config.train.early_stopping_patience:
