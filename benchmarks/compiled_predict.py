@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from int8 import ROOT, eval_texts
+from shared_data import ROOT, eval_texts
 from table import markdown_table
 from torch import nn
 

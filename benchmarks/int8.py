@@ -33,20 +33,15 @@ import onnxruntime
 import torch
 from onnxruntime.quantization import QuantType, quantize_dynamic
 from onnxruntime.transformers.optimizer import optimize_model
+from shared_data import ROOT, eval_texts
 from table import markdown_table
 from transformers import PreTrainedTokenizerBase
 
 from budgetlora import runfolder
-from budgetlora.data import join_labels, load_table
 from budgetlora.export import PROBE_TEXTS
 from budgetlora.export_onnx import ONNX_FILE, write_onnx
 from budgetlora.modeling import length_sorted_batches
 
-ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared" / "data"
-TEST = SHARED / "ag_news" / "test.csv"
-COMPETITION = SHARED / "competition" / "test_unlabelled.pkl"
-DEV_LABELS = SHARED / "competition" / "dev_ood_labels.csv"
 RUNS = ["runs/bench/minilm-no-dropout-s42", "runs/bench/minilm-no-dropout-s43"]
 WAYS = ["bf16", "torch int8", "ORT int8", "ORT fused int8"]
 # Texts of other lengths than the export's example batch: the fused graph must give the plain graph's logits on them.
@@ -106,18 +101,6 @@ def timed(predict: Predict, texts: list[str]) -> tuple[np.ndarray, float]:
     started = time.perf_counter()
     logits = predict(texts)
     return logits, len(texts) / (time.perf_counter() - started)
-
-
-def eval_texts(run: runfolder.Run, test_rows: int | None) -> tuple[list[str], np.ndarray, list[str], np.ndarray]:
-    """The official test split's texts and labels (the first test_rows of them) and the 484 labelled generated texts
-    of the competition file with theirs."""
-    data = run.config.data
-    test = load_table(str(TEST), data, labelled=True)
-    competition = load_table(str(COMPETITION), data, labelled=False)
-    joined = join_labels(competition, str(DEV_LABELS), data)
-    texts = competition["text"][:]
-    return (test["text"][:][:test_rows], np.asarray(test["label"][:][:test_rows]),
-            [texts[i] for i in joined.rows], np.asarray(joined.labels))
 
 
 def measure_run(run_dir: Path, threads: int, test_rows: int | None, workdir: Path) -> list[dict]:

@@ -34,13 +34,8 @@ from pathlib import Path
 import httpx
 import numpy as np
 import uvicorn
+from shared_data import AG_NEWS_TEST, AG_NEWS_TRAIN, TOKENIZER
 from table import markdown_table
-
-ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared" / "data"
-TOKENIZER = SHARED / "roberta-base-tokenizer"
-AG_NEWS_TEST = SHARED / "ag_news" / "test.csv"
-AG_NEWS_TRAIN = SHARED / "ag_news" / "train_subset.csv"
 
 
 def skip(message: str) -> None:

@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+from shared_data import AG_NEWS_TEST, COMPETITION, DEV_LABELS, ROOT
 
 from budgetlora import runfolder
 from budgetlora.config import PRIOR_ADJUSTMENTS, DataConfig, load_config, with_overrides
@@ -27,11 +28,6 @@ from budgetlora.infer import evaluate_run, shift_to_input_priors
 from budgetlora.metrics import classification_metrics
 from budgetlora.selftrain import run_training
 
-ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared" / "data"
-TEST = SHARED / "ag_news" / "test.csv"
-COMPETITION = SHARED / "competition" / "test_unlabelled.pkl"
-DEV_LABELS = SHARED / "competition" / "dev_ood_labels.csv"
 RUNS = "runs/bench"
 
 
@@ -73,7 +69,7 @@ class CompetitionFile:
         data = DataConfig(label_names=label_names)
         table = load_table(str(COMPETITION), data, labelled=False)
         texts = table["text"][:]
-        test = load_table(str(TEST), data, labelled=True)
+        test = load_table(str(AG_NEWS_TEST), data, labelled=True)
         label_of = dict(zip(test["text"][:], test["label"][:], strict=True))
         ag_rows = [i for i, text in enumerate(texts) if text in label_of]
         joined = join_labels(table, str(DEV_LABELS), data)
@@ -131,7 +127,7 @@ def run_recipe(config_path: str, seed: int, overrides: Sequence[str] = (), *, fr
     the class shares then cover those rows, and there are no label-shift scores (a run scored so is scored again when
     whole_file is asked for). rescore: score a finished run again (after the scoring changed), keeping its training
     time."""
-    for path in (TEST, COMPETITION, DEV_LABELS):
+    for path in (AG_NEWS_TEST, COMPETITION, DEV_LABELS):
         if not path.is_file():
             raise SystemExit(f"{path} is missing: these benchmarks need ../shared/data beside the project")
     recipe = load_config(ROOT / config_path)
@@ -152,7 +148,7 @@ def run_recipe(config_path: str, seed: int, overrides: Sequence[str] = (), *, fr
         scores = score_run(run_dir, whole_file=whole_file)
         scores |= {"score_s": time.perf_counter() - started, "train_wall_s": train_s}
         if full_test:
-            test = evaluate_run(run_dir, str(TEST))
+            test = evaluate_run(run_dir, str(AG_NEWS_TEST))
             scores["test_accuracy"], scores["test_macro_f1"] = test["accuracy"], test["macro_f1"]
         scores_file.write_text(json.dumps(scores, indent=1))
     metrics = runfolder.read_metrics(run_dir)

@@ -44,6 +44,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from shared_data import AG_NEWS_TEST, AG_NEWS_TRAIN, COMPETITION, ROOT, TOKENIZER
 from table import markdown_table
 from transformers import TrainerCallback
 
@@ -54,11 +55,7 @@ from budgetlora.hardware import autocast, device, resolve_precision
 from budgetlora.modeling import build_base_model
 from budgetlora.train import train
 
-ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared" / "data"
-ROBERTA = str(SHARED / "roberta-base-tokenizer")
-COMPETITION = SHARED / "competition" / "test_unlabelled.pkl"
-MODELS = {"roberta-base": ["model.random_init=true", f"model.name={ROBERTA}"], "minilm": []}
+MODELS = {"roberta-base": ["model.random_init=true", f"model.name={TOKENIZER}"], "minilm": []}
 PIPELINES = {
     ("roberta-base", "reference"): ("configs/reference.yaml", ["lora.target_modules=[query,value]"]),
     ("roberta-base", "budgetlora"): ("configs/roberta-base-agnews.yaml", []),
@@ -121,7 +118,7 @@ def pipeline_config(model_name: str, pipeline: str, workdir: Path, settings: lis
     script ran)."""
     config_path, overrides = PIPELINES[(model_name, pipeline)]
     return load_config(ROOT / config_path, [*overrides, *MODELS[model_name], f"runs_dir={workdir}",
-                                            f"data.train={SHARED / 'ag_news' / 'train_subset.csv'}",
+                                            f"data.train={AG_NEWS_TRAIN}",
                                             "train.logging_steps=1000",
                                             *(settings if pipeline == "budgetlora" else []), *extra])
 
@@ -159,7 +156,7 @@ def measure(model_name: str, pipeline: str, steps: int, warmup: int, predict_row
     samples = sum(b for b, _ in shapes)
     train_flops = 3 * forward_flops(shapes, result.model.get_base_model())
 
-    texts = load_table(str(SHARED / "ag_news" / "test.csv"), config.data, labelled=True)["text"][:][:predict_rows]
+    texts = load_table(str(AG_NEWS_TEST), config.data, labelled=True)["text"][:][:predict_rows]
     # The reference predicts unmerged; budgetlora's figures are for its default precision (int8 below, opt-in).
     run = runfolder.load(result.run_dir, merge=pipeline != "reference", precision=precision)
     tokenizer = run.tokenizer

@@ -32,16 +32,13 @@ from pathlib import Path
 
 import psutil
 import torch
+from shared_data import AG_NEWS_TRAIN, ROOT, TOKENIZER
 from table import markdown_table
 from transformers import AutoTokenizer, RobertaConfig, RobertaForSequenceClassification
 
 from budgetlora.config import RunConfig, from_dict
 from budgetlora.train import train
 
-ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared" / "data"
-TOKENIZER = SHARED / "roberta-base-tokenizer"
-AG_NEWS = SHARED / "ag_news" / "train_subset.csv"
 TORCHRUN = shutil.which("torchrun", path=str(Path(sys.executable).parent))
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
 
@@ -67,7 +64,7 @@ def tiny_run(folder: Path) -> Path:
 
 
 def short_texts() -> list[str]:
-    with AG_NEWS.open(newline="", encoding="utf-8") as handle:
+    with AG_NEWS_TRAIN.open(newline="", encoding="utf-8") as handle:
         return [" ".join(row["text"].split()[:12]) for row in csv.DictReader(handle)]
 
 
