@@ -51,7 +51,12 @@ def select_device(choice: str) -> None:
 
 
 def device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """This process's device. Under torchrun each process owns the GPU of its LOCAL_RANK (where Trainer puts its
+    model); plain "cuda" would be GPU 0 for every process until Trainer sets the current device, so work done before
+    that (train.head_init's probe) would crowd onto GPU 0. The modulo: a launcher that shows each process one GPU."""
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
 
 
 def pad_multiple(on: torch.device) -> int | None:
