@@ -289,3 +289,22 @@ def test_noise_settings_in_a_config_are_checked_by_key() -> None:
     with pytest.raises(ConfigError, match=r"^augment\.noise\.word_dropout must be a probability in \[0, 1\], got 2"):
         load_config(None, ["augment.noise.word_dropout=2"])
     assert load_config(None, ["augment.copies=1", "augment.noise.number_swap=1"]).augment.noise.number_swap == 1.0
+
+
+def test_a_student_with_no_pseudo_label_trains_on_the_labelled_rows_alone(
+        tmp_path: Path, tiny_roberta_dir: Path, make_config: Callable[..., RunConfig], news_rows: Rows,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A threshold no prediction reaches (a barely trained model is never 99.99% sure): the round says so by the key,
+    and the student trains on the teacher's rows; nothing fails."""
+    data = write_news_csv(tmp_path / "news.csv", news_rows[::2])
+    unlabelled = write_csv(tmp_path / "unlabelled.csv", ["text"], [[t] for t, _ in news_rows[1::2]])
+    config = make_config(tiny_roberta_dir, {
+        "name": "st-none", "data": {"train": str(data), "unlabelled": str(unlabelled)},
+        "self_training": {"rounds": 1, "threshold": 0.9999, "balance": False}, "train": {"max_steps": 2}})
+    with caplog.at_level("WARNING", logger="budgetlora.selftrain"):
+        run_training(config)
+    rounds = json.loads((config.run_dir / "metrics.json").read_text())["self_training"]
+    assert rounds[0]["pseudo_labels_for_next_round"]["selected"] == 0
+    assert rounds[1]["train_rows"] == rounds[0]["train_rows"]
+    assert (config.run_dir / "rounds" / "pseudo-1.jsonl").read_text() == ""
+    assert "round 1: no pseudo-label passed self_training.threshold=0.9999" in caplog.text
