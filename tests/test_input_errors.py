@@ -184,3 +184,26 @@ def test_ctrl_c_during_start_up_is_one_line(tmp_path: Path, tiny_roberta_dir: Pa
     err = process.communicate(timeout=120)[1]
     assert process.returncode == 130 and "Traceback" not in err, err
     assert err.strip().splitlines()[-1] == "budgetlora: interrupted"
+
+
+def test_ctrl_c_during_predict_is_one_line_and_keeps_the_old_output(tmp_path: Path, trained_tiny_run: TrainedRun,
+                                                                     news_rows: Rows) -> None:
+    """SIGINT once the model is loaded, while 40,000 texts are tokenized and predicted: exit 130, one line, and the
+    file already at --output (an earlier submission) as it was, with nothing half-written beside it."""
+    source = tmp_path / "big.csv"
+    pd.DataFrame({"text": [text for text, _ in news_rows] * 200}).to_csv(source, index=False)
+    output = tmp_path / "out" / "submission.csv"
+    output.parent.mkdir()
+    output.write_text("ID,Label\n0,1\n")
+    process = subprocess.Popen([sys.executable, "-m", "budgetlora.cli", "predict", "--run",
+                                str(trained_tiny_run.run_dir), "--input", str(source), "--output", str(output)],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, "OMP_NUM_THREADS": "1"}, preexec_fn=ctrl_c_as_in_a_terminal)
+    for line in process.stderr:  # logged when the weights are loaded, just before the texts are predicted
+        if "prediction precision" in line:
+            process.send_signal(signal.SIGINT)
+            break
+    err = process.communicate(timeout=120)[1]
+    assert process.returncode == 130 and "Traceback" not in err, err
+    assert err.strip().splitlines()[-1] == "budgetlora: interrupted"
+    assert output.read_text() == "ID,Label\n0,1\n" and [path.name for path in output.parent.iterdir()] == [output.name]
