@@ -245,8 +245,8 @@ def build_parser() -> argparse.ArgumentParser:
     shift_help = ("adjust predictions to the input's class priors: em estimates them (Saerens et al. 2002, after "
                   "calibration on the validation rows); uniform imposes equal priors, for an input balanced by "
                   "construction (it also undoes a model's bias towards some class on unfamiliar texts); uniform-ood "
-                  "imposes them only on the texts a domain classifier finds unlike the run's training texts (it reads "
-                  "them again from the run's data.train), leaving the others as predicted")
+                  "imposes them only on the texts a domain classifier finds unlike the run's training texts (a sample "
+                  "of them kept in the run folder), leaving the others as predicted")
 
     params = commands.add_parser("params", parents=[common],
                                  help="count trainable parameters per group against the budget")
