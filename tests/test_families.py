@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from peft.tuners.lora import LoraLayer
 from transformers import (
     AlbertConfig,
     BertConfig,
@@ -33,7 +34,7 @@ from budgetlora.budget import count_parameters
 from budgetlora.config import ConfigError, RunConfig
 from budgetlora.export import export_run
 from budgetlora.heads import HEADS, head_dense_name
-from budgetlora.modeling import build_base_model, build_peft_model, load_tokenizer, predict_logits
+from budgetlora.modeling import build_base_model, build_peft_model, initialize_eva, load_tokenizer, predict_logits
 from budgetlora.runfolder import load
 from budgetlora.targets import PRESETS
 from budgetlora.train import train
@@ -186,9 +187,10 @@ def test_compact_head_logits_do_not_depend_on_the_batch(
 TRAINED = {"bert": "standard", "roberta": "lora_dense", "xlm-roberta": "mean", "distilbert": "first_token",
            "albert": "lora_dense", "electra": "standard", "deberta-v2": "mean", "modernbert": "lora_dense",
            "mpnet": "first_token"}
-# DoRA's magnitudes and PiSSA's residual base weights must survive the reload (merged) and the export
+# DoRA's magnitudes, PiSSA's residual base weights and EVA's start must survive the reload (merged) and the export
 VARIANTS = [("roberta", "standard", {"use_dora": True}), ("mpnet", "mean", {"use_dora": True}),
-            ("bert", "standard", {"init": "pissa"}), ("deberta-v2", "first_token", {"init": "pissa"})]
+            ("bert", "standard", {"init": "pissa"}), ("deberta-v2", "first_token", {"init": "pissa"}),
+            ("electra", "mean", {"init": "eva"})]
 
 
 @pytest.mark.parametrize(("family", "head", "lora"), [(family, head, {}) for family, head in TRAINED.items()]
@@ -209,3 +211,25 @@ def test_train_then_reload_gives_the_same_predictions(
     np.testing.assert_allclose(logits, in_memory, atol=1e-4, rtol=0)
     if head in ("standard", "lora_dense"):  # stock transformers classes: a plain folder (export checks its logits)
         assert (export_run(config.run_dir, tmp_path / "export") / "model.safetensors").is_file()
+
+
+def test_eva_starts_each_adapter_from_the_singular_vectors_of_its_inputs(
+        family_dirs: dict[str, Path], make_config: Callable[..., RunConfig], news_rows: list[tuple[str, int]]) -> None:
+    """lora.init eva: every A has orthonormal rows (right-singular vectors of the layer's inputs, where peft's default
+    A is random), B stays zero (the model computes what the pretrained one does), and the count does not move."""
+    config = make_config(family_dirs["roberta"], {"model": {"head": "lora_dense"},
+                                                  "lora": {"target_modules": "all-linear", "init": "eva"}})
+    model, _ = build_peft_model(config, LABELS)
+    tokenizer = load_tokenizer(config.model)
+    texts = mixed_texts(news_rows)
+    before = predict_logits(model, tokenizer, texts, max_length=64, batch_size=8, precision="fp32")
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    initialize_eva(model, tokenizer, [text for text, _ in news_rows], max_length=64, batch_size=16, seed=0)
+    after = predict_logits(model, tokenizer, texts, max_length=64, batch_size=8, precision="fp32")
+    np.testing.assert_allclose(after, before, atol=1e-5, rtol=0)
+    adapters = [module for module in model.modules() if isinstance(module, LoraLayer)]
+    assert len(adapters) > 10 and sum(p.numel() for p in model.parameters() if p.requires_grad) == trainable
+    for module in adapters:
+        a = module.lora_A["default"].weight.detach().double()
+        np.testing.assert_allclose(a @ a.T, torch.eye(len(a), dtype=torch.float64), atol=1e-4)
+        assert not module.lora_B["default"].weight.any()

@@ -123,7 +123,11 @@ class LoraSettings:
     # the frozen weight keeps the rest). PiSSA's full SVD runs again whenever a run is loaded (10-30 s for
     # roberta-base's 72 layers on a CPU); the result is the same, whatever the singular vectors' signs, up to float
     # rounding where a weight's r-th and (r+1)-th singular values differ (pretrained weights: in practice always).
-    init: Literal["default", "pissa"] = "default"
+    # "eva" (peft's Explained Variance Adaptation, Paischer et al. 2024): A starts as the top-r right-singular vectors
+    # of each adapted layer's inputs over up to 1,024 training texts, B at zero (training starts from the pretrained
+    # model); every layer keeps its r (EVA's rho=1), so the count is unchanged. Computed once before training
+    # (modeling.initialize_eva); loading a run needs nothing more.
+    init: Literal["default", "pissa", "eva"] = "default"
 
     def __post_init__(self) -> None:
         require(self.r > 0, "lora.r", f"must be > 0, got {self.r}")

@@ -41,7 +41,7 @@ from .features import choose_max_length, tokenize_table
 from .hardware import device, loader_workers, pad_multiple, resolve_precision
 from .head_init import fit_linear_probe
 from .metrics import CHECKPOINT_SCORE, checkpoint_score, classification_metrics
-from .modeling import build_peft_model, load_tokenizer
+from .modeling import build_peft_model, initialize_eva, load_tokenizer
 from .trainer import BudgetTrainer, FollowMovedRun, StopOnInterrupt, TrainingInterrupted
 
 log = logging.getLogger(__name__)
@@ -237,6 +237,9 @@ def _train(config: RunConfig, params: ParamReport, *, resume: bool, callbacks: S
 
     model, _ = build_peft_model(config, config.data.label_names)
     checkpoint = runfolder.latest_checkpoint(config.run_dir) if resume else None
+    if config.lora.init == "eva" and checkpoint is None:  # a checkpoint holds the adapters already
+        initialize_eva(model, tokenizer, train_rows["text"][:], max_length=config.model.max_length,
+                       batch_size=config.train.eval_batch_size, seed=config.train.seed)
     if config.train.head_init == "linear_probe" and checkpoint is None:  # a checkpoint holds the head already
         fit_linear_probe(model, tokenizer, train_rows["text"][:], train_rows["label"][:],
                          num_labels=len(config.data.label_names), max_length=config.model.max_length,
