@@ -118,7 +118,7 @@ class LoraSettings:
     # DoRA (peft's use_dora): each adapted layer also learns the norm of every output row of its weight: one more
     # trainable parameter per output feature, counted against the budget ("lora_magnitude").
     use_dora: bool = False
-    # How the adapters start: "default" (peft's: A random, B zero, so training starts from the pretrained model) or
+    # How the adapters start. "default" (peft's: A random, B zero, so training starts from the pretrained model).
     # "pissa" (peft's init_lora_weights="pissa": A and B start from each adapted weight's top-r singular vectors, and
     # the frozen weight keeps the rest). PiSSA's full SVD runs again whenever a run is loaded (10-30 s for
     # roberta-base's 72 layers on a CPU); the result is the same, whatever the singular vectors' signs, up to float
