@@ -4,11 +4,12 @@ the labelled texts they score prediction on."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from budgetlora import runfolder
-from budgetlora.data import join_labels, load_table
+if TYPE_CHECKING:  # budgetlora imports torch: scripts that import it late (load_test.py) keep doing so
+    from budgetlora import runfolder
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
@@ -22,6 +23,8 @@ DEV_LABELS = SHARED / "competition" / "dev_ood_labels.csv"  # labels of 484 gene
 def eval_texts(run: runfolder.Run, test_rows: int | None) -> tuple[list[str], np.ndarray, list[str], np.ndarray]:
     """The official test split's texts and labels (the first test_rows of them) and the 484 labelled generated texts
     of the competition file with theirs."""
+    from budgetlora.data import join_labels, load_table
+
     data = run.config.data
     test = load_table(str(AG_NEWS_TEST), data, labelled=True)
     competition = load_table(str(COMPETITION), data, labelled=False)

@@ -131,7 +131,6 @@ CASES = {
     "bias-all": Case({"target_modules": ["query", "value"], "bias": "all"}, ends_with("query", "value")),
     "embeddings": Case({"target_modules": ["word_embeddings", "query"]}, ends_with("word_embeddings", "query")),
     "pissa": Case({"target_modules": ["query", "value"], "init": "pissa"}, ends_with("query", "value")),
-    "eva": Case({"target_modules": ["query", "value"], "init": "eva"}, ends_with("query", "value")),
     "dora": Case({"target_modules": ["query", "intermediate.dense"], "use_dora": True},
                  ends_with("query", "intermediate.dense")),
 }

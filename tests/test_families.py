@@ -32,9 +32,10 @@ from transformers import (
 
 from budgetlora.budget import count_parameters
 from budgetlora.config import ConfigError, RunConfig
+from budgetlora.eva import initialize_eva
 from budgetlora.export import export_run
 from budgetlora.heads import HEADS, head_dense_name
-from budgetlora.modeling import build_base_model, build_peft_model, initialize_eva, load_tokenizer, predict_logits
+from budgetlora.modeling import build_base_model, build_peft_model, load_tokenizer, predict_logits
 from budgetlora.runfolder import load
 from budgetlora.targets import PRESETS
 from budgetlora.train import train
@@ -213,12 +214,15 @@ def test_train_then_reload_gives_the_same_predictions(
         assert (export_run(config.run_dir, tmp_path / "export") / "model.safetensors").is_file()
 
 
+@pytest.mark.parametrize(("family", "head"), [("roberta", "lora_dense"), ("deberta-v2", "first_token")])
 def test_eva_starts_each_adapter_from_the_singular_vectors_of_its_inputs(
-        family_dirs: dict[str, Path], make_config: Callable[..., RunConfig], news_rows: list[tuple[str, int]]) -> None:
+        family_dirs: dict[str, Path], make_config: Callable[..., RunConfig], news_rows: list[tuple[str, int]],
+        family: str, head: str) -> None:
     """lora.init eva: every A has orthonormal rows (right-singular vectors of the layer's inputs, where peft's default
-    A is random), B stays zero (the model computes what the pretrained one does), and the count does not move."""
-    config = make_config(family_dirs["roberta"], {"model": {"head": "lora_dense"},
-                                                  "lora": {"target_modules": "all-linear", "init": "eva"}})
+    A is random), B stays zero (the model computes what the pretrained one does), and the count does not move. The
+    head's dense layer reads one pooled vector per text; DeBERTa's projections also read its position embeddings."""
+    config = make_config(family_dirs[family], {"model": {"head": head},
+                                               "lora": {"target_modules": "all-linear", "init": "eva"}})
     model, _ = build_peft_model(config, LABELS)
     tokenizer = load_tokenizer(config.model)
     texts = mixed_texts(news_rows)
@@ -233,3 +237,19 @@ def test_eva_starts_each_adapter_from_the_singular_vectors_of_its_inputs(
         a = module.lora_A["default"].weight.detach().double()
         np.testing.assert_allclose(a @ a.T, torch.eye(len(a), dtype=torch.float64), atol=1e-4)
         assert not module.lora_B["default"].weight.any()
+
+
+def test_eva_that_cannot_settle_stops_with_the_key_named(family_dirs: dict[str, Path],
+                                                         make_config: Callable[..., RunConfig],
+                                                         news_rows: list[tuple[str, int]]) -> None:
+    """The head's dense layer (r=8) sees 4 rows a batch of 4 texts: never enough for its SVD; peft would cycle for
+    ever. And rank_pattern, between whose layers EVA would move rank, is refused when the config loads."""
+    config = make_config(family_dirs["roberta"], {"model": {"head": "lora_dense"},
+                                                  "lora": {"target_modules": ["query"], "init": "eva"}})
+    model, _ = build_peft_model(config, LABELS)
+    with pytest.raises(ConfigError, match=r"^lora\.init: 'eva': some layers' singular vectors did not settle in 4 "
+                                          r"passes over 200 training texts \(batches of 4"):
+        initialize_eva(model, load_tokenizer(config.model), [text for text, _ in news_rows], max_length=64,
+                       batch_size=4, seed=0)
+    with pytest.raises(ConfigError, match=r"^lora\.init: 'eva' cannot be combined with lora\.rank_pattern"):
+        make_config(family_dirs["roberta"], {"lora": {"init": "eva", "rank_pattern": {"value": 2}}})

@@ -185,7 +185,7 @@ def test_a_run_without_the_kept_sample_reads_its_training_file_again(tiny_run: P
     again, _ = shift_to_input_priors(tiny_run, texts, logits, "uniform-ood")
     np.testing.assert_array_equal(kept, again)
     Path(read_config(tiny_run).data.train).unlink()
-    with pytest.raises(DataError, match=f"no {TRAINING_TEXTS_FILE} .*no such file.*retrain"):
+    with pytest.raises(DataError, match=f"no {TRAINING_TEXTS_FILE} .*no such file.*Make it readable again, or retrain"):
         shift_to_input_priors(tiny_run, texts, logits, "uniform-ood")
 
 
@@ -197,12 +197,19 @@ def test_a_run_without_the_kept_sample_reads_its_training_file_again(tiny_run: P
     (gzip.compress(json.dumps(["x" * 2_001]).encode()), "not a list of at most 20,000 texts of at most 2,000"),
     (gzip.compress(b" " * 4_000 + b"[]"), "unpacks to more than 0 MiB"),  # a bomb, with the limit at 4,000 bytes
 ])
-def test_a_kept_sample_that_budgetlora_did_not_write_is_refused(tiny_run: Path, news_rows: Rows, content: bytes,
-                                                                 error: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_kept_sample_that_budgetlora_did_not_write_is_refused(tmp_path: Path, content: bytes, error: str,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(runfolder, "MAX_TRAINING_TEXTS_BYTES", 4_000)
-    (tiny_run / TRAINING_TEXTS_FILE).write_bytes(content)
-    texts, logits = _garbled_and_familiar(news_rows)
+    (tmp_path / TRAINING_TEXTS_FILE).write_bytes(content)
     with pytest.raises(RunFolderError, match=f"{TRAINING_TEXTS_FILE}.*{error}"):
+        read_training_texts(tmp_path)
+
+
+def test_prediction_stops_on_a_kept_sample_it_cannot_read(tiny_run: Path, news_rows: Rows) -> None:
+    """The check is on prediction's path: one line naming the file, before the classifier reads anything."""
+    (tiny_run / TRAINING_TEXTS_FILE).write_bytes(gzip.compress(b"[" * 100_000))  # nested past Python's recursion
+    texts, logits = _garbled_and_familiar(news_rows)
+    with pytest.raises(RunFolderError, match=f"{TRAINING_TEXTS_FILE} is corrupt"):
         shift_to_input_priors(tiny_run, texts, logits, "uniform-ood")
 
 

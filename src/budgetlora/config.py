@@ -126,7 +126,7 @@ class LoraSettings:
     # "eva" (peft's Explained Variance Adaptation, Paischer et al. 2024): A starts as the top-r right-singular vectors
     # of each adapted layer's inputs over up to 1,024 training texts, B at zero (training starts from the pretrained
     # model); every layer keeps its r (EVA's rho=1), so the count is unchanged. Computed once before training
-    # (modeling.initialize_eva); loading a run needs nothing more.
+    # (eva.py); loading a run needs nothing more.
     init: Literal["default", "pissa", "eva"] = "default"
 
     def __post_init__(self) -> None:
@@ -136,6 +136,11 @@ class LoraSettings:
         require(bool(self.target_modules), "lora.target_modules", "must not be empty")
         for key, rank in self.rank_pattern.items():
             require(rank > 0, f"lora.rank_pattern.{key}", f"must be > 0, got {rank}")
+        # EVA gives layers that read the same input (query, key, value) one SVD and their largest rank, moving rank
+        # between them: the per-layer shapes the run folder records would no longer hold.
+        require(self.init != "eva" or not self.rank_pattern, "lora.init",
+                "'eva' cannot be combined with lora.rank_pattern (EVA would move rank between layers that share an "
+                "input); use one lora.r, or init 'default'")
 
 
 @dataclass

@@ -54,10 +54,10 @@ def training_texts(run_dir: Path) -> list[str]:
     config = runfolder.read_config(run_dir)
     try:
         table = load_table(config.data.train, config.data, labelled=True)
-    except DataError as error:
+    except (DataError, OSError) as error:
         raise DataError(f"{run_dir} has no {runfolder.TRAINING_TEXTS_FILE} (trained before budgetlora kept it), so "
-                        f"--label-shift uniform-ood reads its training file again, and that failed: {error}. Put the "
-                        f"file back, or retrain the run") from None
+                        f"--label-shift uniform-ood reads its training data again ({config.data.train}), and that "
+                        f"failed: {error}. Make it readable again, or retrain the run") from None
     train_rows, _ = split_train_validation(table, config.data)
     return train_rows["text"][:]
 

@@ -49,8 +49,6 @@ from .targets import TargetMatch, resolve_targets
 log = logging.getLogger(__name__)
 # Layer types peft's LoRA can wrap; only these are offered to target patterns.
 TARGETABLE_TYPES = (torch.nn.Linear, torch.nn.Embedding, torch.nn.Conv1d, Conv1D)
-# Training texts EVA reads (lora.init: eva): forward passes only, about 1% of the default job's epoch.
-EVA_TEXTS = 1024
 
 
 class ModelLoadError(OSError):
@@ -189,36 +187,6 @@ def lora_config(config: RunConfig, target_modules: list[str] | str, head_modules
         # Token states, not language-model labels, choose EVA's rows: a classification label is one per text.
         eva_config=EvaConfig(rho=1.0, use_label_mask=False) if lora.init == "eva" and not meta else None,
     )
-
-
-def _eva_layer_inputs(layer_input: Any, token_rows: torch.Tensor, layer_name: str) -> torch.Tensor:
-    """The rows EVA's SVD reads from one layer's input: an encoder layer's non-padding tokens (`token_rows`: their
-    (text, position) indices, peft's default), or the pooled vector of each text for a head's dense layer."""
-    states = layer_input[0] if isinstance(layer_input, (tuple, list)) else layer_input
-    return states[token_rows.T.unbind()] if states.dim() == 3 else states.contiguous()
-
-
-def initialize_eva(model: PeftModel, tokenizer: PreTrainedTokenizerBase, texts: list[str], *, max_length: int,
-                   batch_size: int, seed: int) -> None:
-    """lora.init "eva": peft's EVA over up to EVA_TEXTS of `texts` (a random sample, its batches in random order:
-    EVA stops a layer once its singular vectors settle, so the first batches must not all be the longest texts)."""
-    from peft.tuners.lora.eva import initialize_lora_eva_weights
-
-    rows = np.random.default_rng(seed).permutation(len(texts))[:EVA_TEXTS]
-    batches = [dict(batch) for _, batch in length_sorted_batches(tokenizer, [texts[i] for i in rows],
-                                                                 max_length=max_length, batch_size=batch_size)]
-    batches = [batches[i] for i in np.random.default_rng(seed).permutation(len(batches))]
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    model.to(device())
-    try:
-        initialize_lora_eva_weights(model, dataloader=batches, prepare_layer_inputs_fn=_eva_layer_inputs,
-                                    show_progress_bar=False)
-    except ValueError as error:  # peft's own checks (a layer whose singular vectors never settled)
-        raise ConfigError(f"lora.init: 'eva' failed on these training texts ({error}); use 'default'") from None
-    if sum(p.numel() for p in model.parameters() if p.requires_grad) != trainable:  # rho=1 moves no rank
-        raise RuntimeError("EVA changed the number of trainable parameters")
-    log.info("lora.init eva: each adapted layer's A set from the singular vectors of its inputs over %d training "
-             "texts", len(rows))
 
 
 def build_peft_model(config: RunConfig, label_names: list[str], *,

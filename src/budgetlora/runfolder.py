@@ -34,7 +34,6 @@ from transformers import PreTrainedTokenizerBase
 
 from .budget import ParamReport
 from .config import RunConfig, dump_config, load_config, with_overrides
-from .domain import MAX_TEXT_CHARS, MAX_TRAINING_TEXTS, training_sample
 from .files import atomic_write_bytes, atomic_write_text, lock_folder, umask_mode, write_json
 from .hardware import device, resolve_predict_precision
 from .manifest import build_manifest, file_sha256
@@ -75,11 +74,13 @@ def lock(run_dir: Path) -> AbstractContextManager[None]:
 def write_header(config: RunConfig, params: ParamReport, data_rows: dict[str, int], training_texts: list[str]) -> None:
     """What the run is, written before training: config, label names, parameter counts, manifest, and the sample of
     its training texts (domain.training_sample) that prediction's domain split reads."""
+    from .domain import training_sample  # scikit-learn's import: only where training or the domain split needs it
+
     run_dir = config.run_dir
     atomic_write_text(run_dir / CONFIG_FILE, dump_config(config))
     # mtime=0: the same texts give the same bytes.
     atomic_write_bytes(run_dir / TRAINING_TEXTS_FILE, gzip.compress(
-        json.dumps(training_sample(training_texts), ensure_ascii=False).encode(), mtime=0))
+        json.dumps(training_sample(training_texts), ensure_ascii=False).encode(), compresslevel=6, mtime=0))
     write_json(run_dir / MANIFEST_FILE, build_manifest(config, data_rows))
     write_json(run_dir / LABELS_FILE, {"label_names": config.data.label_names})
     write_json(run_dir / PARAMS_FILE, {"groups": params.groups, "trainable": params.trainable,
@@ -123,6 +124,8 @@ def read_metrics(run_dir: Path) -> dict[str, Any]:
 def read_training_texts(run_dir: Path) -> list[str] | None:
     """The run's sample of training texts, checked (the folder may come from elsewhere); None for runs from before
     budgetlora kept it."""
+    from .domain import MAX_TEXT_CHARS, MAX_TRAINING_TEXTS
+
     path = Path(run_dir) / TRAINING_TEXTS_FILE
     if not path.is_file():
         return None
@@ -133,7 +136,7 @@ def read_training_texts(run_dir: Path) -> list[str] | None:
             raise RunFolderError(f"{path} unpacks to more than {MAX_TRAINING_TEXTS_BYTES >> 20} MiB: not a file "
                                  f"budgetlora wrote")
         texts = json.loads(data)
-    except (OSError, EOFError, zlib.error, UnicodeDecodeError, json.JSONDecodeError) as error:
+    except (OSError, EOFError, zlib.error, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:
         raise RunFolderError(f"{path} is corrupt ({error})") from None
     if not (isinstance(texts, list) and len(texts) <= MAX_TRAINING_TEXTS
             and all(isinstance(text, str) and len(text) <= MAX_TEXT_CHARS for text in texts)):

@@ -37,11 +37,12 @@ from .augment import augment_texts
 from .budget import ParamReport, check_budget
 from .config import RunConfig, TrainSettings, flat_settings, with_overrides
 from .data import load_table, split_train_validation
+from .eva import initialize_eva
 from .features import choose_max_length, tokenize_table
 from .hardware import device, loader_workers, pad_multiple, resolve_precision
 from .head_init import fit_linear_probe
 from .metrics import CHECKPOINT_SCORE, checkpoint_score, classification_metrics
-from .modeling import build_peft_model, initialize_eva, load_tokenizer
+from .modeling import build_peft_model, load_tokenizer
 from .trainer import BudgetTrainer, FollowMovedRun, StopOnInterrupt, TrainingInterrupted
 
 log = logging.getLogger(__name__)
