@@ -189,6 +189,19 @@ def test_a_run_without_the_kept_sample_reads_its_training_file_again(tiny_run: P
         shift_to_input_priors(tiny_run, texts, logits, "uniform-ood")
 
 
+def test_a_run_can_keep_no_sample_of_its_training_texts(tmp_path: Path, tiny_roberta_dir: Path,
+                                                        make_config: Callable[..., RunConfig],
+                                                        news_rows: Rows) -> None:
+    """data.keep_training_texts: false (data that must not travel with a shared run folder): no sample is written,
+    and uniform-ood reads the training file, as for runs from before the sample."""
+    data = write_news_csv(tmp_path / "news.csv", news_rows)
+    run = train(make_config(tiny_roberta_dir, {"data": {"train": str(data), "keep_training_texts": False},
+                                               "train": {"max_steps": 2}})).run_dir
+    assert not (run / TRAINING_TEXTS_FILE).exists()
+    texts, logits = _garbled_and_familiar(news_rows)
+    assert shift_to_input_priors(run, texts, logits, "uniform-ood")[1]["unlike_training_rows"] > 0
+
+
 @pytest.mark.parametrize(("content", "error"), [
     (b"not gzip at all", "is corrupt"),
     (gzip.compress(b'["a", "b"')[:-9], "is corrupt"),  # cut off

@@ -83,6 +83,10 @@ class DataConfig:
     # Unlabelled texts from the distribution the model will be scored on (any supported source, e.g. a competition's
     # test_unlabelled.pkl): used by self_training and by model.max_length: auto. Never their labels.
     unlabelled: str | None = None
+    # Keep a sample of the training texts (up to 20,000, each cut to 2,000 characters) in the run folder, for
+    # `--label-shift uniform-ood` wherever the run is used. false: for data that must not travel with a run folder
+    # that is shared; uniform-ood then reads data.train again.
+    keep_training_texts: bool = True
 
     def __post_init__(self) -> None:
         require(bool(self.text_columns), "data.text_columns", "must name at least one column")

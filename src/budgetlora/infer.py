@@ -46,8 +46,8 @@ def train_priors(run_dir: Path, label_count: int) -> np.ndarray:
 
 
 def training_texts(run_dir: Path) -> list[str]:
-    """The run's sample of its training texts (runfolder.read_training_texts); for a run from before it was kept, its
-    labelled training split, read again from its data.train."""
+    """The run's sample of its training texts (runfolder.read_training_texts); for a run without one (older, or
+    data.keep_training_texts off), its labelled training split, read again from its data.train."""
     kept = runfolder.read_training_texts(run_dir)
     if kept is not None:
         return kept
@@ -55,7 +55,8 @@ def training_texts(run_dir: Path) -> list[str]:
     try:
         table = load_table(config.data.train, config.data, labelled=True)
     except (DataError, OSError) as error:
-        raise DataError(f"{run_dir} has no {runfolder.TRAINING_TEXTS_FILE} (trained before budgetlora kept it), so "
+        raise DataError(f"{run_dir} has no {runfolder.TRAINING_TEXTS_FILE} (data.keep_training_texts was off, or "
+                        f"the run is older than it), so "
                         f"--label-shift uniform-ood reads its training data again ({config.data.train}), and that "
                         f"failed: {error}. Make it readable again, or retrain the run") from None
     train_rows, _ = split_train_validation(table, config.data)

@@ -3,8 +3,8 @@
 Layout (training writes it; evaluate, predict, export, serve, report and self-training read it through here):
 - config.yaml: the resolved config, label names included; labels.json: the label names, for readers without
   budgetlora (checked against config.yaml when a run is loaded); params.json; manifest.json; training_texts.json.gz,
-  the sample of training texts `--label-shift uniform-ood` compares an input with (domain.training_sample). Written
-  first.
+  the sample of training texts `--label-shift uniform-ood` compares an input with (domain.training_sample; not with
+  data.keep_training_texts: false). Written first.
 - adapter/: LoRA weights and the trained head (adapter_model.safetensors, adapter_config.json) and SHA256SUMS, the
   SHA-256 of both; metrics.json, log_history.json, validation_logits.json. Written when training ends.
 - checkpoints/checkpoint-<step>/ (Trainer's), tensorboard/, evaluations/ (evaluate), report/ (report).
@@ -78,9 +78,11 @@ def write_header(config: RunConfig, params: ParamReport, data_rows: dict[str, in
 
     run_dir = config.run_dir
     atomic_write_text(run_dir / CONFIG_FILE, dump_config(config))
-    # mtime=0: the same texts give the same bytes.
-    atomic_write_bytes(run_dir / TRAINING_TEXTS_FILE, gzip.compress(
-        json.dumps(training_sample(training_texts), ensure_ascii=False).encode(), compresslevel=6, mtime=0))
+    if config.data.keep_training_texts:  # mtime=0: the same texts give the same bytes
+        atomic_write_bytes(run_dir / TRAINING_TEXTS_FILE, gzip.compress(
+            json.dumps(training_sample(training_texts), ensure_ascii=False).encode(), compresslevel=6, mtime=0))
+    else:  # a resume that turned it off
+        (run_dir / TRAINING_TEXTS_FILE).unlink(missing_ok=True)
     write_json(run_dir / MANIFEST_FILE, build_manifest(config, data_rows))
     write_json(run_dir / LABELS_FILE, {"label_names": config.data.label_names})
     write_json(run_dir / PARAMS_FILE, {"groups": params.groups, "trainable": params.trainable,

@@ -109,7 +109,8 @@ def training_arguments(config: RunConfig, train_rows: int, on: torch.device) -> 
 
 # Settings that only locate the run, or say how it is run and logged rather than what it learns: a resume (of a run
 # folder that was moved or renamed, say) may differ in them, and in the sweep.* keys (how a sweep searches).
-RESUME_FREE_KEYS = frozenset({"name", "runs_dir", "train.logging_steps", "train.dataloader_workers"})
+RESUME_FREE_KEYS = frozenset({"name", "runs_dir", "train.logging_steps", "train.dataloader_workers",
+                              "data.keep_training_texts"})
 # How long to train: a resume may change them on purpose, to train a run longer.
 LENGTH_KEYS = ("train.epochs", "train.max_steps")
 
