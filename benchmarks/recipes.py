@@ -50,6 +50,7 @@ RECIPES = {
         "configs/recipes/mpnet-first-token-cosine.yaml",  # the cosine schedule
         "configs/recipes/mpnet-first-token-lp-ft.yaml",  # the head started as a linear probe (LP-FT)
         "configs/recipes/mpnet-mean-lp-ft.yaml",  # the same on the mean head
+        "configs/recipes/mpnet-first-token-eva.yaml",  # EVA's data-driven start for A
     ],
     "minilm": [
         "configs/recipes/minilm-reference.yaml",
