@@ -51,6 +51,7 @@ RECIPES = {
         "configs/recipes/mpnet-first-token-lp-ft.yaml",  # the head started as a linear probe (LP-FT)
         "configs/recipes/mpnet-mean-lp-ft.yaml",  # the same on the mean head
         "configs/recipes/mpnet-first-token-eva.yaml",  # EVA's data-driven start for A
+        "configs/recipes/mpnet-first-token-eva-lr5e-4.yaml",  # the same at half the learning rate
     ],
     "minilm": [
         "configs/recipes/minilm-reference.yaml",
