@@ -227,3 +227,12 @@ def test_device_cpu_hides_every_gpu(run_copy: Path, news_rows: list[tuple[str, i
     chosen = subprocess.run([sys.executable, "-c", "from budgetlora.hardware import device, select_device; "
                              "select_device('cpu'); print(device())"], capture_output=True, text=True, timeout=120)
     assert chosen.stdout == "cpu\n", chosen.stderr
+
+
+def test_every_command_the_parser_offers_has_a_function() -> None:
+    """The arguments live in cli_parser.py, the commands in cli.py: one list must not outgrow the other."""
+    from budgetlora.cli import COMMANDS
+    from budgetlora.cli_parser import build_parser
+
+    subparsers = next(action for action in build_parser()._actions if action.dest == "command")
+    assert set(subparsers.choices) == set(COMMANDS)
