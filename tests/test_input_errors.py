@@ -170,15 +170,15 @@ def test_predict_with_probs_writes_names_and_probabilities(tmp_path: Path, train
                                "--with-probs", "--format", "kaggle"]).startswith("--format kaggle files hold")
 
 
-def test_ctrl_c_during_start_up_is_one_line(tmp_path: Path, tiny_roberta_dir: Path, news_csv: Path) -> None:
-    """SIGINT after the parameter table, while the data is tokenized and the model loaded: no traceback, exit 130."""
-    config = write_config(tmp_path, tiny_roberta_dir, news_csv, {"train": {"epochs": 50}})
-    process = subprocess.Popen([sys.executable, "-m", "budgetlora.cli", "train", "--config", str(config)],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               env={**os.environ, "OMP_NUM_THREADS": "1"}, preexec_fn=ctrl_c_as_in_a_terminal)
-    # A line the process prints, not a fixed sleep: on a fast machine a sleep could outlast the whole start-up.
+def ctrl_c_after(argv: list[str], line_start: str) -> None:
+    """Run `budgetlora argv`, send SIGINT when stderr shows a line containing `line_start`: it must end in one line
+    and exit 130, no traceback. A line the process prints, not a fixed sleep: on a fast machine a sleep could outlast
+    the whole stage."""
+    process = subprocess.Popen([sys.executable, "-m", "budgetlora.cli", *argv], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                               preexec_fn=ctrl_c_as_in_a_terminal)
     for line in process.stderr:
-        if "trainable parameters" in line:
+        if line_start in line:
             process.send_signal(signal.SIGINT)
             break
     err = process.communicate(timeout=120)[1]
@@ -186,24 +186,21 @@ def test_ctrl_c_during_start_up_is_one_line(tmp_path: Path, tiny_roberta_dir: Pa
     assert err.strip().splitlines()[-1] == "budgetlora: interrupted"
 
 
+def test_ctrl_c_during_start_up_is_one_line(tmp_path: Path, tiny_roberta_dir: Path, news_csv: Path) -> None:
+    """SIGINT after the parameter table, while the data is tokenized and the model loaded: no traceback, exit 130."""
+    config = write_config(tmp_path, tiny_roberta_dir, news_csv, {"train": {"epochs": 50}})
+    ctrl_c_after(["train", "--config", str(config)], "trainable parameters")
+
+
 def test_ctrl_c_during_predict_is_one_line_and_keeps_the_old_output(tmp_path: Path, trained_tiny_run: TrainedRun,
                                                                      news_rows: Rows) -> None:
-    """SIGINT once the model is loaded, while 40,000 texts are tokenized and predicted: exit 130, one line, and the
-    file already at --output (an earlier submission) as it was, with nothing half-written beside it."""
+    """SIGINT once the model is loaded (its log line), while 40,000 texts are tokenized and predicted: exit 130, one
+    line, and the file already at --output (an earlier submission) as it was, with nothing half-written beside it."""
     source = tmp_path / "big.csv"
     pd.DataFrame({"text": [text for text, _ in news_rows] * 200}).to_csv(source, index=False)
     output = tmp_path / "out" / "submission.csv"
     output.parent.mkdir()
     output.write_text("ID,Label\n0,1\n")
-    process = subprocess.Popen([sys.executable, "-m", "budgetlora.cli", "predict", "--run",
-                                str(trained_tiny_run.run_dir), "--input", str(source), "--output", str(output)],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               env={**os.environ, "OMP_NUM_THREADS": "1"}, preexec_fn=ctrl_c_as_in_a_terminal)
-    for line in process.stderr:  # logged when the weights are loaded, just before the texts are predicted
-        if "prediction precision" in line:
-            process.send_signal(signal.SIGINT)
-            break
-    err = process.communicate(timeout=120)[1]
-    assert process.returncode == 130 and "Traceback" not in err, err
-    assert err.strip().splitlines()[-1] == "budgetlora: interrupted"
+    ctrl_c_after(["predict", "--run", str(trained_tiny_run.run_dir), "--input", str(source), "--output", str(output)],
+                 "prediction precision")
     assert output.read_text() == "ID,Label\n0,1\n" and [path.name for path in output.parent.iterdir()] == [output.name]
