@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # The GPU measurements of benchmarks/speed.py in one command, for a machine lent through the device tool (a few
 # minutes on an H100/H200): after `bash benchmarks/gpu_bundle.sh` here, run(command="bash benchmarks/gpu_run.sh",
-# carry=[".gpu"], timeout_s=540). Writes to $OUT (else gpu-out/): env.txt (GPU, versions), steady.txt (both pipelines,
-# budgetlora's training in steady state, one epoch of 8,000 real rows end to end for both, measured), cold.txt
-# (budgetlora's first run, every batch shape new), batch128.txt (budgetlora at batch 128: a GPU's memory; on a CPU the
-# roberta-base shape takes 19 GB at that batch), and their logs. Copy the tables into the README's "On a GPU", with
-# the GPU's name. Extra arguments go to every speed.py call; a quick local check of the script itself (budgetlora
+# carry=[".gpu"], timeout_s=540). Writes to $OUT (else gpu-out/): env.txt (GPU, versions), pre-steps.log (a few steps
+# with train.head_init's probe and lora.init's EVA, which run before Trainer places the model), steady.txt (both
+# pipelines, budgetlora's training in steady state, one epoch of 8,000 real rows end to end for both, measured),
+# cold.txt (budgetlora's first run, every batch shape new), batch128.txt (budgetlora at batch 128: a GPU's memory; on a
+# CPU the roberta-base shape takes 19 GB at that batch), and their logs. Copy the tables into the README's "On a GPU",
+# with the GPU's name. Extra arguments go to every speed.py call; a quick local check of the script itself (budgetlora
 # only, this machine's environment instead of the carried wheels):
 #   PYTHON=.venv/bin/python bash benchmarks/gpu_run.sh --pipelines budgetlora --steps 2 --warmup 1 --predict-rows 64 \
 #     --e2e-rows 100 --e2e-texts 50
@@ -36,6 +37,12 @@ speed() {  # one speed.py run: its table on stdout and in $out/$1.txt, its logs 
   local name=$1; shift
   "$python" benchmarks/speed.py --models roberta-base "$@" 2> "$out/$name.log" | tee "$out/$name.txt"
 }
+# Work before Trainer places the model (train.head_init's probe, lora.init's EVA) on this GPU, never on a CPU by
+# mistake: a few steps of the random roberta-base shape with both, then a prediction (its log in $out/pre-steps.log).
+"$python" -m budgetlora.cli train --config configs/roberta-base-agnews.yaml model.random_init=true \
+  model.name=../shared/data/roberta-base-tokenizer data.train=../shared/data/ag_news/train_subset.csv \
+  data.max_train_rows=400 train.max_steps=3 train.head_init=linear_probe lora.init=eva runs_dir="$out/runs" \
+  name=pre-steps > "$out/pre-steps.log" 2>&1 && echo "pre-step check: ok" || echo "pre-step check: FAILED"
 speed steady --steps 50 --reference-steps 20 --warmup 3 --e2e-rows 8422 --e2e-reference measure "$@"
 speed cold --pipelines budgetlora --steps 50 --warmup 3 --cold --e2e-rows 2000 "$@"
 speed batch128 --pipelines budgetlora --steps 30 --warmup 3 --e2e-rows 2000 \
