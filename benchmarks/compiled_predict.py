@@ -99,6 +99,7 @@ def pt2e_int8(model: nn.Module, run: runfolder.Run, calibration: list[str]) -> P
             prepared(batch["input_ids"], batch["attention_mask"])
     compiled = torch.compile(convert_pt2e(prepared), dynamic=True, options={"freezing": True})
 
+    @torch.inference_mode()  # as Run.predict runs: the graph compiled (and frozen) without autograd is the one timed
     def predict(texts: list[str]) -> np.ndarray:  # batched as Run.predict batches on a CPU
         logits = np.empty((len(texts), model.config.num_labels), dtype=np.float32)
         for rows, batch in length_sorted_batches(run.tokenizer, texts, max_length=run.config.model.max_length,
@@ -106,8 +107,7 @@ def pt2e_int8(model: nn.Module, run: runfolder.Run, calibration: list[str]) -> P
             logits[rows] = compiled(batch["input_ids"], batch["attention_mask"]).float().numpy()
         return logits
 
-    with torch.no_grad():
-        predict(calibration[:64])
+    predict(calibration[:64])
     return predict
 
 

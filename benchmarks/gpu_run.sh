@@ -37,12 +37,18 @@ speed() {  # one speed.py run: its table on stdout and in $out/$1.txt, its logs 
   local name=$1; shift
   "$python" benchmarks/speed.py --models roberta-base "$@" 2> "$out/$name.log" | tee "$out/$name.txt"
 }
-# Work before Trainer places the model (train.head_init's probe, lora.init's EVA) on this GPU, never on a CPU by
-# mistake: a few steps of the random roberta-base shape with both, then a prediction (its log in $out/pre-steps.log).
-"$python" -m budgetlora.cli train --config configs/roberta-base-agnews.yaml model.random_init=true \
-  model.name=../shared/data/roberta-base-tokenizer data.train=../shared/data/ag_news/train_subset.csv \
-  data.max_train_rows=400 train.max_steps=3 train.head_init=linear_probe lora.init=eva runs_dir="$out/runs" \
-  name=pre-steps > "$out/pre-steps.log" 2>&1 && echo "pre-step check: ok" || echo "pre-step check: FAILED"
+# Work done before Trainer places the model (train.head_init's probe, lora.init's EVA) must run on this process's GPU:
+# a few steps of the random roberta-base shape with both (its log in $out/pre-steps.log; about 4 minutes on a CPU).
+pre_runs=$(mktemp -d)
+if "$python" -m budgetlora.cli train --config configs/roberta-base-agnews.yaml model.random_init=true \
+    model.name=../shared/data/roberta-base-tokenizer data.train=../shared/data/ag_news/train_subset.csv \
+    data.max_train_rows=400 train.max_steps=3 train.head_init=linear_probe lora.init=eva runs_dir="$pre_runs" \
+    name=pre-steps > "$out/pre-steps.log" 2>&1; then
+  echo "pre-step check: ok, on $(grep -o '"device": "[^"]*"' "$pre_runs/pre-steps/manifest.json")"
+else
+  echo "pre-step check: FAILED (see pre-steps.log)"
+fi
+rm -rf "$pre_runs"
 speed steady --steps 50 --reference-steps 20 --warmup 3 --e2e-rows 8422 --e2e-reference measure "$@"
 speed cold --pipelines budgetlora --steps 50 --warmup 3 --cold --e2e-rows 2000 "$@"
 speed batch128 --pipelines budgetlora --steps 30 --warmup 3 --e2e-rows 2000 \

@@ -16,13 +16,14 @@ from pathlib import Path
 import pytest
 import yaml
 
+from budgetlora import cli
 from budgetlora.cli import main
 from budgetlora.config import RunConfig
 from budgetlora.config_help import config_sections, field_sources
 
 from .conftest import TrainedRun, tiny_config_dict, write_csv
 
-COMMANDS = ("params", "plan", "sweep", "train", "evaluate", "predict", "export", "report", "serve", "config")
+COMMANDS = tuple(cli.COMMANDS)
 HEAVY_MODULES = ("torch", "transformers", "peft", "datasets", "sklearn", "pandas")
 
 # Runs `main` on each argv of argv[1] (JSON) in one fresh interpreter, then prints which of argv[2] it imported.
@@ -231,8 +232,7 @@ def test_device_cpu_hides_every_gpu(run_copy: Path, news_rows: list[tuple[str, i
 
 def test_every_command_the_parser_offers_has_a_function() -> None:
     """The arguments live in cli_parser.py, the commands in cli.py: one list must not outgrow the other."""
-    from budgetlora.cli import COMMANDS
     from budgetlora.cli_parser import build_parser
 
     subparsers = next(action for action in build_parser()._actions if action.dest == "command")
-    assert set(subparsers.choices) == set(COMMANDS)
+    assert set(subparsers.choices) == set(cli.COMMANDS)

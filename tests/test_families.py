@@ -243,12 +243,13 @@ def test_eva_that_cannot_settle_stops_with_the_key_named(family_dirs: dict[str, 
                                                          make_config: Callable[..., RunConfig],
                                                          news_rows: list[tuple[str, int]]) -> None:
     """The head's dense layer (r=8) sees 4 rows a batch of 4 texts: never enough for its SVD; peft would cycle for
-    ever. And rank_pattern, between whose layers EVA would move rank, is refused when the config loads."""
+    ever (here: four passes over the 50 batches). And rank_pattern, between whose layers EVA would move rank, is
+    refused when the config loads."""
     config = make_config(family_dirs["roberta"], {"model": {"head": "lora_dense"},
                                                   "lora": {"target_modules": ["query"], "init": "eva"}})
     model, _ = build_peft_model(config, LABELS)
     with pytest.raises(ConfigError, match=r"^lora\.init: 'eva': some layers' singular vectors did not settle in "
-                                          r"100 forward passes over 200 training texts \(batches of 4"):
+                                          r"200 forward passes over 200 training texts \(batches of 4"):
         initialize_eva(model, load_tokenizer(config.model), [text for text, _ in news_rows], max_length=64,
                        batch_size=4, seed=0)
     with pytest.raises(ConfigError, match=r"^lora\.init: 'eva' cannot be combined with lora\.rank_pattern"):

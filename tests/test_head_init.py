@@ -72,7 +72,7 @@ def test_training_from_a_probed_head(tmp_path: Path, tiny_roberta_dir: Path, mak
         result = train(config)
     assert "fitted on 160 rows' frozen features" in caplog.text  # the training split (validation_fraction 0.2)
     # A share of rows labelled right; the log once printed the regression's score, a negative log-loss, as accuracy.
-    assert 0 <= float(re.search(r"accuracy (\S+) on those rows", caplog.text)[1]) <= 1
+    assert 0 < float(re.search(r"accuracy (\S+) on those rows", caplog.text)[1]) <= 1
     assert read_config(result.run_dir).train.head_init == "linear_probe"
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="budgetlora.head_init"):  # the checkpoint holds the trained head

@@ -26,7 +26,6 @@ USER_ERRORS = (("config", "ConfigError"), ("readers", "DataError"), ("budget", "
                ("submission", "SubmissionError"), ("hardware", "DeviceError"))
 
 
-
 def is_user_error(error: Exception) -> bool:
     """Whether `error` is the user's to fix: an OSError or one of USER_ERRORS."""
     if isinstance(error, OSError):

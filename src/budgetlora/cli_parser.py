@@ -16,6 +16,7 @@ INPUT_KEYS = ("data.text_columns", "data.label_column", "data.id_column")
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """Every command and its options; the command's name lands in `command` (cli.COMMANDS runs it)."""
     parser = argparse.ArgumentParser(
         prog="budgetlora", description="LoRA fine-tuning of text classifiers under a trainable-parameter budget.",
         epilog="`budgetlora config` lists every config key; `budgetlora <command> --help` the command's options.")

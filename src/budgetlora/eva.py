@@ -26,8 +26,9 @@ log = logging.getLogger(__name__)
 # Training texts EVA reads: forward passes only, about 1% of the default job's epoch.
 EVA_TEXTS = 1024
 # Forward passes before EVA gives up on a layer whose singular vectors do not settle (peft itself would cycle over
-# the batches for ever, e.g. on a head's dense layer that sees fewer texts per batch than its rank). Random-weight
-# roberta-base settled in 20 (of 64 texts each).
+# the batches for ever, e.g. on a head's dense layer that sees fewer texts per batch than its rank): this many, or
+# four passes over the sample's batches where smaller batches make that more. Random-weight roberta-base settled in
+# 20 (of 64 texts each).
 MAX_FORWARD_PASSES = 100
 
 
@@ -46,6 +47,7 @@ def _layer_rows(layer_input: Any, mask: torch.Tensor, layer_name: str) -> torch.
 
 
 def adapter_ranks(model: PeftModel) -> dict[str, int]:
+    """Each adapted layer's rank, by module name."""
     return {name: module.r["default"] for name, module in model.named_modules() if hasattr(module, "lora_A")
             and "default" in getattr(module, "r", {})}
 
@@ -53,21 +55,22 @@ def adapter_ranks(model: PeftModel) -> dict[str, int]:
 def initialize_eva(model: PeftModel, tokenizer: PreTrainedTokenizerBase, texts: list[str], *, max_length: int,
                    batch_size: int, seed: int) -> None:
     """Set every adapter's A by EVA over up to EVA_TEXTS of `texts`: a random sample, its batches in random order
-    (EVA stops a layer once its vectors settle, so the first batches must not all be the longest texts)."""
+    (EVA stops a layer once its vectors settle, so the first batches must not all be the longest texts). After its
+    ConfigError the model still carries peft's SVD hooks: build a new one."""
     from peft.tuners.lora.eva import initialize_lora_eva_weights
 
     rows = np.random.default_rng(seed).permutation(len(texts))[:EVA_TEXTS]
     batches = [dict(batch) for _, batch in length_sorted_batches(tokenizer, [texts[i] for i in rows],
                                                                  max_length=max_length, batch_size=batch_size)]
     batches = [batches[i] for i in np.random.default_rng(seed).permutation(len(batches))]
-    passes = 0
+    passes, limit = 0, max(MAX_FORWARD_PASSES, 4 * len(batches))
 
     def forward(model: PeftModel, inputs: dict[str, torch.Tensor]) -> Any:
         nonlocal passes
         passes += 1
-        if passes > MAX_FORWARD_PASSES:
-            raise ConfigError(f"lora.init: 'eva': some layers' singular vectors did not settle in {MAX_FORWARD_PASSES} "
-                              f"forward passes over {len(rows):,} training texts (batches of {batch_size}, "
+        if passes > limit:
+            raise ConfigError(f"lora.init: 'eva': some layers' singular vectors did not settle in {limit} forward "
+                              f"passes over {len(rows):,} training texts (batches of {batch_size}, "
                               f"train.eval_batch_size); use 'default'")
         return model(**inputs)
 

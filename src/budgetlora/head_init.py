@@ -94,7 +94,7 @@ def fit_linear_probe(model: nn.Module, tokenizer: PreTrainedTokenizerBase, texts
     with torch.no_grad():
         layer.weight.copy_(torch.as_tensor(weight, dtype=layer.weight.dtype))
         layer.bias.copy_(torch.as_tensor(bias, dtype=layer.bias.dtype))
-    # Not regression.score: with scoring="neg_log_loss" it returns the log-loss, which the log called accuracy.
+    # Not regression.score: with scoring="neg_log_loss" it returns the negative log-loss, once logged as accuracy.
     log.info("train.head_init linear_probe: the head's last layer fitted on %d rows' frozen features (L2 C=%g by "
              "%d-fold cross-validation; accuracy %.4f on those rows)", len(rows), regression.C_[0], folds,
              float(np.mean(regression.predict(features) == targets)))

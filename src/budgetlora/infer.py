@@ -55,9 +55,10 @@ def training_texts(run_dir: Path) -> list[str]:
     try:
         table = load_table(config.data.train, config.data, labelled=True)
     except (DataError, OSError) as error:
-        raise DataError(f"{run_dir} has no {runfolder.TRAINING_TEXTS_FILE} (data.keep_training_texts was off, or "
-                        f"the run is older than it), so "
-                        f"--label-shift uniform-ood reads its training data again ({config.data.train}), and that "
+        why = ("data.keep_training_texts is false" if not config.data.keep_training_texts
+               else "trained before budgetlora kept it")
+        raise DataError(f"{run_dir} has no {runfolder.TRAINING_TEXTS_FILE} ({why}), so --label-shift uniform-ood "
+                        f"reads its training data again ({config.data.train}), and that "
                         f"failed: {error}. Make it readable again, or retrain the run") from None
     train_rows, _ = split_train_validation(table, config.data)
     return train_rows["text"][:]

@@ -72,8 +72,8 @@ def lock(run_dir: Path) -> AbstractContextManager[None]:
 
 
 def write_header(config: RunConfig, params: ParamReport, data_rows: dict[str, int], training_texts: list[str]) -> None:
-    """What the run is, written before training: config, label names, parameter counts, manifest, and the sample of
-    its training texts (domain.training_sample) that prediction's domain split reads."""
+    """What the run is, written before training: config, label names, parameter counts, manifest, and (unless
+    data.keep_training_texts is false) the sample of its training texts that prediction's domain split reads."""
     from .domain import training_sample  # scikit-learn's import: only where training or the domain split needs it
 
     run_dir = config.run_dir
@@ -125,7 +125,7 @@ def read_metrics(run_dir: Path) -> dict[str, Any]:
 
 def read_training_texts(run_dir: Path) -> list[str] | None:
     """The run's sample of training texts, checked (the folder may come from elsewhere); None for runs from before
-    budgetlora kept it."""
+    budgetlora kept it, or trained with data.keep_training_texts false."""
     from .domain import MAX_TEXT_CHARS, MAX_TRAINING_TEXTS
 
     path = Path(run_dir) / TRAINING_TEXTS_FILE
