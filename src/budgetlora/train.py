@@ -239,11 +239,12 @@ def _train(config: RunConfig, params: ParamReport, *, resume: bool, callbacks: S
 
     model, _ = build_peft_model(config, config.data.label_names)
     checkpoint = runfolder.latest_checkpoint(config.run_dir) if resume else None
+    train_texts = train_rows["text"][:]  # EVA, the probe and the run folder's sample read them: one copy from arrow
     if config.lora.init == "eva" and checkpoint is None:  # a checkpoint holds the adapters already
-        initialize_eva(model, tokenizer, train_rows["text"][:], max_length=config.model.max_length,
+        initialize_eva(model, tokenizer, train_texts, max_length=config.model.max_length,
                        batch_size=config.train.eval_batch_size, seed=config.train.seed)
     if config.train.head_init == "linear_probe" and checkpoint is None:  # a checkpoint holds the head already
-        fit_linear_probe(model, tokenizer, train_rows["text"][:], train_rows["label"][:],
+        fit_linear_probe(model, tokenizer, train_texts, train_rows["label"][:],
                          num_labels=len(config.data.label_names), max_length=config.model.max_length,
                          batch_size=config.train.eval_batch_size, precision=config.train.precision,
                          seed=config.train.seed)
@@ -256,7 +257,7 @@ def _train(config: RunConfig, params: ParamReport, *, resume: bool, callbacks: S
     if main_process:
         rows = {"source": len(table), "train": len(train_set), "validation": len(val_set)}
         runfolder.write_header(config, params, rows if extra is None else {**rows, "pseudo_labelled": len(extra)},
-                               train_rows["text"][:])
+                               train_texts)
         callbacks = [TensorBoardCallback(SummaryWriter(str(run_dir / runfolder.TENSORBOARD_DIR))), *callbacks]
     label_names = config.data.label_names
     if config.train.early_stopping_patience:
