@@ -41,6 +41,7 @@ from torch import nn
 
 from budgetlora import runfolder
 from budgetlora.data import load_table
+from budgetlora.export_onnx import TensorLogits
 from budgetlora.modeling import length_sorted_batches, predict_logits
 
 RUN = "runs/bench/minilm-no-dropout-s42"
@@ -68,28 +69,17 @@ def torchao_int8(model: nn.Module) -> nn.Module | None:
     return quantized
 
 
-class _Logits(nn.Module):
-    """The model as a function of two tensors, its logits out: what torch.export traces."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
-
-
-def pt2e_int8(model: nn.Module, run: runfolder.Run, calibration: list[str]) -> Predict:
-    """torchao's PT2E static int8 (X86InductorQuantizer: int8 weights per channel, activations per tensor with
-    scales calibrated on `calibration`), exported with dynamic batch and length, compiled by inductor with freezing.
-    Compiled on the calibration texts here, so that a failure shows before any timing."""
+def pt2e_int8(run: runfolder.Run, calibration: list[str]) -> Predict:
+    """torchao's PT2E static int8 of the run's model (X86InductorQuantizer: int8 weights per channel, activations per
+    tensor with scales calibrated on `calibration`), exported with dynamic batch and length, compiled by inductor
+    with freezing. Compiled on the calibration texts here, so that a failure shows before any timing."""
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
     from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as x86
 
     length = {"truncation": True, "max_length": run.config.model.max_length}
     example = run.tokenizer(calibration[:8], padding=True, return_tensors="pt", **length)
     dims = {0: torch.export.Dim("batch", min=1, max=1024), 1: torch.export.Dim("length", min=2, max=512)}
-    exported = torch.export.export(_Logits(copy.deepcopy(model)).eval(), (example["input_ids"],
+    exported = torch.export.export(TensorLogits(copy.deepcopy(run.model)).eval(), (example["input_ids"],
                                    example["attention_mask"]), dynamic_shapes=(dims, dims)).module()
     prepared = prepare_pt2e(exported, x86.X86InductorQuantizer().set_global(
         x86.get_default_x86_inductor_quantization_config()))
@@ -101,7 +91,7 @@ def pt2e_int8(model: nn.Module, run: runfolder.Run, calibration: list[str]) -> P
 
     @torch.inference_mode()  # as Run.predict runs: the graph compiled (and frozen) without autograd is the one timed
     def predict(texts: list[str]) -> np.ndarray:  # batched as Run.predict batches on a CPU
-        logits = np.empty((len(texts), model.config.num_labels), dtype=np.float32)
+        logits = np.empty((len(texts), run.model.config.num_labels), dtype=np.float32)
         for rows, batch in length_sorted_batches(run.tokenizer, texts, max_length=run.config.model.max_length,
                                                  batch_size=run.config.train.eval_batch_size):
             logits[rows] = compiled(batch["input_ids"], batch["attention_mask"]).float().numpy()
@@ -129,7 +119,7 @@ def predictors(run_dir: Path) -> tuple[runfolder.Run, dict[str, Predict]]:
         training = load_table(str(AG_NEWS_TRAIN), run.config.data, labelled=True)["text"][:]
         calibration = [training[i] for i in np.random.default_rng(0).choice(len(training), 256, replace=False)]
         try:
-            ways["torchao PT2E int8 compiled"] = pt2e_int8(run.model, run, calibration)
+            ways["torchao PT2E int8 compiled"] = pt2e_int8(run, calibration)
         except Exception as error:  # noqa: BLE001 - any failure of the export/quantise/compile chain is the result
             print(f"torchao PT2E int8 (X86InductorQuantizer, static) does not run here: {type(error).__name__}: "
                   f"{str(error).strip().splitlines()[0][:200]}", flush=True)

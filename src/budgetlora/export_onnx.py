@@ -41,8 +41,9 @@ def require_onnx() -> None:
         raise ConfigError(f"--format onnx needs {', '.join(missing)}: pip install 'budgetlora[onnx]'")
 
 
-class _Logits(nn.Module):
-    """The classifier with tensor inputs and a tensor output, as the exporter wants them (no output dataclass)."""
+class TensorLogits(nn.Module):
+    """The classifier with tensor inputs and a tensor output, as torch.export and the ONNX exporter want them (no
+    output dataclass)."""
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
@@ -90,7 +91,7 @@ def write_onnx(model: nn.Module, tokenizer: PreTrainedTokenizerBase, folder: Pat
                                                                         names).items()}
     size = sum(p.numel() * p.element_size() for p in model.parameters())
     with _quiet_exporter():
-        torch.onnx.export(_Logits(model).eval(), tuple(example[name] for name in names), str(folder / ONNX_FILE),
+        torch.onnx.export(TensorLogits(model).eval(), tuple(example[name] for name in names), str(folder / ONNX_FILE),
                           input_names=names, output_names=["logits"], dynamo=True, verbose=False,
                           dynamic_shapes={name: {0: "batch", 1: "sequence"} for name in names},
                           external_data=size > SINGLE_FILE_LIMIT)
