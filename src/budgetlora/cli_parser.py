@@ -48,6 +48,12 @@ def build_parser() -> argparse.ArgumentParser:
                   "imposes them only on the texts a domain classifier finds unlike the run's training texts (a sample "
                   "of them kept in the run folder), leaving the others as predicted")
 
+    # Options of the commands that predict an input with a run (evaluate, predict).
+    reads_input = argparse.ArgumentParser(add_help=False, parents=[on_device])
+    reads_input.add_argument("--trust-pickle", action="store_true", help=trust_help)
+    reads_input.add_argument("--precision", help=precision_help)
+    reads_input.add_argument("overrides", nargs="*", help=input_help)
+
     params = commands.add_parser("params", parents=[common],
                                  help="count trainable parameters per group against the budget")
     params.add_argument("--config", help="YAML config (default: built-in defaults)")
@@ -84,18 +90,15 @@ def build_parser() -> argparse.ArgumentParser:
                        help="check config, budget and data and time a few steps; train nothing, create no run folder")
     train.add_argument("overrides", nargs="*", help=overrides_help)
 
-    evaluate = commands.add_parser("evaluate", parents=[on_device],
+    evaluate = commands.add_parser("evaluate", parents=[reads_input],
                                    help="metrics of a run on a labelled data set (or --labels)")
     evaluate.add_argument("--run", required=True, help=run_help)
     evaluate.add_argument("--data", required=True, help="file or Hub dataset (name or name:split)")
     evaluate.add_argument("--labels", help="labels for an unlabelled --data, joined by ID (columns ID,label; "
                           "IDs as predict numbers them); 0/1 columns also get their own metrics")
     evaluate.add_argument("--label-shift", choices=PRIOR_ADJUSTMENTS, help=shift_help)
-    evaluate.add_argument("--trust-pickle", action="store_true", help=trust_help)
-    evaluate.add_argument("--precision", help=precision_help)
-    evaluate.add_argument("overrides", nargs="*", help=input_help)
 
-    predict = commands.add_parser("predict", parents=[on_device], help="write an ID,Label CSV for unlabelled texts")
+    predict = commands.add_parser("predict", parents=[reads_input], help="write an ID,Label CSV for unlabelled texts")
     # --run-dir: the same; under torchrun, which reads --run as an abbreviation of its own --run-path.
     predict.add_argument("--run", "--run-dir", required=True, help=run_help + "; --run-dir under torchrun")
     predict.add_argument("--input", required=True, help="file or Hub dataset (name or name:split); CSV, JSONL and "
@@ -105,13 +108,10 @@ def build_parser() -> argparse.ArgumentParser:
                          "stdout")
     predict.add_argument("--label-shift", choices=PRIOR_ADJUSTMENTS, help=shift_help + "; holds every row's "
                          "probabilities (about 150 bytes a row with 4 classes), uniform-ood every text too")
-    predict.add_argument("--trust-pickle", action="store_true", help=trust_help)
-    predict.add_argument("--precision", help=precision_help)
     predict.add_argument("--format", choices=["csv", "kaggle"], default="csv",
                          help="kaggle: also check the file (header ID,Label, IDs 0..N-1, labels in range)")
     predict.add_argument("--with-probs", action="store_true",
                          help="also write each label's name and one prob_<class> column per class")
-    predict.add_argument("overrides", nargs="*", help=input_help)
 
     # No --device: export merges and checks on the CPU, as the exported folder is checked against predict's logits.
     export = commands.add_parser("export", parents=[common],
