@@ -105,26 +105,57 @@ def test_select_pseudo_labels_threshold_balance_and_cap() -> None:
     rows, labels, stats = select_pseudo_labels(probs, SelfTrainSettings(threshold=0.9))
     # Balanced to the rarest class (one above 0.9), the most confident of each: rows 0, 4, 6, 8.
     assert rows.tolist() == [0, 4, 6, 8] and labels.tolist() == [0, 1, 2, 3]
-    assert stats["above_threshold_per_class"] == [3, 2, 1, 2] and stats["per_class"] == [1, 1, 1, 1]
+    assert stats["candidates_per_class"] == [3, 2, 1, 2] and stats["per_class"] == [1, 1, 1, 1]
+    assert stats["threshold"] == 0.9 and stats["lowest_confidence_per_class"] == [0.97, 0.96, 0.97, 0.96]
     rows, _, stats = select_pseudo_labels(probs, SelfTrainSettings(threshold=0.9, balance=False, max_per_class=2))
     assert rows.tolist() == [0, 1, 4, 5, 6, 7, 8] and stats["selected"] == 7
+
+
+def test_select_pseudo_labels_by_class_share_gives_every_class_its_own_cut_off() -> None:
+    """MPNet-base's case in miniature: after the uniform adjustment the model is rarely sure of class 3, so one
+    threshold keeps none of it and balancing then keeps nothing; the top share of each class keeps all four."""
+    probs = np.array([
+        [0.97, 0.01, 0.01, 0.01], [0.95, 0.02, 0.02, 0.01], [0.92, 0.04, 0.02, 0.02], [0.50, 0.30, 0.10, 0.10],
+        [0.01, 0.96, 0.02, 0.01], [0.02, 0.91, 0.05, 0.02],
+        [0.01, 0.01, 0.97, 0.01], [0.10, 0.10, 0.60, 0.20],
+        [0.20, 0.10, 0.10, 0.60], [0.10, 0.20, 0.15, 0.55], [0.10, 0.10, 0.30, 0.50],
+    ])
+    rows, _, stats = select_pseudo_labels(probs, SelfTrainSettings(threshold=0.9))
+    assert rows.tolist() == [] and stats["candidates_per_class"] == [3, 2, 1, 0]
+    share = SelfTrainSettings(selection="class_share", class_share=0.5, balance=False)
+    rows, labels, stats = select_pseudo_labels(probs, share)
+    # Half of each class's predictions, rounded up, most confident first: 2 of 4, 1 of 2, 1 of 2, 2 of 3.
+    assert rows.tolist() == [0, 1, 4, 6, 8, 9] and labels.tolist() == [0, 0, 1, 2, 3, 3]
+    assert stats["candidates_per_class"] == [2, 1, 1, 2] and stats["class_share"] == 0.5
+    assert stats["lowest_confidence_per_class"] == [0.95, 0.96, 0.97, 0.55]
+    rows, _, stats = select_pseudo_labels(probs, SelfTrainSettings(selection="class_share", class_share=0.5))
+    assert rows.tolist() == [0, 4, 6, 8] and stats["per_class"] == [1, 1, 1, 1]  # balanced: the most confident
+    rows, _, _ = select_pseudo_labels(probs, SelfTrainSettings(selection="class_share", class_share=1.0,
+                                                               balance=False))
+    assert rows.tolist() == list(range(len(probs)))  # every text, as predicted
 
 
 def test_selection_warning_names_the_class_that_starved_the_balance() -> None:
     names = ["World", "Sports", "Business", "Sci/Tech"]
     settings = SelfTrainSettings(threshold=0.9)
-    starved = {"above_threshold_per_class": [1406, 1954, 838, 19], "selected": 76}  # MPNet-base's teacher
+    starved = {"candidates_per_class": [1406, 1954, 838, 19], "selected": 76}  # MPNet-base's teacher
     warning = selection_warning(starved, settings, names)
     assert warning is not None and "keeps 76 of the 4217" in warning and "'Sci/Tech', has 19" in warning
-    assert selection_warning({"above_threshold_per_class": [3, 2, 1, 2], "selected": 4}, settings, names) is None
-    assert selection_warning({"above_threshold_per_class": [40, 0, 30, 20], "selected": 0}, settings, names) \
+    assert "self_training.selection: class_share" in warning
+    share = SelfTrainSettings(selection="class_share")  # a class the model never predicts starves a share too
+    warning = selection_warning({"candidates_per_class": [900, 1000, 700, 0], "selected": 0}, share, names)
+    assert warning is not None and "in each class's top self_training.class_share=0.5" in warning
+    assert "'Sci/Tech', has 0" in warning and "label_shift: uniform" in warning
+    assert selection_warning({"candidates_per_class": [3, 2, 1, 2], "selected": 4}, settings, names) is None
+    assert selection_warning({"candidates_per_class": [40, 0, 30, 20], "selected": 0}, settings, names) \
         .startswith("balancing keeps 0")
-    none = {"above_threshold_per_class": [0, 0, 0, 0], "selected": 0}
-    assert selection_warning(none, settings, names).startswith("no pseudo-label passed")  # type: ignore[union-attr]
+    none = {"candidates_per_class": [0, 0, 0, 0], "selected": 0}
+    assert selection_warning(none, settings, names).startswith(  # type: ignore[union-attr]
+        "no pseudo-label above self_training.threshold=0.9")
     capped = SelfTrainSettings(threshold=0.9, max_per_class=2)  # a cap the user chose is no reason to warn
-    assert selection_warning({"above_threshold_per_class": [30, 30, 20, 20], "selected": 8}, capped, names) is None
+    assert selection_warning({"candidates_per_class": [30, 30, 20, 20], "selected": 8}, capped, names) is None
     unbalanced = SelfTrainSettings(threshold=0.9, balance=False)
-    assert selection_warning({"above_threshold_per_class": [40, 0, 0, 0], "selected": 40}, unbalanced, names) is None
+    assert selection_warning({"candidates_per_class": [40, 0, 0, 0], "selected": 40}, unbalanced, names) is None
 
 
 def test_uniform_priors_balance_the_predictions(tmp_path: Path, tiny_run: Path, news_rows: Rows) -> None:
@@ -327,4 +358,4 @@ def test_a_student_with_no_pseudo_label_trains_on_the_labelled_rows_alone(
     assert rounds[0]["pseudo_labels_for_next_round"]["selected"] == 0
     assert rounds[1]["train_rows"] == rounds[0]["train_rows"]
     assert (config.run_dir / "rounds" / "pseudo-1.jsonl").read_text() == ""
-    assert "round 1: no pseudo-label passed self_training.threshold=0.9999" in caplog.text
+    assert "round 1: no pseudo-label above self_training.threshold=0.9999" in caplog.text

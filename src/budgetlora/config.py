@@ -172,8 +172,15 @@ class SelfTrainSettings:
 
     # Student rounds after the first (teacher) training; 0: off.
     rounds: int = 0
-    # A pseudo-label is kept when the model's probability for it is at least this.
+    # How pseudo-labels are chosen. "threshold": those whose probability is at least self_training.threshold.
+    # "class_share": the most confident self_training.class_share of the texts predicted as each class, a cut-off of
+    # its own per class (class-balanced self-training, Zou et al. 2018), so a class the model is rarely sure of on
+    # the unlabelled texts is not starved by one threshold for all (on MPNet-base 0.9 kept 19 Sci/Tech texts).
+    selection: Literal["threshold", "class_share"] = "threshold"
+    # selection "threshold": a pseudo-label is kept when the model's probability for it is at least this.
     threshold: float = 0.9
+    # selection "class_share": the share of each class's predicted texts kept, most confident first.
+    class_share: float = 0.5
     # Keep as many pseudo-labels of each class as of the rarest one (the most confident first).
     balance: bool = True
     # At most this many pseudo-labels per class (None: no limit).
@@ -189,6 +196,8 @@ class SelfTrainSettings:
     def __post_init__(self) -> None:
         require(self.rounds >= 0, "self_training.rounds", f"must be >= 0, got {self.rounds}")
         require(0.0 <= self.threshold < 1.0, "self_training.threshold", f"must be in [0, 1), got {self.threshold}")
+        require(0.0 < self.class_share <= 1.0, "self_training.class_share",
+                f"must be in (0, 1], got {self.class_share}")
         require(self.max_per_class is None or self.max_per_class > 0, "self_training.max_per_class",
                 f"must be > 0, got {self.max_per_class}")
         require(self.weight > 0, "self_training.weight", f"must be > 0, got {self.weight}")

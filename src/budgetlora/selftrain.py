@@ -1,11 +1,11 @@
 """Self-training on unlabelled texts from the distribution the model is scored on (config section self_training).
 
 Round 0 trains a teacher on the labelled rows. Each later round pseudo-labels data.unlabelled with the previous
-round's model, keeps the confident predictions (optionally adjusted to the unlabelled set's class priors: estimated by
-EM, or imposed as uniform on every text or on the texts unlike the training texts only; and balanced across classes),
-and trains a fresh student of the same adapter shape on the labelled rows plus the pseudo-labelled ones (with their
-own loss weight). The budget is the same in every round:
-nothing extra is trained.
+round's model, keeps the confident predictions (those above one threshold, or each class's most confident share;
+optionally after adjusting the model to the unlabelled set's class priors: estimated by EM, or imposed as uniform on
+every text or on the texts unlike the training texts only; balanced across classes), and trains a fresh student of
+the same adapter shape on the labelled rows plus the pseudo-labelled ones (with their own loss weight). The budget is
+the same in every round: nothing extra is trained.
 
 Layout: the last student is the run folder itself (`runs/<name>/`, so predict, evaluate, export and serve use it as
 any run); earlier rounds are complete run folders in `runs/<name>/rounds/round-<k>/`, with the pseudo-labels each
@@ -40,32 +40,42 @@ log = logging.getLogger(__name__)
 def select_pseudo_labels(probs: np.ndarray, settings: SelfTrainSettings) -> tuple[np.ndarray, np.ndarray, dict]:
     """Rows to pseudo-label, their labels, and statistics, from the previous model's class probabilities."""
     confidence, predicted = probs.max(axis=1), probs.argmax(axis=1)
-    by_class = [np.flatnonzero((predicted == c) & (confidence >= settings.threshold)) for c in range(probs.shape[1])]
+    by_class = [np.flatnonzero(predicted == c) for c in range(probs.shape[1])]
     by_class = [rows[np.argsort(-confidence[rows], kind="stable")] for rows in by_class]  # most confident first
+    if settings.selection == "threshold":
+        by_class = [rows[confidence[rows] >= settings.threshold] for rows in by_class]
+    else:  # each class's own cut-off: its most confident share (rounded up, so a predicted class keeps one)
+        by_class = [rows[:int(np.ceil(settings.class_share * len(rows)))] for rows in by_class]
     keep = min(len(rows) for rows in by_class) if settings.balance else max(len(rows) for rows in by_class)
     if settings.max_per_class is not None:
         keep = min(keep, settings.max_per_class)
     rows = np.sort(np.concatenate([class_rows[:keep] for class_rows in by_class]))
-    stats = {"unlabelled": len(probs), "threshold": settings.threshold, "selected": len(rows),
+    stats = {"unlabelled": len(probs), "selection": settings.selection,
+             settings.selection: getattr(settings, settings.selection), "selected": len(rows),
              "per_class": [int(min(len(r), keep)) for r in by_class],
-             "above_threshold_per_class": [len(r) for r in by_class],
+             "candidates_per_class": [len(r) for r in by_class],
+             "lowest_confidence_per_class": [float(confidence[r[:keep]].min()) if min(len(r), keep) else None
+                                             for r in by_class],
              "mean_confidence": float(confidence[rows].mean()) if len(rows) else None}
     return rows, predicted[rows], stats
 
 
 def selection_warning(stats: dict[str, Any], settings: SelfTrainSettings, label_names: list[str]) -> str | None:
-    """What to tell the user when the pseudo-labels are none, or balancing dropped most of the confident ones (a
-    class the model is rarely sure of sets the count for all: on MPNet-base, 76 of 4,217; docs/results.md)."""
-    above = stats["above_threshold_per_class"]
-    balanced = len(above) * min(above)  # what balancing leaves, before any max_per_class cap
-    if settings.balance and balanced < sum(above) / 4:
-        rarest = int(np.argmin(above))
-        return (f"balancing keeps {balanced} of the {sum(above)} pseudo-labels above self_training.threshold"
-                f"={settings.threshold}: the rarest class, {label_names[rarest]!r}, has {above[rarest]}; a lower "
-                f"threshold (or self_training.balance: false) keeps more")
+    """What to tell the user when the pseudo-labels are none, or balancing dropped most of the candidates (a class
+    the model is rarely sure of sets the count for all: on MPNet-base, 76 of 4,217; docs/results.md)."""
+    candidates = stats["candidates_per_class"]
+    balanced = len(candidates) * min(candidates)  # what balancing leaves, before any max_per_class cap
+    chosen_by = (f"above self_training.threshold={settings.threshold}" if settings.selection == "threshold"
+                 else f"in each class's top self_training.class_share={settings.class_share}")
+    if settings.balance and balanced < sum(candidates) / 4:
+        rarest = int(np.argmin(candidates))
+        remedy = ("a lower threshold, self_training.selection: class_share" if settings.selection == "threshold"
+                  else "self_training.label_shift: uniform (the model rarely predicts that class here)")
+        return (f"balancing keeps {balanced} of the {sum(candidates)} pseudo-labels {chosen_by}: the rarest class, "
+                f"{label_names[rarest]!r}, has {candidates[rarest]}; {remedy} or self_training.balance: false keeps "
+                f"more")
     if not stats["selected"]:
-        return (f"no pseudo-label passed self_training.threshold={settings.threshold}; the student trains on the "
-                f"labelled rows alone")
+        return f"no pseudo-label {chosen_by}; the student trains on the labelled rows alone"
     return None
 
 
