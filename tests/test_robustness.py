@@ -122,6 +122,7 @@ def test_select_pseudo_labels_by_class_share_gives_every_class_its_own_cut_off()
     ])
     rows, _, stats = select_pseudo_labels(probs, SelfTrainSettings(threshold=0.9))
     assert rows.tolist() == [] and stats["candidates_per_class"] == [3, 2, 1, 0]
+    assert stats["lowest_confidence_per_class"] == [None] * 4 and stats["mean_confidence"] is None
     share = SelfTrainSettings(selection="class_share", class_share=0.5, balance=False)
     rows, labels, stats = select_pseudo_labels(probs, share)
     # Half of each class's predictions, rounded up, most confident first: 2 of 4, 1 of 2, 1 of 2, 2 of 3.
@@ -130,6 +131,12 @@ def test_select_pseudo_labels_by_class_share_gives_every_class_its_own_cut_off()
     assert stats["lowest_confidence_per_class"] == [0.95, 0.96, 0.97, 0.55]
     rows, _, stats = select_pseudo_labels(probs, SelfTrainSettings(selection="class_share", class_share=0.5))
     assert rows.tolist() == [0, 4, 6, 8] and stats["per_class"] == [1, 1, 1, 1]  # balanced: the most confident
+    rows, _, _ = select_pseudo_labels(probs, SelfTrainSettings(selection="class_share", class_share=0.3,
+                                                               balance=False))
+    assert rows.tolist() == [0, 1, 4, 6, 8]  # rounded up: 1.2 -> 2, 0.6 -> 1, 0.6 -> 1, 0.9 -> 1
+    rows, _, _ = select_pseudo_labels(probs, SelfTrainSettings(selection="class_share", class_share=0.5,
+                                                               balance=False, max_per_class=1))
+    assert rows.tolist() == [0, 4, 6, 8]
     rows, _, _ = select_pseudo_labels(probs, SelfTrainSettings(selection="class_share", class_share=1.0,
                                                                balance=False))
     assert rows.tolist() == list(range(len(probs)))  # every text, as predicted
@@ -145,7 +152,10 @@ def test_selection_warning_names_the_class_that_starved_the_balance() -> None:
     share = SelfTrainSettings(selection="class_share")  # a class the model never predicts starves a share too
     warning = selection_warning({"candidates_per_class": [900, 1000, 700, 0], "selected": 0}, share, names)
     assert warning is not None and "in each class's top self_training.class_share=0.5" in warning
-    assert "'Sci/Tech', has 0" in warning and "label_shift: uniform" in warning
+    assert "'Sci/Tech', has 0" in warning and "label_shift: uniform or self_training.balance: false" in warning
+    uniform = SelfTrainSettings(selection="class_share", label_shift="uniform")  # no advice it already follows
+    warning = selection_warning({"candidates_per_class": [900, 1000, 700, 0], "selected": 0}, uniform, names)
+    assert warning is not None and "has 0; self_training.balance: false keeps more" in warning
     assert selection_warning({"candidates_per_class": [3, 2, 1, 2], "selected": 4}, settings, names) is None
     assert selection_warning({"candidates_per_class": [40, 0, 30, 20], "selected": 0}, settings, names) \
         .startswith("balancing keeps 0")

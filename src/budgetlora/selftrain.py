@@ -44,14 +44,16 @@ def select_pseudo_labels(probs: np.ndarray, settings: SelfTrainSettings) -> tupl
     by_class = [rows[np.argsort(-confidence[rows], kind="stable")] for rows in by_class]  # most confident first
     if settings.selection == "threshold":
         by_class = [rows[confidence[rows] >= settings.threshold] for rows in by_class]
-    else:  # each class's own cut-off: its most confident share (rounded up, so a predicted class keeps one)
-        by_class = [rows[:int(np.ceil(settings.class_share * len(rows)))] for rows in by_class]
+    else:  # each class's own cut-off: its most confident share (rounded up, so a predicted class keeps one; the
+        # round() first keeps float error such as 0.07 * 100 = 7.000000000000001 from rounding up to 8)
+        by_class = [rows[:int(np.ceil(round(settings.class_share * len(rows), 9)))] for rows in by_class]
     keep = min(len(rows) for rows in by_class) if settings.balance else max(len(rows) for rows in by_class)
     if settings.max_per_class is not None:
         keep = min(keep, settings.max_per_class)
     rows = np.sort(np.concatenate([class_rows[:keep] for class_rows in by_class]))
-    stats = {"unlabelled": len(probs), "selection": settings.selection,
-             settings.selection: getattr(settings, settings.selection), "selected": len(rows),
+    setting = ({"threshold": settings.threshold} if settings.selection == "threshold"
+               else {"class_share": settings.class_share})
+    stats = {"unlabelled": len(probs), "selection": settings.selection, **setting, "selected": len(rows),
              "per_class": [int(min(len(r), keep)) for r in by_class],
              "candidates_per_class": [len(r) for r in by_class],
              "lowest_confidence_per_class": [float(confidence[r[:keep]].min()) if min(len(r), keep) else None
@@ -69,11 +71,14 @@ def selection_warning(stats: dict[str, Any], settings: SelfTrainSettings, label_
                  else f"in each class's top self_training.class_share={settings.class_share}")
     if settings.balance and balanced < sum(candidates) / 4:
         rarest = int(np.argmin(candidates))
-        remedy = ("a lower threshold, self_training.selection: class_share" if settings.selection == "threshold"
-                  else "self_training.label_shift: uniform (the model rarely predicts that class here)")
+        if settings.selection == "threshold":
+            remedy = "a lower threshold, self_training.selection: class_share or "
+        elif settings.label_shift in (None, "em"):  # the model rarely predicts that class on these texts
+            remedy = "self_training.label_shift: uniform or "
+        else:
+            remedy = ""
         return (f"balancing keeps {balanced} of the {sum(candidates)} pseudo-labels {chosen_by}: the rarest class, "
-                f"{label_names[rarest]!r}, has {candidates[rarest]}; {remedy} or self_training.balance: false keeps "
-                f"more")
+                f"{label_names[rarest]!r}, has {candidates[rarest]}; {remedy}self_training.balance: false keeps more")
     if not stats["selected"]:
         return f"no pseudo-label {chosen_by}; the student trains on the labelled rows alone"
     return None
