@@ -324,8 +324,9 @@ def test_self_training_writes_each_round_and_its_pseudo_labels(tmp_path: Path, t
     config = make_config(tiny_roberta_dir, {
         "name": "st", "data": {"train": str(data), "unlabelled": str(unlabelled)},
         # Unbalanced: a random tiny model may never predict some class, and balancing would then keep nothing.
-        "self_training": {"rounds": 2, "threshold": 0.0, "balance": False, "max_per_class": 5, "weight": 0.5,
-                          "label_shift": "uniform-ood"},
+        # Every prediction is a candidate (the whole share of each class); the cap keeps 5 a class.
+        "self_training": {"rounds": 2, "selection": "class_share", "class_share": 1.0, "balance": False,
+                          "max_per_class": 5, "weight": 0.5, "label_shift": "uniform-ood"},
         "train": {"max_steps": 3, "learning_rate": 1e-2}})
     result = run_training(config)
     run = config.run_dir
@@ -336,7 +337,8 @@ def test_self_training_writes_each_round_and_its_pseudo_labels(tmp_path: Path, t
         pseudo = [json.loads(line) for line in (run / "rounds" / f"pseudo-{index}.jsonl").read_text().splitlines()]
         stats = rounds[index - 1]["pseudo_labels_for_next_round"]
         assert len(pseudo) == stats["selected"] == sum(stats["per_class"]) > 0
-        assert max(stats["per_class"]) <= 5  # capped
+        assert max(stats["per_class"]) <= 5 and stats["selection"] == "class_share"  # capped
+        assert sum(stats["candidates_per_class"]) == 100  # class_share 1.0: every unlabelled text
         # Pseudo-labels were taken after the domain split: unlabelled news like the training rows is mostly familiar.
         assert stats["prior_adjustment"] == "uniform-ood" and stats["unlike_training_rows"] < 50
         assert {row["weight"] for row in pseudo} == {0.5}
