@@ -50,14 +50,13 @@ def select_pseudo_labels(probs: np.ndarray, settings: SelfTrainSettings) -> tupl
     keep = min(len(rows) for rows in by_class) if settings.balance else max(len(rows) for rows in by_class)
     if settings.max_per_class is not None:
         keep = min(keep, settings.max_per_class)
-    rows = np.sort(np.concatenate([class_rows[:keep] for class_rows in by_class]))
+    kept = [class_rows[:keep] for class_rows in by_class]
+    rows = np.sort(np.concatenate(kept))
     setting = ({"threshold": settings.threshold} if settings.selection == "threshold"
                else {"class_share": settings.class_share})
     stats = {"unlabelled": len(probs), "selection": settings.selection, **setting, "selected": len(rows),
-             "per_class": [int(min(len(r), keep)) for r in by_class],
-             "candidates_per_class": [len(r) for r in by_class],
-             "lowest_confidence_per_class": [float(confidence[r[:keep]].min()) if min(len(r), keep) else None
-                                             for r in by_class],
+             "per_class": [len(k) for k in kept], "candidates_per_class": [len(r) for r in by_class],
+             "lowest_confidence_per_class": [float(confidence[k[-1]]) if len(k) else None for k in kept],  # sorted
              "mean_confidence": float(confidence[rows].mean()) if len(rows) else None}
     return rows, predicted[rows], stats
 
