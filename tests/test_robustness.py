@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import tracemalloc
 from collections.abc import Callable
 from pathlib import Path
 
@@ -250,6 +251,7 @@ def test_a_run_can_keep_no_sample_of_its_training_texts(tmp_path: Path, tiny_rob
     (gzip.compress(b'["a", 3]'), "not a list of at most 20,000 texts"),
     (gzip.compress(json.dumps(["x" * 2_001]).encode()), "not a list of at most 20,000 texts of at most 2,000"),
     (gzip.compress(b" " * 4_000 + b"[]"), "unpacks to more than 0 MiB"),  # a bomb, with the limit at 4,000 bytes
+    (gzip.compress(b'["a"] ["b"]'), "not a list of at most 20,000 texts"),
 ])
 def test_a_kept_sample_that_budgetlora_did_not_write_is_refused(tmp_path: Path, content: bytes, error: str,
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
@@ -259,11 +261,24 @@ def test_a_kept_sample_that_budgetlora_did_not_write_is_refused(tmp_path: Path, 
         read_training_texts(tmp_path)
 
 
+def test_a_sample_of_millions_of_texts_is_refused_before_they_are_built(tmp_path: Path) -> None:
+    """Within the size limit, 3 million empty texts: json.loads would build all of them (a list of 24 MB here, 0.7 GB
+    at the limit) before any check; the reader stops at text 20,001, holding little more than the file's text."""
+    document = b"[" + b'"",' * 3_000_000 + b'""]'
+    (tmp_path / TRAINING_TEXTS_FILE).write_bytes(gzip.compress(document))
+    tracemalloc.start()
+    with pytest.raises(RunFolderError, match="not a list of at most 20,000 texts"):
+        read_training_texts(tmp_path)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 3 * len(document)  # the bytes read and their decoded text (2.1x here); json.loads: 3.7x
+
+
 def test_prediction_stops_on_a_kept_sample_it_cannot_read(tiny_run: Path, news_rows: Rows) -> None:
     """The check is on prediction's path: one line naming the file, before the classifier reads anything."""
     (tiny_run / TRAINING_TEXTS_FILE).write_bytes(gzip.compress(b"[" * 100_000))  # nested past Python's recursion
     texts, logits = _garbled_and_familiar(news_rows)
-    with pytest.raises(RunFolderError, match=f"{TRAINING_TEXTS_FILE} is corrupt"):
+    with pytest.raises(RunFolderError, match=f"{TRAINING_TEXTS_FILE} is not a list of at most 20,000 texts"):
         shift_to_input_priors(tiny_run, texts, logits, "uniform-ood")
 
 

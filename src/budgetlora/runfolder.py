@@ -132,19 +132,54 @@ def read_training_texts(run_dir: Path) -> list[str] | None:
     if not path.is_file():
         return None
     try:
+        data = bytearray()  # grown a chunk at a time: read(limit) would take the limit's memory for any file
         with gzip.open(path, "rb") as handle:
-            data = handle.read(MAX_TRAINING_TEXTS_BYTES + 1)
-        if len(data) > MAX_TRAINING_TEXTS_BYTES:
-            raise RunFolderError(f"{path} unpacks to more than {MAX_TRAINING_TEXTS_BYTES >> 20} MiB: not a file "
-                                 f"budgetlora wrote")
-        texts = json.loads(data)
-    except (OSError, EOFError, zlib.error, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:
+            while chunk := handle.read(1 << 20):
+                data += chunk
+                if len(data) > MAX_TRAINING_TEXTS_BYTES:
+                    raise RunFolderError(f"{path} unpacks to more than {MAX_TRAINING_TEXTS_BYTES >> 20} MiB: not a "
+                                         f"file budgetlora wrote")
+        texts = _text_list(data.decode(), MAX_TRAINING_TEXTS, MAX_TEXT_CHARS)
+    except (OSError, EOFError, zlib.error, UnicodeDecodeError, json.JSONDecodeError) as error:
         raise RunFolderError(f"{path} is corrupt ({error})") from None
-    if not (isinstance(texts, list) and len(texts) <= MAX_TRAINING_TEXTS
-            and all(isinstance(text, str) and len(text) <= MAX_TEXT_CHARS for text in texts)):
+    if texts is None:
         raise RunFolderError(f"{path} is not a list of at most {MAX_TRAINING_TEXTS:,} texts of at most "
                              f"{MAX_TEXT_CHARS:,} characters: not a file budgetlora wrote")
     return texts
+
+
+_WHITESPACE = re.compile(r"[ \t\n\r]*")  # what JSON allows between tokens
+
+
+def _skip_whitespace(document: str, position: int) -> int:
+    return _WHITESPACE.match(document, position).end()
+
+
+def _text_list(document: str, max_texts: int, max_chars: int) -> list[str] | None:
+    """The JSON array of at most `max_texts` strings of at most `max_chars` characters in `document`, else None.
+
+    Read one string at a time (json's own decoder for each), so a hostile file stops at the first element past the
+    limits: json.loads of a file of the allowed size could build a list of tens of millions of items (gigabytes) or
+    recurse into deep nesting before anything is checked."""
+    decoder = json.JSONDecoder()
+    position = _skip_whitespace(document, 0)
+    if not document.startswith("[", position):
+        return None
+    texts: list[str] = []
+    position = _skip_whitespace(document, position + 1)
+    while not document.startswith("]", position):
+        if texts:  # every text after the first follows a comma
+            if not document.startswith(",", position):
+                return None
+            position = _skip_whitespace(document, position + 1)
+        if not document.startswith('"', position) or len(texts) == max_texts:
+            return None
+        text, position = decoder.raw_decode(document, position)
+        if len(text) > max_chars:
+            return None
+        texts.append(text)
+        position = _skip_whitespace(document, position)
+    return texts if _skip_whitespace(document, position + 1) == len(document) else None
 
 
 def latest_checkpoint(run_dir: Path) -> str | None:
