@@ -335,7 +335,7 @@ BF16_ATOL = 5e-2
 def test_bf16_reload_predicts_what_the_trained_model_predicts(tmp_path: Path, tiny_roberta_dir: Path,
                                                               news_rows: Rows) -> None:
     """A run trained with precision auto (bf16), reloaded as evaluate and predict reload it (merged weights, the run's
-    own batch size) for bf16 prediction (on a GPU, what auto means; on a CPU auto predicts in int8: test_quantize.py),
+    own batch size) for bf16 prediction (what auto means on a GPU and on a CPU that multiplies bf16 natively),
     against the model training ended with at the same precision."""
     values = tiny_config_dict(tiny_roberta_dir, tmp_path / "runs", TRAIN_SETTINGS)
     values["train"]["precision"] = "auto"
