@@ -134,6 +134,8 @@ def test_wrong_types_are_errors_naming_the_key(values: dict, dotted_key: str) ->
     ({"self_training": {"class_share": 0}}, "self_training.class_share"),
     ({"self_training": {"class_share": 1.5}}, "self_training.class_share"),
     ({"self_training": {"selection": "entropy"}}, "self_training.selection"),
+    ({"self_training": {"selection": "class_share", "threshold": 0.8}}, "self_training.threshold"),  # not read
+    ({"self_training": {"class_share": 0.3}}, "self_training.class_share"),  # not read by selection: threshold
     ({"train": {"epochs": 0}}, "train.epochs"),
     ({"train": {"learning_rate": 0}}, "train.learning_rate"),
     ({"train": {"batch_size": 0}}, "train.batch_size"),

@@ -198,6 +198,12 @@ class SelfTrainSettings:
         require(0.0 <= self.threshold < 1.0, "self_training.threshold", f"must be in [0, 1), got {self.threshold}")
         require(0.0 < self.class_share <= 1.0, "self_training.class_share",
                 f"must be in (0, 1], got {self.class_share}")
+        # The other selection's setting is not read: a value written for it is a mistake, not a choice (its default
+        # cannot be told apart from a written one, so only a changed value is refused).
+        unused = "class_share" if self.selection == "threshold" else "threshold"
+        require(getattr(self, unused) == SelfTrainSettings.__dataclass_fields__[unused].default,
+                f"self_training.{unused}", f"is read only with self_training.selection: {unused}, not "
+                f"{self.selection}; remove it, or set the selection to {unused}")
         require(self.max_per_class is None or self.max_per_class > 0, "self_training.max_per_class",
                 f"must be > 0, got {self.max_per_class}")
         require(self.weight > 0, "self_training.weight", f"must be > 0, got {self.weight}")
