@@ -7,16 +7,18 @@ Four ways to predict with one trained run, each on 1 thread:
 - default: `runfolder.load(run)` then `run.predict` (LoRA merged, bf16 autocast where the CPU multiplies bf16
   natively, else fp32: the precision is printed beside it);
 - torch int8: `runfolder.load(run, precision="int8")` (modeling.quantize_int8: every nn.Linear dynamically quantised);
-- ORT int8: the graph of `budgetlora export --format onnx` (export_onnx.write_onnx), its weights quantised per channel
-  to QInt8 by onnxruntime.quantization.quantize_dynamic, run by onnxruntime's CPU provider;
+- ORT int8: `runfolder.load(run, precision="int8-onnx")` (onnx_int8.py: the graph of `budgetlora export --format
+  onnx`, its weights quantised per channel to 7-bit QInt8 by onnxruntime.quantization.quantize_dynamic, run by
+  onnxruntime's CPU provider);
 - ORT fused int8: the same graph after onnxruntime.transformers.optimizer's BERT fusions (attention, layer norm,
   GELU), then quantised the same way.
-The ORT ways batch as modeling.predict_logits does: longest-first batches of the run's eval_batch_size, padded to
-their longest text, original order restored. Columns: accuracy on the official AG News test split (7,600 rows), on
-the competition file's 484 labelled generated texts (dev_ood_labels.csv), the share of test labels equal to the
-default's, and samples/s over the test texts, timed after one untimed pass over them (the kernels' first use of each
-batch shape), with its ratio to the default's. The one-time preparation (loading, quantising, exporting, fusing) is
-not timed with prediction: it is printed in its own table. The last line of the output is JSON with every number.
+The fused way batches as modeling.predict_logits does (and so as the others): longest-first batches of the run's
+eval_batch_size, padded to their longest text, original order restored. Columns: accuracy on the official AG News test
+split (7,600 rows), on the competition file's 484 labelled generated texts (dev_ood_labels.csv), the share of test
+labels equal to the default's, and samples/s over the test texts, timed after one untimed pass over them (the kernels'
+first use of each batch shape), with its ratio to the default's. The one-time preparation (loading, quantising,
+exporting, fusing) is not timed with prediction: it is printed in its own table. The last line of the output is JSON
+with every number.
 """
 
 from __future__ import annotations
@@ -32,7 +34,6 @@ from pathlib import Path
 import numpy as np
 import onnxruntime
 import torch
-from onnxruntime.quantization import QuantType, quantize_dynamic
 from onnxruntime.transformers.optimizer import optimize_model
 from shared_data import ROOT, eval_texts
 from table import markdown_table
@@ -42,6 +43,7 @@ from budgetlora import runfolder
 from budgetlora.export import PROBE_TEXTS
 from budgetlora.export_onnx import ONNX_FILE, write_onnx
 from budgetlora.modeling import length_sorted_batches
+from budgetlora.onnx_int8 import quantize_graph
 
 RUNS = ["runs/bench/minilm-no-dropout-s42", "runs/bench/minilm-no-dropout-s43"]
 # Texts of other lengths than the export's example batch: the fused graph must give the plain graph's logits on them.
@@ -78,9 +80,10 @@ class OrtPredictor:
 
 
 def int8_copy(source: Path, target: Path) -> float:
-    """`source` with its weights dynamically quantised per channel to QInt8, written to `target`; the seconds taken."""
+    """`source` with its weights quantised as `--precision int8-onnx` quantises them (onnx_int8.quantize_graph),
+    written to `target`; the seconds taken."""
     started = time.perf_counter()
-    quantize_dynamic(str(source), str(target), per_channel=True, weight_type=QuantType.QInt8)
+    quantize_graph(source, target)
     return time.perf_counter() - started
 
 
@@ -110,12 +113,13 @@ def measure_run(run_dir: Path, threads: int, test_rows: int | None, workdir: Pat
     prepared = {"default": time.perf_counter() - started}
     test_texts, test_labels, dev_texts, dev_labels = eval_texts(run, test_rows)
     notes = {"default": f"runfolder.load ({run.precision})",
-             "torch int8": "runfolder.load(precision=\"int8\"), quantize_int8 included"}
-
-    started = time.perf_counter()
-    int8_run = runfolder.load(run_dir, precision="int8")
-    prepared["torch int8"] = time.perf_counter() - started
-    predictors: dict[str, Predict] = {"default": run.predict, "torch int8": int8_run.predict}
+             "torch int8": "runfolder.load(precision=\"int8\"), quantize_int8 included",
+             "ORT int8": "runfolder.load(precision=\"int8-onnx\"), export and quantisation included"}
+    predictors: dict[str, Predict] = {"default": run.predict}
+    for way, precision in (("torch int8", "int8"), ("ORT int8", "int8-onnx")):
+        started = time.perf_counter()
+        predictors[way] = runfolder.load(run_dir, precision=precision).predict
+        prepared[way] = time.perf_counter() - started
 
     folder = workdir / run_dir.name
     folder.mkdir(parents=True)
@@ -124,9 +128,6 @@ def measure_run(run_dir: Path, threads: int, test_rows: int | None, workdir: Pat
                PROBE_TEXTS)
     exported = time.perf_counter() - started
     plain = folder / ONNX_FILE
-    prepared["ORT int8"] = exported + int8_copy(plain, folder / "int8.onnx")
-    predictors["ORT int8"] = OrtPredictor(folder / "int8.onnx", run, threads)
-    notes["ORT int8"] = f"export {exported:.1f} s + quantise {prepared['ORT int8'] - exported:.1f} s"
 
     fuse_s, fused_ops = fused_copy(plain, folder / "fused.onnx", run)
     # The fusions must not change the fp32 graph's logits: checked on texts of other lengths than the export's.

@@ -1,20 +1,26 @@
-"""int8 prediction (modeling.quantize_int8: the linear layers dynamically quantised) on a tiny trained run: asked for
-with --precision int8 (never the default: it changes some labels), serving, and the refused combinations."""
+"""int8 prediction on a tiny trained run: torch's (modeling.quantize_int8: the linear layers dynamically quantised) and
+onnxruntime's (onnx_int8.py), asked for with --precision int8 / int8-onnx (never the default: they change some
+labels), serving, and the refused combinations."""
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 import torch
 from fastapi.testclient import TestClient
+from torch import nn
 from torch.ao.nn.quantized.dynamic import Linear as DynamicInt8Linear
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from budgetlora.cli import main
 from budgetlora.config import ConfigError, RunConfig, from_dict
 from budgetlora.hardware import INT8_ENGINE, resolve_predict_precision
 from budgetlora.modeling import predict_logits
+from budgetlora.onnx_int8 import OnnxInt8Classifier, write_int8_graph
 from budgetlora.runfolder import Run, load
 from budgetlora.serve import create_app
 from budgetlora.train import train
@@ -101,15 +107,56 @@ def test_serve_int8(auto_run: Path, runs: dict[str, Run], texts: list[str]) -> N
         assert client.get("/health").json()["precision"] in ("bf16", "fp32")
 
 
-def test_int8_on_a_gpu_is_refused() -> None:
-    with pytest.raises(ConfigError, match=r"--precision int8: int8 prediction runs on the CPU only"):
-        resolve_predict_precision("int8", torch.device("cuda"))
-    assert resolve_predict_precision("auto", torch.device("cpu")) != "int8"  # int8 only when asked for
+def test_int8_onnx_runs_the_quantised_graph_in_onnxruntime(auto_run: Path, runs: dict[str, Run], texts: list[str],
+                                                           tmp_path: Path) -> None:
+    graph = write_int8_graph(runs["fp32"].model, runs["fp32"].tokenizer, tmp_path, max_length=64)
+    operators = [node.op_type for node in onnx.load(graph).graph.node]
+    linear_layers = sum(isinstance(module, nn.Linear) for module in runs["fp32"].model.modules())
+    assert operators.count("MatMulInteger") == linear_layers  # every weight in int8 (attention's products stay float)
+    # Activations are quantised a batch at a time, so a label can depend on the batch: every path below predicts the
+    # same batches (the texts as the reader gives them, stripped; serve's 48 texts against the same 48).
+    texts = [text.strip() for text in texts]
+    source = write_csv(tmp_path / "texts.csv", ["text"], [(text,) for text in texts])
+    output = tmp_path / "predicted.csv"
+    assert main(["predict", "--run", str(auto_run), "--input", str(source), "--output", str(output),
+                 "--precision", "int8-onnx"]) == 0
+    with TestClient(create_app(auto_run, precision="int8-onnx")) as client:
+        assert client.get("/health").json()["precision"] == "int8-onnx"
+        served = client.post("/predict", json={"texts": texts[:48]}).json()["labels"]
+    onnx_run = load(auto_run, precision="int8-onnx")
+    logits, fp32_logits = onnx_run.predict(texts), runs["fp32"].predict(texts)
+    assert written_labels(output) == logits.argmax(-1).tolist()
+    assert served == onnx_run.predict(texts[:48]).argmax(-1).tolist()
+    assert np.abs(logits - fp32_logits).max() > 1e-4  # int8 really ran: its rounding shows in the logits
+    assert agreement(logits.argmax(-1), fp32_logits.argmax(-1)) >= MIN_AGREEMENT
+
+
+def test_int8_onnx_feeds_a_bert_graph_its_token_types(tiny_bert_dir: Path, texts: list[str]) -> None:
+    """BERT's graph takes token_type_ids, which prediction's batches do not carry: zeros, as the model assumes."""
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_bert_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_bert_dir)
+    logits = predict_logits(OnnxInt8Classifier(model, tokenizer, 64), tokenizer, texts, max_length=64,
+                            precision="int8-onnx")
+    fp32 = predict_logits(model, tokenizer, texts, max_length=64, precision="fp32")
+    assert np.corrcoef(logits.ravel(), fp32.ravel())[0, 1] > 0.95
+
+
+def test_int8_onnx_without_onnxruntime_names_the_extra(auto_run: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # an import of it fails, as where it is not installed
+    with pytest.raises(ConfigError, match=r"--precision int8-onnx needs onnxruntime: pip install 'budgetlora\[onnx\]'"):
+        load(auto_run, precision="int8-onnx")
+
+
+@pytest.mark.parametrize("precision", ["int8", "int8-onnx"])
+def test_int8_on_a_gpu_is_refused(precision: str) -> None:
+    with pytest.raises(ConfigError, match=rf"--precision {precision}: int8 prediction runs on the CPU only"):
+        resolve_predict_precision(precision, torch.device("cuda"))
+    assert not resolve_predict_precision("auto", torch.device("cpu")).startswith("int8")  # only when asked for
 
 
 def test_an_unknown_precision_is_refused_naming_the_option(auto_run: Path,
                                                            capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["serve", "--run", str(auto_run), "--port", "0", "--precision", "int4"]) == 2
-    assert "--precision 'int4': expected one of auto, fp32, bf16, fp16, int8" in capsys.readouterr().err
+    assert "--precision 'int4': expected one of auto, fp32, bf16, fp16, int8, int8-onnx" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="--precision 'fp8'"):
         load(auto_run, precision="fp8")

@@ -276,7 +276,7 @@ def test_a_sample_of_millions_of_texts_is_refused_before_they_are_built(tmp_path
 
 def test_prediction_stops_on_a_kept_sample_it_cannot_read(tiny_run: Path, news_rows: Rows) -> None:
     """The check is on prediction's path: one line naming the file, before the classifier reads anything."""
-    (tiny_run / TRAINING_TEXTS_FILE).write_bytes(gzip.compress(b"[" * 100_000))  # nested past Python's recursion
+    (tiny_run / TRAINING_TEXTS_FILE).write_bytes(gzip.compress(b"[" * 100_000))  # deeply nested: not a list of texts
     texts, logits = _garbled_and_familiar(news_rows)
     with pytest.raises(RunFolderError, match=f"{TRAINING_TEXTS_FILE} is not a list of at most 20,000 texts"):
         shift_to_input_priors(tiny_run, texts, logits, "uniform-ood")

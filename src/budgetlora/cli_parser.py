@@ -37,10 +37,11 @@ def build_parser() -> argparse.ArgumentParser:
     run_help = "run folder, as train wrote it (runs/<name>)"
     # The values are checked where they are used (hardware.resolve_predict_precision): importing them here would
     # import torch before `--help`.
-    precision_help = ("what prediction computes in: auto, int8 (the linear layers dynamically quantised; CPU only), "
-                      "bf16, fp16 or fp32; default: the run's train.precision (auto: bf16 where the hardware has it, "
-                      "else fp16 on a GPU, fp32 on a CPU). int8 on two real MiniLM runs: 1.2-1.4x bf16's speed, "
-                      "98.6%% of labels the same, accuracy 0.0-0.4 points lower")
+    precision_help = ("what prediction computes in: auto, bf16, fp16, fp32, int8 (the linear layers dynamically "
+                      "quantised by torch; CPU only) or int8-onnx (onnxruntime with int8 weights; CPU only; the onnx "
+                      "extra; an export of 10 s or more at load); default: the run's train.precision (auto: bf16 "
+                      "where the hardware has it, else fp16 on a GPU, fp32 on a CPU). On two real MiniLM runs int8 "
+                      "changed 1.1%% of the labels, int8-onnx 0.5-0.8%% (README, 'int8 prediction')")
     trust_help = "unpickle a .pkl input without restriction (it can run code); default: datasets/DataFrames only"
     shift_help = ("adjust predictions to the input's class priors: em estimates them (Saerens et al. 2002, after "
                   "calibration on the validation rows); uniform imposes equal priors, for an input balanced by "

@@ -29,8 +29,8 @@ INPUT_ORDER = ("input_ids", "attention_mask", "token_type_ids")
 SINGLE_FILE_LIMIT = 1_800_000_000
 
 
-def require_onnx() -> None:
-    """Fail early, before any weights are read, where the onnx extra is not installed."""
+def require_onnx(option: str = "--format onnx") -> None:
+    """Fail early, before any weights are read, where the onnx extra is not installed; `option`: what needs it."""
     missing = []
     for module in ("onnx", "onnxruntime", "onnxscript"):
         try:
@@ -38,7 +38,7 @@ def require_onnx() -> None:
         except ImportError:
             missing.append(module)
     if missing:
-        raise ConfigError(f"--format onnx needs {', '.join(missing)}: pip install 'budgetlora[onnx]'")
+        raise ConfigError(f"{option} needs {', '.join(missing)}: pip install 'budgetlora[onnx]'")
 
 
 class TensorLogits(nn.Module):
@@ -81,9 +81,9 @@ def _quiet_exporter() -> Iterator[None]:
         onnx_log.setLevel(level)
 
 
-def write_onnx(model: nn.Module, tokenizer: PreTrainedTokenizerBase, folder: Path, label_names: list[str],
-               max_length: int, probe_texts: list[str]) -> None:
-    """model.onnx, the tokenizer and labels.json in `folder` (export.py then checks it with onnxruntime)."""
+def export_graph(model: nn.Module, tokenizer: PreTrainedTokenizerBase, path: Path, max_length: int,
+                 probe_texts: list[str]) -> None:
+    """The model as an fp32 ONNX graph at `path`, batch and sequence axes dynamic."""
     names = input_names(tokenizer)
     model = model.float().eval().to("cpu")  # fp32 graph: onnxruntime's CPU kernels lack bf16 for most ops
     # Two texts of different lengths: a padded example batch, so no axis is traced as a size-1 constant.
@@ -91,10 +91,17 @@ def write_onnx(model: nn.Module, tokenizer: PreTrainedTokenizerBase, folder: Pat
                                                                         names).items()}
     size = sum(p.numel() * p.element_size() for p in model.parameters())
     with _quiet_exporter():
-        torch.onnx.export(TensorLogits(model).eval(), tuple(example[name] for name in names), str(folder / ONNX_FILE),
+        torch.onnx.export(TensorLogits(model).eval(), tuple(example[name] for name in names), str(path),
                           input_names=names, output_names=["logits"], dynamo=True, verbose=False,
                           dynamic_shapes={name: {0: "batch", 1: "sequence"} for name in names},
                           external_data=size > SINGLE_FILE_LIMIT)
+
+
+def write_onnx(model: nn.Module, tokenizer: PreTrainedTokenizerBase, folder: Path, label_names: list[str],
+               max_length: int, probe_texts: list[str]) -> None:
+    """model.onnx, the tokenizer and labels.json in `folder` (export.py then checks it with onnxruntime)."""
+    names = input_names(tokenizer)
+    export_graph(model, tokenizer, folder / ONNX_FILE, max_length, probe_texts)
     tokenizer.save_pretrained(folder)
     (folder / LABELS_FILE).write_text(json.dumps({
         "label_names": label_names, "id2label": dict(enumerate(label_names)),

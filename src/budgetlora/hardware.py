@@ -12,8 +12,8 @@ from .config import ConfigError
 
 # What --device takes: the CPU, the first visible GPU, or the GPU of that index.
 DEVICE_CHOICE = re.compile(r"cpu|cuda(?::(\d+))?")
-# What prediction can run in (--precision of predict, evaluate and serve); training takes all but int8.
-PREDICT_PRECISIONS = ("auto", "fp32", "bf16", "fp16", "int8")
+# What prediction can run in (--precision of predict, evaluate and serve); training takes all but the int8 ones.
+PREDICT_PRECISIONS = ("auto", "fp32", "bf16", "fp16", "int8", "int8-onnx")
 # torch's quantized engine that int8 prediction packs its weights for (fbgemm's kernels on x86 CPUs; onednn was
 # measured no faster).
 INT8_ENGINE = "x86"
@@ -88,17 +88,24 @@ def resolve_precision(requested: str) -> str:
 
 
 def resolve_predict_precision(requested: str, on: torch.device) -> str:
-    """Prediction's precision on device `on`: `requested` (PREDICT_PRECISIONS) as resolve_precision reads it, or
-    "int8" (the linear layers dynamically quantised: modeling.quantize_int8), on an x86 CPU only and only when asked:
-    1.2-1.4x bf16's speed on a CPU with bf16 (2.3-2.5x fp32's without), but it changes about 1.4% of the labels of a
-    real run (docs/results.md), so "auto" keeps the precision the model was validated in."""
+    """Prediction's precision on device `on`: `requested` (PREDICT_PRECISIONS) as resolve_precision reads it, or an
+    int8 one, on a CPU only and only when asked, because it changes some labels of a real run (README, "int8
+    prediction"): "int8", the linear layers dynamically quantised by torch (modeling.quantize_int8; x86 CPUs), or
+    "int8-onnx", onnxruntime running the exported graph with int8 weights (onnx_int8.py; the onnx extra), the one
+    that changes fewer labels. So "auto" keeps the precision the model was validated in."""
     if requested not in PREDICT_PRECISIONS:
         raise ConfigError(f"--precision {requested!r}: expected one of {', '.join(PREDICT_PRECISIONS)}")
-    if requested != "int8":
+    if not requested.startswith("int8"):
         return resolve_precision(requested)
     if on.type != "cpu":
-        raise ConfigError(f"--precision int8: int8 prediction runs on the CPU only (torch's dynamic quantisation has "
-                          f"no {on.type} kernels); here use auto, bf16 or fp16, or --device cpu for int8")
+        raise ConfigError(f"--precision {requested}: int8 prediction runs on the CPU only (torch's dynamic "
+                          f"quantisation has no {on.type} kernels; budgetlora runs onnxruntime's CPU provider only); "
+                          f"here use auto, bf16 or fp16, or --device cpu for {requested}")
+    if requested == "int8-onnx":
+        from .export_onnx import require_onnx
+
+        require_onnx("--precision int8-onnx")
+        return requested
     if INT8_ENGINE not in torch.backends.quantized.supported_engines:
         raise ConfigError(f"--precision int8: this CPU has no {INT8_ENGINE!r} quantized engine (torch's int8 kernels "
                           f"for x86); use auto, bf16 or fp32")
@@ -107,7 +114,7 @@ def resolve_predict_precision(requested: str, on: torch.device) -> str:
 
 def autocast(precision: str, on: torch.device) -> contextlib.AbstractContextManager:
     """Mixed-precision context for inference; the master weights stay fp32 (int8 layers take fp32 activations)."""
-    if precision in ("fp32", "int8"):
+    if precision in ("fp32", "int8", "int8-onnx"):
         return contextlib.nullcontext()
     dtype = torch.bfloat16 if precision == "bf16" else torch.float16
     return torch.autocast(device_type=on.type, dtype=dtype)

@@ -214,8 +214,8 @@ class Run:
     config: RunConfig
     model: nn.Module  # float weights, LoRA merged unless loaded with merge=False: what export writes
     tokenizer: PreTrainedTokenizerBase  # its model_max_length is the run's model.max_length
-    precision: str  # what predict runs in: fp32, bf16, fp16 or int8 (hardware.resolve_predict_precision)
-    predictor: nn.Module  # what predict runs: `model`, or its int8 copy (modeling.quantize_int8)
+    precision: str  # what predict runs in: fp32, bf16, fp16, int8 or int8-onnx (hardware.resolve_predict_precision)
+    predictor: nn.Module  # what predict runs: `model`, or its int8 form (modeling.quantize_int8, onnx_int8.py)
 
     @property
     def label_names(self) -> list[str]:
@@ -233,7 +233,7 @@ def load(run_dir: Path, *, config: RunConfig | None = None, merge: bool = True, 
 
     `config`: the run's config as read_config returned it (read once by callers that need it before the weights);
     None reads it here. merge=True folds the LoRA weights into the base layers: inference costs what the bare model
-    costs. `precision`: what Run.predict runs in (hardware.PREDICT_PRECISIONS: int8 only when asked for); None: the
+    costs. `precision`: what Run.predict runs in (hardware.PREDICT_PRECISIONS: int8 ones only when asked for); None: the
     run's train.precision (hardware.resolve_predict_precision). Checked before any weights are read.
     """
     run_dir = Path(run_dir)
@@ -251,7 +251,18 @@ def load(run_dir: Path, *, config: RunConfig | None = None, merge: bool = True, 
     tokenizer = load_tokenizer(config.model)
     tokenizer.model_max_length = config.model.max_length
     log.info("prediction precision: %s (asked: %s)", precision, requested)
-    return Run(run_dir, config, model, tokenizer, precision, quantize_int8(model) if precision == "int8" else model)
+    return Run(run_dir, config, model, tokenizer, precision, _predictor(model, tokenizer, config, precision))
+
+
+def _predictor(model: nn.Module, tokenizer: PreTrainedTokenizerBase, config: RunConfig, precision: str) -> nn.Module:
+    """What Run.predict runs at `precision`: the model itself, or its int8 form."""
+    if precision == "int8":
+        return quantize_int8(model)
+    if precision == "int8-onnx":
+        from .onnx_int8 import OnnxInt8Classifier  # onnxruntime: an extra, imported where it is asked for
+
+        return OnnxInt8Classifier(model, tokenizer, config.model.max_length)
+    return model
 
 
 def check_finite_logits(run_dir: Path, chunks: Iterable[np.ndarray]) -> None:
