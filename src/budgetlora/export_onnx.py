@@ -67,18 +67,21 @@ def _encode(tokenizer: PreTrainedTokenizerBase, texts: list[str], max_length: in
 
 @contextlib.contextmanager
 def _quiet_exporter() -> Iterator[None]:
-    """The exporter logs each stage and a warning per torchvision operator it cannot register, warns that the inputs
-    share their axes (they do: one batch size, one sequence length) and about its own deprecations: not news."""
-    onnx_log = logging.getLogger("torch.onnx")
-    level = onnx_log.level
-    onnx_log.setLevel(logging.ERROR)
+    """The exporter logs each stage and a warning per torchvision operator it cannot register, its graph passes
+    (onnxscript, onnx_ir) a line per folded node or merged initializer, and it warns that the inputs share their axes
+    (they do: one batch size, one sequence length) and about its own deprecations: not news."""
+    loggers = [logging.getLogger(name) for name in ("torch.onnx", "onnxscript", "onnx_ir")]
+    levels = [log.level for log in loggers]
+    for log in loggers:
+        log.setLevel(logging.ERROR)
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=r"# The axis name: \w+ will not be used")
             warnings.filterwarnings("ignore", message=r".*LeafSpec.* is deprecated", category=FutureWarning)
             yield
     finally:
-        onnx_log.setLevel(level)
+        for log, level in zip(loggers, levels, strict=True):
+            log.setLevel(level)
 
 
 def export_graph(model: nn.Module, tokenizer: PreTrainedTokenizerBase, path: Path, max_length: int,
