@@ -66,22 +66,28 @@ def _encode(tokenizer: PreTrainedTokenizerBase, texts: list[str], max_length: in
 
 
 @contextlib.contextmanager
-def _quiet_exporter() -> Iterator[None]:
-    """The exporter logs each stage and a warning per torchvision operator it cannot register, its graph passes
-    (onnxscript, onnx_ir) a line per folded node or merged initializer, and it warns that the inputs share their axes
-    (they do: one batch size, one sequence length) and about its own deprecations: not news."""
-    loggers = [logging.getLogger(name) for name in ("torch.onnx", "onnxscript", "onnx_ir")]
+def errors_only(*logger_names: str) -> Iterator[None]:
+    """The named loggers ("" is the root logger) log errors only while the block runs."""
+    loggers = [logging.getLogger(name) for name in logger_names]
     levels = [log.level for log in loggers]
     for log in loggers:
         log.setLevel(logging.ERROR)
     try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=r"# The axis name: \w+ will not be used")
-            warnings.filterwarnings("ignore", message=r".*LeafSpec.* is deprecated", category=FutureWarning)
-            yield
+        yield
     finally:
         for log, level in zip(loggers, levels, strict=True):
             log.setLevel(level)
+
+
+@contextlib.contextmanager
+def _quiet_exporter() -> Iterator[None]:
+    """The exporter logs each stage and a warning per torchvision operator it cannot register, its graph passes
+    (onnxscript, onnx_ir) a line per folded node or merged initializer, and it warns that the inputs share their axes
+    (they do: one batch size, one sequence length) and about its own deprecations: not news."""
+    with errors_only("torch.onnx", "onnxscript", "onnx_ir"), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"# The axis name: \w+ will not be used")
+        warnings.filterwarnings("ignore", message=r".*LeafSpec.* is deprecated", category=FutureWarning)
+        yield
 
 
 def export_graph(model: nn.Module, tokenizer: PreTrainedTokenizerBase, path: Path, max_length: int,

@@ -9,10 +9,7 @@ run folder would be one more file from elsewhere to trust.
 
 from __future__ import annotations
 
-import contextlib
-import logging
 import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -21,21 +18,9 @@ from transformers import PretrainedConfig, PreTrainedTokenizerBase
 from transformers.modeling_outputs import SequenceClassifierOutput
 
 from .export import PROBE_TEXTS, check_onnx_graph
-from .export_onnx import ONNX_FILE, export_graph, input_names
+from .export_onnx import ONNX_FILE, errors_only, export_graph, input_names
 
 INT8_GRAPH = "model-int8.onnx"
-
-
-@contextlib.contextmanager
-def _root_logger_quiet() -> Iterator[None]:
-    """onnxruntime.quantization logs on the root logger, at every quantisation, advice to pre-process the graph."""
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        root.setLevel(level)
 
 
 def quantize_graph(source: Path, target: Path) -> None:
@@ -47,7 +32,7 @@ def quantize_graph(source: Path, target: Path) -> None:
     instead)."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    with _root_logger_quiet():
+    with errors_only(""):  # onnxruntime.quantization advises pre-processing, on the root logger, every time
         quantize_dynamic(source, target, per_channel=True, reduce_range=True, weight_type=QuantType.QInt8)
 
 
