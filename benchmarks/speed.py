@@ -12,7 +12,9 @@ Pipelines:
 - budgetlora: configs/roberta-base-agnews.yaml (MiniLM: configs/quickstart.yaml): dynamic padding, length-grouped
   batches, bf16 autocast where the hardware has it, SDPA; prediction merged, length-sorted, inference_mode. Its
   prediction is timed in its default precision (bf16 where the hardware has it, else fp32) and, on a CPU, in int8
-  (`--precision int8`, opt-in: it changes about 1.4% of the labels), each after an untimed pass over the same texts.
+  (both opt-in: `--precision int8`, torch's, changes about 1.4% of the labels; `--precision int8-onnx`,
+  onnxruntime's, about 0.5-0.8%, and its load exports the graph, timed apart), each after an untimed pass over the
+  same texts.
 Training speed is timed over --steps optimizer steps after --warmup steps, inside the real `budgetlora.train` (so
 collation, sampling and the optimizer count). budgetlora's timed run follows an untimed run over the same batches
 (steady state, as in a long run; --cold times the first run instead). "bare forward" runs the frozen base model alone
@@ -198,6 +200,10 @@ def measure(model_name: str, pipeline: str, steps: int, warmup: int, predict_row
     elif pipeline == "budgetlora":  # int8 runs on a CPU only
         figures["int8_predict_samples_per_s"] = timed_predict(
             runfolder.load(result.run_dir, precision="int8").predict, texts)
+        started = time.perf_counter()
+        int8_onnx = runfolder.load(result.run_dir, precision="int8-onnx")  # exports, checks and quantises: timed apart
+        figures["int8_onnx_load_s"] = time.perf_counter() - started
+        figures["int8_onnx_predict_samples_per_s"] = timed_predict(int8_onnx.predict, texts)
     return figures
 
 
@@ -311,11 +317,16 @@ def main() -> None:
           *([r["cuda_max_allocated_gib"]] if gpu else [])] for r in results]))
     int8 = [r for r in results if "int8_predict_samples_per_s" in r]
     if int8:
-        print("\nint8 prediction (budgetlora, the same texts; int8: --precision int8, opt-in):\n")
+        print("\nint8 prediction (budgetlora, the same texts; both opt-in: --precision int8 is torch's, "
+              "--precision int8-onnx onnxruntime's, whose load exports the graph):\n")
         print(markdown_table(["model", "default precision", "merged predict samples/s", "int8 predict samples/s",
-                              "int8 / default"],
+                              "int8 / default", "int8-onnx predict samples/s", "int8-onnx / default",
+                              "int8-onnx load s"],
                              [[r["model"], r["precision"], r["predict_samples_per_s"], r["int8_predict_samples_per_s"],
-                               r["int8_predict_samples_per_s"] / r["predict_samples_per_s"]] for r in int8]))
+                               r["int8_predict_samples_per_s"] / r["predict_samples_per_s"],
+                               r["int8_onnx_predict_samples_per_s"],
+                               r["int8_onnx_predict_samples_per_s"] / r["predict_samples_per_s"],
+                               r["int8_onnx_load_s"]] for r in int8]))
     ends = [r for r in results if "e2e_train_s" in r]
     if ends:
         print(f"\nend to end: train one epoch of {args.e2e_rows:,} real rows, then predict {args.e2e_texts:,} "
@@ -329,7 +340,7 @@ def main() -> None:
     if len(args.pipelines) == 2:
         print()
         names = ["train speed-up", "predict speed-up", "predict time / bare forward time", "peak RSS ratio",
-                 "int8 / default predict", "end-to-end speed-up"]
+                 "int8 / default predict", "int8-onnx / default predict", "end-to-end speed-up"]
         print(markdown_table(["model", *names], [[model_name, *(ratios[model_name].get(key, "-") for key in RATIOS)]
                                                  for model_name in args.models]))
         print("\ntargets (roberta-base shape): train ratio >= 20, predict ratio >= 15, predict time <= 1.15 x bare "
@@ -339,7 +350,7 @@ def main() -> None:
 
 
 RATIOS = ("train_speedup", "predict_speedup", "predict_vs_bare", "peak_rss_ratio", "int8_predict_speedup",
-          "end_to_end_speedup")
+          "int8_onnx_predict_speedup", "end_to_end_speedup")
 
 
 def model_ratios(results: list[dict]) -> dict[str, float]:
@@ -358,6 +369,7 @@ def model_ratios(results: list[dict]) -> dict[str, float]:
                                             / (ours["e2e_train_s"] + ours["e2e_predict_s"]))
     if ours and "int8_predict_samples_per_s" in ours:
         ratios["int8_predict_speedup"] = ours["int8_predict_samples_per_s"] / ours["predict_samples_per_s"]
+        ratios["int8_onnx_predict_speedup"] = ours["int8_onnx_predict_samples_per_s"] / ours["predict_samples_per_s"]
     return {key: round(ratios[key], 3) for key in RATIOS if key in ratios}
 
 
