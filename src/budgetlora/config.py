@@ -208,6 +208,11 @@ class SelfTrainSettings:
                 f"must be > 0, got {self.max_per_class}")
         require(self.weight > 0, "self_training.weight", f"must be > 0, got {self.weight}")
 
+    @property
+    def cut_off(self) -> float:
+        """The selection's own setting: self_training.threshold or .class_share (a selection is named after it)."""
+        return getattr(self, self.selection)
+
 
 @dataclass
 class TrainSettings:

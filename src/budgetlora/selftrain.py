@@ -52,10 +52,9 @@ def select_pseudo_labels(probs: np.ndarray, settings: SelfTrainSettings) -> tupl
         keep = min(keep, settings.max_per_class)
     kept = [class_rows[:keep] for class_rows in by_class]
     rows = np.sort(np.concatenate(kept))
-    setting = ({"threshold": settings.threshold} if settings.selection == "threshold"
-               else {"class_share": settings.class_share})
-    stats = {"unlabelled": len(probs), "selection": settings.selection, **setting, "selected": len(rows),
-             "per_class": [len(k) for k in kept], "candidates_per_class": [len(r) for r in by_class],
+    stats = {"unlabelled": len(probs), "selection": settings.selection, settings.selection: settings.cut_off,
+             "selected": len(rows), "per_class": [len(k) for k in kept],
+             "candidates_per_class": [len(r) for r in by_class],
              "lowest_confidence_per_class": [float(confidence[k[-1]]) if len(k) else None for k in kept],  # sorted
              "mean_confidence": float(confidence[rows].mean()) if len(rows) else None}
     return rows, predicted[rows], stats
@@ -66,8 +65,8 @@ def selection_warning(stats: dict[str, Any], settings: SelfTrainSettings, label_
     the model is rarely sure of sets the count for all: on MPNet-base, 76 of 4,217; docs/results.md)."""
     candidates = stats["candidates_per_class"]
     balanced = len(candidates) * min(candidates)  # what balancing leaves, before any max_per_class cap
-    chosen_by = (f"above self_training.threshold={settings.threshold}" if settings.selection == "threshold"
-                 else f"in each class's top self_training.class_share={settings.class_share}")
+    where = "above" if settings.selection == "threshold" else "in each class's top"
+    chosen_by = f"{where} self_training.{settings.selection}={settings.cut_off}"
     if settings.balance and balanced < sum(candidates) / 4:
         rarest = int(np.argmin(candidates))
         if settings.selection == "threshold":
