@@ -109,10 +109,6 @@ def test_serve_int8(auto_run: Path, runs: dict[str, Run], texts: list[str]) -> N
 
 def test_int8_onnx_runs_the_quantised_graph_in_onnxruntime(auto_run: Path, runs: dict[str, Run], texts: list[str],
                                                            tmp_path: Path) -> None:
-    graph = write_int8_graph(runs["fp32"].model, runs["fp32"].tokenizer, tmp_path, max_length=64)
-    operators = [node.op_type for node in onnx.load(graph).graph.node]
-    linear_layers = sum(isinstance(module, nn.Linear) for module in runs["fp32"].model.modules())
-    assert operators.count("MatMulInteger") == linear_layers  # every weight in int8 (attention's products stay float)
     # Activations are quantised a batch at a time, so a label can depend on the batch: every path below predicts the
     # same batches (the texts as the reader gives them, stripped; serve's 48 texts against the same 48).
     texts = [text.strip() for text in texts]
@@ -131,11 +127,15 @@ def test_int8_onnx_runs_the_quantised_graph_in_onnxruntime(auto_run: Path, runs:
     assert agreement(logits.argmax(-1), fp32_logits.argmax(-1)) >= MIN_AGREEMENT
 
 
-def test_int8_onnx_feeds_a_bert_graph_its_token_types(tiny_bert_dir: Path, texts: list[str]) -> None:
-    """BERT's graph takes token_type_ids, which prediction's batches do not carry: zeros, as the model assumes."""
+def test_int8_onnx_feeds_a_bert_graph_its_token_types(tiny_bert_dir: Path, texts: list[str], tmp_path: Path) -> None:
+    """BERT's graph takes token_type_ids, which prediction's batches do not carry: zeros, as the model assumes. And
+    the graph holds every weight in int8: one MatMulInteger per linear layer (attention's products stay float)."""
     model = AutoModelForSequenceClassification.from_pretrained(tiny_bert_dir).eval()
     tokenizer = AutoTokenizer.from_pretrained(tiny_bert_dir)
-    logits = predict_logits(OnnxInt8Classifier(model, tokenizer, 64), tokenizer, texts, max_length=64,
+    graph = write_int8_graph(model, tokenizer, tmp_path, max_length=64)
+    operators = [node.op_type for node in onnx.load(graph).graph.node]
+    assert operators.count("MatMulInteger") == sum(isinstance(module, nn.Linear) for module in model.modules())
+    logits = predict_logits(OnnxInt8Classifier(graph, model.config, tokenizer), tokenizer, texts, max_length=64,
                             precision="int8-onnx")
     fp32 = predict_logits(model, tokenizer, texts, max_length=64, precision="fp32")
     assert np.corrcoef(logits.ravel(), fp32.ravel())[0, 1] > 0.95

@@ -27,9 +27,9 @@ def quantize_graph(source: Path, target: Path) -> None:
     """`source`'s weights quantised per output channel to int8 on 7 bits (reduce_range), written to `target`.
 
     7 bits: a CPU without VNNI (AVX2 only) multiplies uint8 activations by int8 weights in pairs summed in 16 bits,
-    which saturate when both are near full range; on the tests' tiny RoBERTa, 8-bit weights kept the float model's
-    label on 71% of texts, 7-bit ones on 96% (torch's int8 keeps 8-bit weights and quantises the activations on 7 bits
-    instead)."""
+    which saturate when both are near full range: with 8-bit weights the tests' tiny RoBERTa misses
+    tests/test_quantize.py's agreement with the float model on such a CPU (torch's int8 keeps 8-bit weights and
+    quantises the activations on 7 bits instead)."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     with errors_only(""):  # onnxruntime.quantization advises pre-processing, on the root logger, every time
@@ -44,22 +44,28 @@ def write_int8_graph(model: nn.Module, tokenizer: PreTrainedTokenizerBase, folde
     return folder / INT8_GRAPH
 
 
+def int8_onnx_classifier(model: nn.Module, tokenizer: PreTrainedTokenizerBase, max_length: int) -> OnnxInt8Classifier:
+    """`model` as its int8 graph (write_int8_graph) in an onnxruntime session; the graph files, in a temporary folder,
+    are gone once the session holds the graph."""
+    with tempfile.TemporaryDirectory(prefix="budgetlora-int8-onnx-") as folder:
+        return OnnxInt8Classifier(write_int8_graph(model, tokenizer, Path(folder), max_length), model.config,
+                                  tokenizer)
+
+
 class OnnxInt8Classifier(nn.Module):
     """A classifier's int8 ONNX graph in an onnxruntime session, called as the model is (input tensors in, an output
     with .logits out), so modeling.predict_logits batches it as it batches the model. The session runs on as many
     threads as torch."""
 
-    def __init__(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, max_length: int) -> None:
+    def __init__(self, graph: Path, config: PretrainedConfig, tokenizer: PreTrainedTokenizerBase) -> None:
         import onnxruntime
 
         super().__init__()
-        self.config: PretrainedConfig = model.config
+        self.config = config
         options = onnxruntime.SessionOptions()
         options.intra_op_num_threads = torch.get_num_threads()
         options.log_severity_level = 3  # errors only: not its notes on the graph's unused initializers
-        with tempfile.TemporaryDirectory(prefix="budgetlora-int8-onnx-") as folder:
-            graph = write_int8_graph(model, tokenizer, Path(folder), max_length)
-            self.session = onnxruntime.InferenceSession(str(graph), options, providers=["CPUExecutionProvider"])
+        self.session = onnxruntime.InferenceSession(str(graph), options, providers=["CPUExecutionProvider"])
         self.inputs = input_names(tokenizer)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,

@@ -259,9 +259,9 @@ def _predictor(model: nn.Module, tokenizer: PreTrainedTokenizerBase, config: Run
     if precision == "int8":
         return quantize_int8(model)
     if precision == "int8-onnx":
-        from .onnx_int8 import OnnxInt8Classifier  # onnxruntime: an extra, imported where it is asked for
+        from .onnx_int8 import int8_onnx_classifier  # onnxruntime: an extra, imported where it is asked for
 
-        return OnnxInt8Classifier(model, tokenizer, config.model.max_length)
+        return int8_onnx_classifier(model, tokenizer, config.model.max_length)
     return model
 
 
