@@ -127,7 +127,8 @@ def test_int8_onnx_runs_the_quantised_graph_in_onnxruntime(auto_run: Path, runs:
     assert agreement(logits.argmax(-1), fp32_logits.argmax(-1)) >= MIN_AGREEMENT
 
 
-def test_int8_onnx_feeds_a_bert_graph_its_token_types(tiny_bert_dir: Path, texts: list[str], tmp_path: Path) -> None:
+def test_int8_onnx_on_bert_quantises_every_linear_layer_and_feeds_token_types(tiny_bert_dir: Path, texts: list[str],
+                                                                              tmp_path: Path) -> None:
     """BERT's graph takes token_type_ids, which prediction's batches do not carry: zeros, as the model assumes. And
     the graph holds every weight in int8: one MatMulInteger per linear layer (attention's products stay float)."""
     model = AutoModelForSequenceClassification.from_pretrained(tiny_bert_dir).eval()
