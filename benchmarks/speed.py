@@ -12,9 +12,9 @@ Pipelines:
 - budgetlora: configs/roberta-base-agnews.yaml (MiniLM: configs/quickstart.yaml): dynamic padding, length-grouped
   batches, bf16 autocast where the hardware has it, SDPA; prediction merged, length-sorted, inference_mode. Its
   prediction is timed in its default precision (bf16 where the hardware has it, else fp32) and, on a CPU, in int8
-  (both opt-in: `--precision int8`, torch's, changes about 1.4% of the labels; `--precision int8-onnx`,
-  onnxruntime's, about 0.5-0.8%, and its load exports the graph, timed apart), each after an untimed pass over the
-  same texts.
+  (both opt-in: `--precision int8`, torch's, changes about 1.1% of the labels; `--precision int8-onnx`,
+  onnxruntime's (the onnx extra, in `make install`), about 0.5-0.8%, and its whole load, which exports the graph, is
+  timed apart), each after an untimed pass over the same texts.
 Training speed is timed over --steps optimizer steps after --warmup steps, inside the real `budgetlora.train` (so
 collation, sampling and the optimizer count). budgetlora's timed run follows an untimed run over the same batches
 (steady state, as in a long run; --cold times the first run instead). "bare forward" runs the frozen base model alone
@@ -193,7 +193,7 @@ def measure(model_name: str, pipeline: str, steps: int, warmup: int, predict_row
         bare = bare_forward()
         figures["predict_samples_per_s"] = len(texts) / elapsed
         figures["bare_forward_samples_per_s"] = len(texts) / bare
-    # Peak memory before the int8 copy below is loaded beside the model: what each pipeline's own run holds.
+    # Peak memory before the int8 copies below are loaded beside the model: what each pipeline's own run holds.
     figures["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     if torch.cuda.is_available():
         figures["cuda_max_allocated_gib"] = torch.cuda.max_memory_allocated() / 2**30
@@ -201,7 +201,7 @@ def measure(model_name: str, pipeline: str, steps: int, warmup: int, predict_row
         figures["int8_predict_samples_per_s"] = timed_predict(
             runfolder.load(result.run_dir, precision="int8").predict, texts)
         started = time.perf_counter()
-        int8_onnx = runfolder.load(result.run_dir, precision="int8-onnx")  # exports, checks and quantises: timed apart
+        int8_onnx = runfolder.load(result.run_dir, precision="int8-onnx")  # loads, exports, checks, quantises
         figures["int8_onnx_load_s"] = time.perf_counter() - started
         figures["int8_onnx_predict_samples_per_s"] = timed_predict(int8_onnx.predict, texts)
     return figures
