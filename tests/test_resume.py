@@ -1,4 +1,5 @@
-"""Resume: an interrupted run continues from its last checkpoint and ends where an uninterrupted one ends."""
+"""Resume: an interrupted run (a self-training one too) continues from its last checkpoint and ends where an
+uninterrupted one ends."""
 
 from __future__ import annotations
 
@@ -20,11 +21,12 @@ from safetensors.torch import load_file
 from transformers import TrainerCallback
 
 from budgetlora.cli import main
-from budgetlora.config import RunConfig, load_config, with_overrides
+from budgetlora.config import RunConfig, from_dict, load_config, with_overrides
 from budgetlora.runfolder import LOCK_FILE, latest_checkpoint, read_config
+from budgetlora.selftrain import run_training
 from budgetlora.train import RunExistsError, train
 
-from .conftest import TrainedRun, logged_train_steps, tiny_config_dict
+from .conftest import TrainedRun, isolated_cache, logged_train_steps, tiny_config_dict, write_csv, write_news_csv
 
 STEPS_PER_EPOCH = 20  # 160 training rows (the 200 real rows less 20% validation), batch size 8
 
@@ -241,3 +243,130 @@ def test_a_renamed_run_resumes_with_its_best_checkpoint_in_the_new_place(
     # the old folder) and end with epoch 2's weights even where epoch 1 validated better.
     assert start.best == str(renamed / "checkpoints" / f"checkpoint-{STEPS_PER_EPOCH}")
     assert steps.steps == list(range(STEPS_PER_EPOCH + 1, 2 * STEPS_PER_EPOCH + 1))
+
+
+# --- self-training: the student resumes on the pseudo-labels its teacher chose ------------------------------------
+
+SELF_TRAINING = {"rounds": 1, "selection": "class_share", "class_share": 1.0, "balance": False, "max_per_class": 5,
+                 "weight": 0.5}
+
+
+class CrashAfterStudentCheckpoint(TrainerCallback):
+    """A crash right after the student's first checkpoint: the teacher (under rounds/) finishes, the student not."""
+
+    def on_save(self, args, state, control, **kwargs):  # noqa: ANN001, ANN201
+        if "rounds" not in Path(args.output_dir).parts:
+            raise Crash("right after the student's first checkpoint")
+
+
+def self_training_config(folder: Path, tiny_roberta_dir: Path, news_rows: list[tuple[str, int]],
+                         name: str) -> RunConfig:
+    """Self-training on the real rows: half labelled (80 train, 20 validation), the other half's texts unlabelled."""
+    data = write_news_csv(folder / "news.csv", news_rows[::2])
+    unlabelled = write_csv(folder / "unlabelled.csv", ["text"], [[text] for text, _ in news_rows[1::2]])
+    return from_dict(RunConfig, tiny_config_dict(tiny_roberta_dir, folder / "runs", {
+        "name": name, "data": {"train": str(data), "unlabelled": str(unlabelled)}, "self_training": SELF_TRAINING,
+        "train": {"epochs": 2, "learning_rate": 5e-3}}))
+
+
+@pytest.fixture(scope="module")
+def interrupted_self_training(tmp_path_factory: pytest.TempPathFactory, tiny_roberta_dir: Path,
+                              news_rows: list[tuple[str, int]]) -> Path:
+    """A self-training run stopped by a crash after its student's first checkpoint (copy it before resuming)."""
+    folder = tmp_path_factory.mktemp("interrupted-self-training")
+    config = self_training_config(folder, tiny_roberta_dir, news_rows, "cut")
+    with isolated_cache(folder), pytest.raises(Crash):
+        run_training(config, callbacks=[CrashAfterStudentCheckpoint()])
+    return config.run_dir
+
+
+def resumable_copy(run: Path, tmp_path: Path) -> Path:
+    copy = tmp_path / "runs" / run.name
+    shutil.copytree(run, copy)
+    return copy
+
+
+def test_an_interrupted_self_training_run_resumes_its_student_on_the_pseudo_labels_already_chosen(
+        tmp_path: Path, tiny_roberta_dir: Path, news_rows: list[tuple[str, int]], interrupted_self_training: Path,
+        caplog: pytest.LogCaptureFixture) -> None:
+    whole = run_training(self_training_config(tmp_path, tiny_roberta_dir, news_rows, "whole"))
+    run = resumable_copy(interrupted_self_training, tmp_path)
+    pseudo = run / "rounds" / "pseudo-1.jsonl"
+    chosen = {path: path.read_bytes() for path in (pseudo, pseudo.with_suffix(".stats.json"))}
+    teacher = folder_state(run / "rounds" / "round-0")
+    steps = StepRecorder()
+    with caplog.at_level(logging.INFO, logger="budgetlora.selftrain"):
+        resumed = run_training(load_config(run / "config.yaml", [f"runs_dir={run.parent}", f"name={run.name}"]),
+                               resume=True, callbacks=[steps])
+    # The teacher was neither trained nor asked again: no pseudo-labelling pass, the files as they were.
+    assert f"round 1: the 20 pseudo-labels of {pseudo}, chosen before the interruption" in caplog.text
+    assert {path: path.read_bytes() for path in chosen} == chosen
+    assert folder_state(run / "rounds" / "round-0") == teacher
+    # Only the student's second epoch was trained (its first ended in the checkpoint), and the run ends as one that
+    # was never stopped: the same pseudo-labels and statistics, the same validation metrics.
+    first_epoch = checkpoint_step(interrupted_self_training)
+    assert steps.steps == list(range(first_epoch + 1, 2 * first_epoch + 1))
+    assert resumed.metrics["validation"] == whole.metrics["validation"]
+    statistics = [result.metrics["self_training"][0]["pseudo_labels_for_next_round"] for result in (whole, resumed)]
+    assert statistics[0] == statistics[1] and statistics[0]["selected"] == 20
+
+
+def test_pseudo_labels_without_their_statistics_are_chosen_again(
+        tmp_path: Path, interrupted_self_training: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A pair cut off before its statistics were written (or a folder from before they were kept): chosen again."""
+    run = resumable_copy(interrupted_self_training, tmp_path)
+    pseudo = run / "rounds" / "pseudo-1.jsonl"
+    kept = pseudo.read_bytes()
+    pseudo.with_suffix(".stats.json").unlink()
+    with caplog.at_level(logging.INFO, logger="budgetlora.selftrain"):
+        assert main(["train", "--resume", str(run)]) == 0
+    assert "round 1: 20 pseudo-labels" in caplog.text and "chosen before the interruption" not in caplog.text
+    assert pseudo.read_bytes() == kept and pseudo.with_suffix(".stats.json").is_file()
+
+
+def _edit_line(line: int, edit: Callable[[dict], object]) -> Callable[[Path], None]:
+    def change(pseudo: Path) -> None:
+        rows = [json.loads(text) for text in pseudo.read_text().splitlines()]
+        rows[line - 1] = edit(rows[line - 1])
+        pseudo.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return change
+
+
+def _with(**changes: object) -> Callable[[dict], dict]:
+    return lambda row: {**row, **changes}
+
+
+def _grown(pseudo: Path) -> None:
+    pseudo.write_text(pseudo.read_text() + " " * 1_000_000)  # larger than 20 texts' pseudo-labels can be
+
+
+@pytest.mark.parametrize(("tamper", "message"), [
+    (_edit_line(3, _with(label=7)), "pseudo-1.jsonl, line 3: not a pseudo-label of this run"),
+    (_edit_line(3, _with(label=True)), "pseudo-1.jsonl, line 3: not a pseudo-label of this run"),
+    (_edit_line(5, _with(text="A text the unlabelled file does not hold")), "pseudo-1.jsonl, line 5: not a pseudo"),
+    (_edit_line(2, _with(text=["unhashable"])), "pseudo-1.jsonl, line 2: not a pseudo-label of this run"),
+    (_edit_line(1, _with(weight=50.0)), "pseudo-1.jsonl, line 1: not a pseudo-label of this run"),
+    (_edit_line(4, _with(extra="field")), "pseudo-1.jsonl, line 4: not a pseudo-label of this run"),
+    (_edit_line(6, lambda row: [row]), "pseudo-1.jsonl, line 6: not a pseudo-label of this run"),
+    (lambda pseudo: pseudo.write_bytes(pseudo.read_bytes().replace(b'"label"', b'"lab\xffel"', 1)),
+     "pseudo-1.jsonl, line 1: not a pseudo-label of this run"),  # not UTF-8
+    (lambda pseudo: pseudo.write_text(pseudo.read_text().replace("}\n", "", 1)), "pseudo-1.stats.json does not "
+     "describe pseudo-1.jsonl (19 rows) chosen from data.unlabelled (100 texts)"),  # two rows run together
+    (lambda pseudo: pseudo.with_suffix(".stats.json").write_text("{"), "pseudo-1.stats.json: not JSON"),
+    (lambda pseudo: pseudo.with_suffix(".stats.json").write_text("[20]"), "pseudo-1.stats.json does not describe"),
+    (_grown, "pseudo-1.jsonl ("),
+], ids=["label-out-of-range", "label-bool", "unknown-text", "text-not-a-string", "other-weight", "extra-field",
+        "not-an-object", "not-utf8", "rows-run-together", "stats-not-json", "stats-not-an-object", "too-large"])
+def test_tampered_pseudo_labels_are_refused_by_file_and_line_before_training(
+        tmp_path: Path, interrupted_self_training: Path, capsys: pytest.CaptureFixture[str],
+        tamper: Callable[[Path], None], message: str) -> None:
+    """A run folder from elsewhere is untrusted: what its student would train on is checked against this run."""
+    run = resumable_copy(interrupted_self_training, tmp_path)
+    pseudo = run / "rounds" / "pseudo-1.jsonl"
+    tamper(pseudo)
+    before = folder_state(run)
+    assert main(["train", "--resume", str(run)]) == 2
+    error = capsys.readouterr().err
+    assert message in error and "Traceback" not in error
+    assert f"delete {pseudo} and pseudo-1.stats.json to choose them again" in error
+    assert folder_state(run) == before  # nothing trained, nothing rewritten

@@ -9,9 +9,11 @@ the same in every round: nothing extra is trained.
 
 Layout: the last student is the run folder itself (`runs/<name>/`, so predict, evaluate, export and serve use it as
 any run); earlier rounds are complete run folders in `runs/<name>/rounds/round-<k>/`, with the pseudo-labels each
-student saw in `rounds/pseudo-<k>.jsonl`. metrics.json gains `self_training`: every round's validation accuracy and
-its pseudo-label statistics (how many per class, mean confidence, estimated priors). A round that finished is reused
-on --resume; an interrupted one resumes from its checkpoint.
+student saw in `rounds/pseudo-<k>.jsonl` and their statistics in `rounds/pseudo-<k>.stats.json` (written last: it
+marks the pair complete). metrics.json gains `self_training`: every round's validation accuracy and its pseudo-label
+statistics (how many per class, mean confidence, estimated priors). On --resume a round that finished is reused, an
+interrupted one resumes from its checkpoint, and the pseudo-labels a finished round chose are read back (checked: the
+folder may come from elsewhere) rather than predicted again: the resumed student continues on the rows it started on.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from transformers import TrainerCallback
 from . import runfolder
 from .config import RunConfig, SelfTrainSettings, with_overrides
 from .data import load_table
-from .files import atomic_write_text
+from .files import atomic_write_text, write_json
 from .infer import shift_to_input_priors
 from .train import TrainResult, check_run_dir, train
 
@@ -108,26 +110,23 @@ def self_train(config: RunConfig, *, resume: bool = False,
     rounds_dir = config.run_dir / "rounds"
     history: list[dict[str, Any]] = []
     extra = None
+    previous_reused = False  # whether the previous round had finished before this call (its pseudo-labels stand)
     for index in range(settings.rounds + 1):
         round_config = _round_config(config, index)
-        if index > 0:  # pseudo-label with the previous round's model, resolved config (max_length) and all
-            previous = _round_config(config, index - 1)
-            logits = runfolder.load(previous.run_dir).predict(texts, progress=True)
-            probs, shift = (shift_to_input_priors(previous.run_dir, texts, logits, settings.label_shift)
-                            if settings.label_shift else (softmax(logits.astype(np.float64), axis=1), {}))
-            rows, labels, stats = select_pseudo_labels(probs, settings)
-            stats |= shift
-            log.info("round %d: %d pseudo-labels %s (mean confidence %s)", index, stats["selected"],
-                     stats["per_class"], stats["mean_confidence"])
-            warning = selection_warning(stats, settings, config.data.label_names)
-            if warning:
-                log.warning("round %d: %s", index, warning)
-            extra = datasets.Dataset.from_dict({"text": [texts[i] for i in rows], "label": labels.tolist(),
-                                                "weight": [settings.weight] * len(rows)})
-            _write_pseudo_labels(rounds_dir / f"pseudo-{index}.jsonl", extra)
+        if index > 0:
+            pseudo_file = rounds_dir / f"pseudo-{index}.jsonl"
+            chosen = _read_pseudo_labels(pseudo_file, config, texts) if previous_reused else None
+            if chosen is None:
+                chosen = _choose_pseudo_labels(config, texts, index)
+                _write_pseudo_labels(pseudo_file, *chosen)
+            else:
+                log.info("round %d: the %d pseudo-labels of %s, chosen before the interruption", index,
+                         len(chosen[0]), pseudo_file)
+            extra, stats = chosen
             extra = extra if len(extra) else None
             history[-1]["pseudo_labels_for_next_round"] = stats
         metrics = _finished_round_metrics(round_config, resume)
+        previous_reused = metrics is not None
         if metrics is None:
             result = train(round_config, resume=resume and (round_config.run_dir / runfolder.CHECKPOINTS_DIR).is_dir(),
                            callbacks=callbacks, extra=extra)
@@ -140,9 +139,77 @@ def self_train(config: RunConfig, *, resume: bool = False,
     return TrainResult(config.run_dir, result.model, metrics, result.params)  # the last round: always trained
 
 
-def _write_pseudo_labels(path: Path, rows: datasets.Dataset) -> None:
+def _choose_pseudo_labels(config: RunConfig, texts: list[str],
+                          index: int) -> tuple[datasets.Dataset, dict[str, Any]]:
+    """Round `index`'s pseudo-labels: the texts labelled by the previous round's model, its resolved config
+    (max_length) and all, and chosen by config.self_training."""
+    settings, previous = config.self_training, _round_config(config, index - 1)
+    logits = runfolder.load(previous.run_dir).predict(texts, progress=True)
+    probs, shift = (shift_to_input_priors(previous.run_dir, texts, logits, settings.label_shift)
+                    if settings.label_shift else (softmax(logits.astype(np.float64), axis=1), {}))
+    rows, labels, stats = select_pseudo_labels(probs, settings)
+    stats |= shift
+    log.info("round %d: %d pseudo-labels %s (mean confidence %s)", index, stats["selected"],
+             stats["per_class"], stats["mean_confidence"])
+    warning = selection_warning(stats, settings, config.data.label_names)
+    if warning:
+        log.warning("round %d: %s", index, warning)
+    rows = datasets.Dataset.from_dict({"text": [texts[i] for i in rows], "label": labels.tolist(),
+                                       "weight": [settings.weight] * len(rows)})
+    return rows, stats
+
+
+def _stats_file(pseudo_file: Path) -> Path:
+    return pseudo_file.with_suffix(".stats.json")
+
+
+def _write_pseudo_labels(path: Path, rows: datasets.Dataset, stats: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, "".join(json.dumps(row) + "\n" for row in rows))
+    write_json(_stats_file(path), stats)  # last: a pair without it is chosen again
+
+
+def _read_pseudo_labels(path: Path, config: RunConfig,
+                        texts: list[str]) -> tuple[datasets.Dataset, dict[str, Any]] | None:
+    """The pseudo-labels (and statistics) an interrupted run chose, checked against this run's texts, labels and
+    weight; None when the file is missing. Anything else wrong is a RunFolderError naming the file and line."""
+    stats_file = _stats_file(path)
+    remedy = f"delete {path} and {stats_file.name} to choose them again from the previous round's model"
+    # A folder from elsewhere is untrusted: no file is read that is larger than the most these can hold (every text,
+    # each character JSON-escaped to 6 bytes, and the row's other fields; a few statistics).
+    limits = {path: sum(6 * len(text) + 100 for text in texts), stats_file: 1 << 20}
+    try:
+        too_large = [f"{file} ({file.stat().st_size} bytes)" for file, most in limits.items()
+                     if file.stat().st_size > most]
+        if too_large:
+            raise runfolder.RunFolderError(f"{too_large[0]} is larger than pseudo-labels of data.unlabelled can be; "
+                                           f"{remedy}")
+        stats = json.loads(stats_file.read_bytes())
+        lines = path.read_bytes().decode(errors="replace").splitlines()  # a line not UTF-8 fails as a line below
+    except FileNotFoundError:
+        return None
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise runfolder.RunFolderError(f"{stats_file}: not JSON ({error}); {remedy}") from None
+    if not isinstance(stats, dict) or stats.get("selected") != len(lines) or stats.get("unlabelled") != len(texts):
+        raise runfolder.RunFolderError(
+            f"{stats_file} does not describe {path.name} ({len(lines)} rows) chosen from data.unlabelled "
+            f"({len(texts)} texts); {remedy}")
+    known, num_labels, weight = set(texts), len(config.data.label_names), config.self_training.weight
+    rows: dict[str, list] = {"text": [], "label": [], "weight": []}
+    for line_number, line in enumerate(lines, start=1):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            row = None
+        if not (isinstance(row, dict) and row.keys() == rows.keys() and isinstance(row["text"], str)
+                and row["text"] in known
+                and type(row["label"]) is int and 0 <= row["label"] < num_labels and row["weight"] == weight):
+            raise runfolder.RunFolderError(
+                f"{path}, line {line_number}: not a pseudo-label of this run (a text of data.unlabelled, a label "
+                f"below {num_labels}, weight {weight}); {remedy}")
+        for key, value in row.items():
+            rows[key].append(value)
+    return datasets.Dataset.from_dict(rows), stats
 
 
 def run_training(config: RunConfig, *, resume: bool = False,
