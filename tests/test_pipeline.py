@@ -14,6 +14,7 @@ import datetime
 import hashlib
 import io
 import json
+import logging
 import os
 import signal
 from dataclasses import dataclass
@@ -427,6 +428,28 @@ def test_padding_to_max_length_gives_the_same_labels(tiny_roberta_dir: Path, rob
                             pad_to_max_length=True)
     assert (dynamic.argmax(1) == padded.argmax(1)).all()
     assert abs(dynamic - padded).max() < 1e-4
+
+
+def test_an_encoder_without_a_head_loads_quietly_and_leaves_transformers_verbosity_as_it_was(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The head is always new (our labels): transformers' table of "MISSING ... newly initialized" head weights is
+    silenced while the weights load, and a user's own transformers verbosity is put back afterwards."""
+    from transformers import RobertaConfig, RobertaModel
+    from transformers.utils import logging as transformers_logging
+
+    from budgetlora.config import ModelConfig
+
+    RobertaModel(RobertaConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                               intermediate_size=37, max_position_embeddings=70)).save_pretrained(tmp_path)
+    transformers_logging.set_verbosity_info()
+    try:
+        with caplog.at_level(logging.INFO, logger="transformers"):
+            build_base_model(ModelConfig(name=str(tmp_path)), LABELS)
+        assert transformers_logging.get_verbosity() == transformers_logging.INFO
+    finally:
+        transformers_logging.set_verbosity_warning()
+    assert "loading configuration file" in caplog.text  # what the user asked transformers for is still logged
+    assert "MISSING" not in caplog.text
 
 
 def test_truncated_rows_are_counted(cli_run: CliRun, roberta_tokenizer) -> None:  # noqa: ANN001

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,6 +20,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from .config import ConfigError
+from .logs import errors_only
 
 ONNX_FILE = "model.onnx"
 LABELS_FILE = "labels.json"
@@ -63,20 +63,6 @@ def input_names(tokenizer: PreTrainedTokenizerBase) -> list[str]:
 def _encode(tokenizer: PreTrainedTokenizerBase, texts: list[str], max_length: int, names: list[str]) -> dict:
     batch = tokenizer(texts, truncation=True, max_length=max_length, padding=True, return_tensors="np")
     return {name: batch[name].astype(np.int64) for name in names}
-
-
-@contextlib.contextmanager
-def errors_only(*logger_names: str) -> Iterator[None]:
-    """The named loggers ("" is the root logger) log errors only while the block runs."""
-    loggers = [logging.getLogger(name) for name in logger_names]
-    levels = [log.level for log in loggers]
-    for log in loggers:
-        log.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        for log, level in zip(loggers, levels, strict=True):
-            log.setLevel(level)
 
 
 @contextlib.contextmanager

@@ -31,7 +31,6 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 from transformers.pytorch_utils import Conv1D
-from transformers.utils import logging as transformers_logging
 
 from .config import ConfigError, ModelConfig, RunConfig
 from .hardware import INT8_ENGINE, autocast, device, pad_multiple, resolve_precision
@@ -43,6 +42,7 @@ from .heads import (
     init_new_dense_as_identity,
     trainable_head_modules,
 )
+from .logs import errors_only
 from .model_sources import VENDORED_CONFIGS, hub_unavailable, resolve_model_path
 from .targets import TargetMatch, resolve_targets
 
@@ -128,14 +128,10 @@ def build_base_model(model: ModelConfig, label_names: list[str], *, meta: bool =
         else:
             # The head is always new (our labels): a checkpoint's own head of another size is dropped, not an
             # error, and the "newly initialized" report is silenced (the run's head is restored from its adapter).
-            verbosity = transformers_logging.get_verbosity()
-            transformers_logging.set_verbosity_error()
-            try:
+            with errors_only("transformers"):
                 base, info = _from_pretrained(auto_class, "model.name", model.name, config=config,
                                               ignore_mismatched_sizes=True, attn_implementation=attention,
                                               output_loading_info=True)
-            finally:
-                transformers_logging.set_verbosity(verbosity)
             missing = set(info["missing_keys"])
     except ValueError as error:  # transformers' refusal of an attention implementation the class lacks
         if attention is None or "attention" not in str(error).lower():

@@ -18,7 +18,8 @@ from transformers import PretrainedConfig, PreTrainedTokenizerBase
 from transformers.modeling_outputs import SequenceClassifierOutput
 
 from .export import PROBE_TEXTS, check_onnx_graph
-from .export_onnx import ONNX_FILE, errors_only, export_graph, input_names
+from .export_onnx import ONNX_FILE, export_graph, input_names
+from .logs import errors_only
 
 INT8_GRAPH = "model-int8.onnx"
 
