@@ -25,8 +25,9 @@ demo: install
 lint: install
 	$(BIN)/ruff check src tests benchmarks scripts
 
+# The tests run a tiny model per test on one thread each (tests/conftest.py): a worker per core, at most 4.
 test: lint
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q -n auto --maxprocesses 4
 
 clean:
 	rm -rf $(VENV) runs
