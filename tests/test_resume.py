@@ -247,8 +247,7 @@ def test_a_renamed_run_resumes_with_its_best_checkpoint_in_the_new_place(
 
 # --- self-training: the student resumes on the pseudo-labels its teacher chose ------------------------------------
 
-SELF_TRAINING = {"rounds": 1, "selection": "class_share", "class_share": 1.0, "balance": False, "max_per_class": 5,
-                 "weight": 0.5}
+SELF_TRAINING = {"rounds": 1, "selection": "class_share", "class_share": 1.0, "balance": False, "max_per_class": 5}
 
 
 class CrashAfterStudentCheckpoint(TrainerCallback):
@@ -324,6 +323,17 @@ def test_pseudo_labels_without_their_statistics_are_chosen_again(
     assert pseudo.read_bytes() == kept and pseudo.with_suffix(".stats.json").is_file()
 
 
+def test_pseudo_labels_are_chosen_again_when_the_teacher_trained_in_this_call(
+        tmp_path: Path, interrupted_self_training: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A teacher that had not finished before the resume (here: its metrics.json is gone, so it resumes from its last
+    checkpoint) may be another model than the one that chose the saved pseudo-labels: they are chosen again."""
+    run = resumable_copy(interrupted_self_training, tmp_path)
+    (run / "rounds" / "round-0" / "metrics.json").unlink()
+    with caplog.at_level(logging.INFO, logger="budgetlora.selftrain"):
+        assert main(["train", "--resume", str(run)]) == 0
+    assert "round 1: 20 pseudo-labels" in caplog.text and "chosen before the interruption" not in caplog.text
+
+
 def _edit_line(line: int, edit: Callable[[dict], object]) -> Callable[[Path], None]:
     def change(pseudo: Path) -> None:
         rows = [json.loads(text) for text in pseudo.read_text().splitlines()]
@@ -332,31 +342,77 @@ def _edit_line(line: int, edit: Callable[[dict], object]) -> Callable[[Path], No
     return change
 
 
+def _raw_line(line: int, text: str) -> Callable[[Path], None]:
+    def change(pseudo: Path) -> None:
+        lines = pseudo.read_text().splitlines()
+        lines[line - 1] = text
+        pseudo.write_text("\n".join(lines) + "\n")
+    return change
+
+
 def _with(**changes: object) -> Callable[[dict], dict]:
     return lambda row: {**row, **changes}
 
 
-def _grown(pseudo: Path) -> None:
-    pseudo.write_text(pseudo.read_text() + " " * 1_000_000)  # larger than 20 texts' pseudo-labels can be
+def _edit_stats(edit: Callable[[dict], object]) -> Callable[[Path], None]:
+    def change(pseudo: Path) -> None:
+        stats_file = pseudo.with_suffix(".stats.json")
+        stats_file.write_text(json.dumps(edit(json.loads(stats_file.read_text()))))
+    return change
+
+
+def _unlabelled_texts_changed(pseudo: Path) -> None:
+    """The run's data.unlabelled now names a file with one more text (the run's config edited to point at it)."""
+    run = pseudo.parents[1]
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    changed = run.parent / "unlabelled-changed.csv"
+    changed.write_text(Path(config["data"]["unlabelled"]).read_text() + "One more text about markets\n")
+    config["data"]["unlabelled"] = str(changed)
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+
+
+def _replaced_by(make: Callable[[Path], None]) -> Callable[[Path], None]:
+    def change(pseudo: Path) -> None:
+        pseudo.unlink()
+        make(pseudo)
+    return change
+
+
+NOT_A_PSEUDO_LABEL = "not a pseudo-label of this run (a text of data.unlabelled, a label below 4, weight 1.0)"
 
 
 @pytest.mark.parametrize(("tamper", "message"), [
-    (_edit_line(3, _with(label=7)), "pseudo-1.jsonl, line 3: not a pseudo-label of this run"),
-    (_edit_line(3, _with(label=True)), "pseudo-1.jsonl, line 3: not a pseudo-label of this run"),
+    (_edit_line(3, _with(label=7)), f"pseudo-1.jsonl, line 3: {NOT_A_PSEUDO_LABEL}"),
+    (_edit_line(3, _with(label=True)), f"pseudo-1.jsonl, line 3: {NOT_A_PSEUDO_LABEL}"),
     (_edit_line(5, _with(text="A text the unlabelled file does not hold")), "pseudo-1.jsonl, line 5: not a pseudo"),
-    (_edit_line(2, _with(text=["unhashable"])), "pseudo-1.jsonl, line 2: not a pseudo-label of this run"),
-    (_edit_line(1, _with(weight=50.0)), "pseudo-1.jsonl, line 1: not a pseudo-label of this run"),
-    (_edit_line(4, _with(extra="field")), "pseudo-1.jsonl, line 4: not a pseudo-label of this run"),
-    (_edit_line(6, lambda row: [row]), "pseudo-1.jsonl, line 6: not a pseudo-label of this run"),
+    (_edit_line(2, _with(text=["unhashable"])), f"pseudo-1.jsonl, line 2: {NOT_A_PSEUDO_LABEL}"),
+    (_edit_line(1, _with(weight=50.0)), f"pseudo-1.jsonl, line 1: {NOT_A_PSEUDO_LABEL}"),
+    (_edit_line(1, _with(weight=True)), f"pseudo-1.jsonl, line 1: {NOT_A_PSEUDO_LABEL}"),  # == 1.0, not a float
+    (_edit_line(4, _with(extra="field")), f"pseudo-1.jsonl, line 4: {NOT_A_PSEUDO_LABEL}"),
+    (_edit_line(6, lambda row: [row]), f"pseudo-1.jsonl, line 6: {NOT_A_PSEUDO_LABEL}"),
+    (_raw_line(2, "[" * 100_000), f"pseudo-1.jsonl, line 2: {NOT_A_PSEUDO_LABEL}"),  # the parser's RecursionError
     (lambda pseudo: pseudo.write_bytes(pseudo.read_bytes().replace(b'"label"', b'"lab\xffel"', 1)),
-     "pseudo-1.jsonl, line 1: not a pseudo-label of this run"),  # not UTF-8
-    (lambda pseudo: pseudo.write_text(pseudo.read_text().replace("}\n", "", 1)), "pseudo-1.stats.json does not "
-     "describe pseudo-1.jsonl (19 rows) chosen from data.unlabelled (100 texts)"),  # two rows run together
+     f"pseudo-1.jsonl, line 1: {NOT_A_PSEUDO_LABEL}"),
+    (lambda pseudo: pseudo.write_text(pseudo.read_text().replace("}\n", "}", 1)),
+     f"pseudo-1.jsonl, line 1: {NOT_A_PSEUDO_LABEL}"),
+    (lambda pseudo: pseudo.write_text("".join(pseudo.read_text().splitlines(keepends=True)[:-1])),
+     "pseudo-1.stats.json does not describe pseudo-1.jsonl ("),
+    (_edit_stats(lambda stats: {**stats, "statistics": {**stats["statistics"], "unlabelled": 99}}),
+     "pseudo-1.stats.json does not describe pseudo-1.jsonl ("),
+    (_edit_stats(lambda stats: {**stats, "teacher_weights_sha256": "0" * 64}),
+     "pseudo-1.stats.json: not chosen by this run's previous round from these texts of data.unlabelled"),
+    (_unlabelled_texts_changed,
+     "pseudo-1.stats.json: not chosen by this run's previous round from these texts of data.unlabelled"),
+    (_edit_stats(lambda stats: [stats]), "pseudo-1.stats.json: not chosen by this run's previous round"),
     (lambda pseudo: pseudo.with_suffix(".stats.json").write_text("{"), "pseudo-1.stats.json: not JSON"),
-    (lambda pseudo: pseudo.with_suffix(".stats.json").write_text("[20]"), "pseudo-1.stats.json does not describe"),
-    (_grown, "pseudo-1.jsonl ("),
-], ids=["label-out-of-range", "label-bool", "unknown-text", "text-not-a-string", "other-weight", "extra-field",
-        "not-an-object", "not-utf8", "rows-run-together", "stats-not-json", "stats-not-an-object", "too-large"])
+    (lambda pseudo: pseudo.with_suffix(".stats.json").write_text("[" * 100_000), "pseudo-1.stats.json: not JSON"),
+    (lambda pseudo: pseudo.write_text(pseudo.read_text() + " " * 1_000_000), "pseudo-1.jsonl is larger than"),
+    (_replaced_by(lambda pseudo: pseudo.symlink_to("/dev/zero")), "pseudo-1.jsonl is not a regular file"),
+    (_replaced_by(os.mkfifo), "pseudo-1.jsonl is not a regular file"),
+], ids=["label-out-of-range", "label-bool", "unknown-text", "text-not-a-string", "other-weight", "weight-bool",
+        "extra-field", "not-an-object", "too-deep", "not-utf8", "rows-run-together", "row-dropped",
+        "stats-other-count", "other-teacher", "unlabelled-changed", "stats-not-an-object", "stats-not-json",
+        "stats-too-deep", "too-large", "endless-device", "fifo"])
 def test_tampered_pseudo_labels_are_refused_by_file_and_line_before_training(
         tmp_path: Path, interrupted_self_training: Path, capsys: pytest.CaptureFixture[str],
         tamper: Callable[[Path], None], message: str) -> None:

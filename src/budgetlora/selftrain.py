@@ -9,15 +9,17 @@ the same in every round: nothing extra is trained.
 
 Layout: the last student is the run folder itself (`runs/<name>/`, so predict, evaluate, export and serve use it as
 any run); earlier rounds are complete run folders in `runs/<name>/rounds/round-<k>/`, with the pseudo-labels each
-student saw in `rounds/pseudo-<k>.jsonl` and their statistics in `rounds/pseudo-<k>.stats.json` (written last: it
-marks the pair complete). metrics.json gains `self_training`: every round's validation accuracy and its pseudo-label
-statistics (how many per class, mean confidence, estimated priors). On --resume a round that finished is reused, an
-interrupted one resumes from its checkpoint, and the pseudo-labels a finished round chose are read back (checked: the
-folder may come from elsewhere) rather than predicted again: the resumed student continues on the rows it started on.
+student saw in `rounds/pseudo-<k>.jsonl` and their statistics in `rounds/pseudo-<k>.stats.json` (with the SHA-256 of
+the teacher's weights and of the unlabelled texts; written last: it marks the pair complete). metrics.json gains
+`self_training`: every round's validation accuracy and its pseudo-label statistics (how many per class, mean
+confidence, estimated priors). On --resume a round that finished is reused, an interrupted one resumes from its
+checkpoint, and the pseudo-labels a round that had finished chose are read back (checked: the folder may come from
+elsewhere) rather than predicted again: the resumed student continues on the rows it started on.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from collections.abc import Sequence
@@ -34,6 +36,7 @@ from .config import RunConfig, SelfTrainSettings, with_overrides
 from .data import load_table
 from .files import atomic_write_text, write_json
 from .infer import shift_to_input_priors
+from .manifest import file_sha256
 from .train import TrainResult, check_run_dir, train
 
 log = logging.getLogger(__name__)
@@ -115,10 +118,12 @@ def self_train(config: RunConfig, *, resume: bool = False,
         round_config = _round_config(config, index)
         if index > 0:
             pseudo_file = rounds_dir / f"pseudo-{index}.jsonl"
-            chosen = _read_pseudo_labels(pseudo_file, config, texts) if previous_reused else None
+            provenance = _provenance(_round_config(config, index - 1), texts)
+            chosen = _read_pseudo_labels(pseudo_file, config, texts, provenance) if previous_reused else None
             if chosen is None:
+                _stats_file(pseudo_file).unlink(missing_ok=True)  # first: an older pair is never read with new rows
                 chosen = _choose_pseudo_labels(config, texts, index)
-                _write_pseudo_labels(pseudo_file, *chosen)
+                _write_pseudo_labels(pseudo_file, *chosen, provenance)
             else:
                 log.info("round %d: the %d pseudo-labels of %s, chosen before the interruption", index,
                          len(chosen[0]), pseudo_file)
@@ -163,52 +168,72 @@ def _stats_file(pseudo_file: Path) -> Path:
     return pseudo_file.with_suffix(".stats.json")
 
 
-def _write_pseudo_labels(path: Path, rows: datasets.Dataset, stats: dict[str, Any]) -> None:
+def _provenance(teacher: RunConfig, texts: list[str]) -> dict[str, str]:
+    """What pseudo-labels were chosen from: the teacher's trained weights and the unlabelled texts (SHA-256 of each)."""
+    return {"teacher_weights_sha256": file_sha256(teacher.run_dir / runfolder.ADAPTER_DIR / runfolder.WEIGHTS_FILE),
+            "unlabelled_texts_sha256": hashlib.sha256(json.dumps(texts).encode()).hexdigest()}
+
+
+def _write_pseudo_labels(path: Path, rows: datasets.Dataset, stats: dict[str, Any],
+                         provenance: dict[str, str]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, "".join(json.dumps(row) + "\n" for row in rows))
-    write_json(_stats_file(path), stats)  # last: a pair without it is chosen again
+    write_json(_stats_file(path), {**provenance, "statistics": stats})  # last: a pair without it is chosen again
 
 
-def _read_pseudo_labels(path: Path, config: RunConfig,
-                        texts: list[str]) -> tuple[datasets.Dataset, dict[str, Any]] | None:
-    """The pseudo-labels (and statistics) an interrupted run chose, checked against this run's texts, labels and
-    weight; None when the file is missing. Anything else wrong is a RunFolderError naming the file and line."""
+def _read_untrusted(path: Path, most: int, remedy: str) -> bytes | None:
+    """The bytes of a regular file of at most `most` bytes; None when there is none (a FIFO or a device is refused
+    unread: one would block, the other never end)."""
+    if not path.exists():
+        return None
+    if not path.is_file():
+        raise runfolder.RunFolderError(f"{path} is not a regular file; {remedy}")
+    with path.open("rb") as handle:
+        data = handle.read(most + 1)
+    if len(data) > most:
+        raise runfolder.RunFolderError(f"{path} is larger than pseudo-labels of data.unlabelled can be; {remedy}")
+    return data
+
+
+def _read_pseudo_labels(path: Path, config: RunConfig, texts: list[str],
+                        provenance: dict[str, str]) -> tuple[datasets.Dataset, dict[str, Any]] | None:
+    """The pseudo-labels (and statistics) an interrupted run chose, checked against this run's teacher, texts, labels
+    and weight; None when either file is missing. Anything else wrong is a RunFolderError naming the file (and line)."""
     stats_file = _stats_file(path)
     remedy = f"delete {path} and {stats_file.name} to choose them again from the previous round's model"
-    # A folder from elsewhere is untrusted: no file is read that is larger than the most these can hold (every text,
-    # each character JSON-escaped to 6 bytes, and the row's other fields; a few statistics).
-    limits = {path: sum(6 * len(text) + 100 for text in texts), stats_file: 1 << 20}
-    try:
-        too_large = [f"{file} ({file.stat().st_size} bytes)" for file, most in limits.items()
-                     if file.stat().st_size > most]
-        if too_large:
-            raise runfolder.RunFolderError(f"{too_large[0]} is larger than pseudo-labels of data.unlabelled can be; "
-                                           f"{remedy}")
-        stats = json.loads(stats_file.read_bytes())
-        lines = path.read_bytes().decode(errors="replace").splitlines()  # a line not UTF-8 fails as a line below
-    except FileNotFoundError:
+    # A folder from elsewhere is untrusted: nothing larger than the most these files can hold is read (each text's
+    # characters JSON-escaped, at most 12 bytes each, and the row's other fields; a few statistics).
+    saved = _read_untrusted(stats_file, 1 << 20, remedy)
+    data = _read_untrusted(path, sum(12 * len(text) + 100 for text in texts), remedy)
+    if saved is None or data is None:
         return None
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise runfolder.RunFolderError(f"{stats_file}: not JSON ({error}); {remedy}") from None
-    if not isinstance(stats, dict) or stats.get("selected") != len(lines) or stats.get("unlabelled") != len(texts):
-        raise runfolder.RunFolderError(
-            f"{stats_file} does not describe {path.name} ({len(lines)} rows) chosen from data.unlabelled "
-            f"({len(texts)} texts); {remedy}")
+    try:
+        saved = json.loads(saved)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:
+        raise runfolder.RunFolderError(f"{stats_file}: not JSON ({type(error).__name__}); {remedy}") from None
+    if not isinstance(saved, dict) or {key: saved.get(key) for key in provenance} != provenance:
+        raise runfolder.RunFolderError(f"{stats_file}: not chosen by this run's previous round from these texts of "
+                                       f"data.unlabelled (their SHA-256 differ); {remedy}")
     known, num_labels, weight = set(texts), len(config.data.label_names), config.self_training.weight
     rows: dict[str, list] = {"text": [], "label": [], "weight": []}
-    for line_number, line in enumerate(lines, start=1):
-        try:
+    for line_number, line in enumerate(data.decode(errors="replace").splitlines(), start=1):
+        try:  # a line that is not UTF-8 fails as any other line
             row = json.loads(line)
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):
             row = None
         if not (isinstance(row, dict) and row.keys() == rows.keys() and isinstance(row["text"], str)
-                and row["text"] in known
-                and type(row["label"]) is int and 0 <= row["label"] < num_labels and row["weight"] == weight):
+                and row["text"] in known and type(row["label"]) is int and 0 <= row["label"] < num_labels
+                and type(row["weight"]) is float and row["weight"] == weight):
             raise runfolder.RunFolderError(
                 f"{path}, line {line_number}: not a pseudo-label of this run (a text of data.unlabelled, a label "
                 f"below {num_labels}, weight {weight}); {remedy}")
         for key, value in row.items():
             rows[key].append(value)
+    stats = saved.get("statistics")
+    per_class = np.bincount(rows["label"], minlength=num_labels).tolist()
+    if not isinstance(stats, dict) or stats.get("per_class") != per_class or stats.get("unlabelled") != len(texts):
+        raise runfolder.RunFolderError(f"{stats_file} does not describe {path.name} ({per_class} pseudo-labels a "
+                                       f"class, chosen from {len(texts)} texts); {remedy}")
     return datasets.Dataset.from_dict(rows), stats
 
 
