@@ -110,19 +110,21 @@ def self_train(config: RunConfig, *, resume: bool = False,
     check_run_dir(config, resume)
     unlabelled = load_table(config.data.unlabelled, config.data, labelled=False)  # bad input fails before training
     texts = unlabelled["text"][:]
+    texts_sha256 = hashlib.sha256(json.dumps(texts).encode()).hexdigest()
     rounds_dir = config.run_dir / "rounds"
     history: list[dict[str, Any]] = []
     extra = None
+    teacher: RunConfig | None = None  # the previous round, whose model pseudo-labels the texts for this one
     previous_reused = False  # whether the previous round had finished before this call (its pseudo-labels stand)
     for index in range(settings.rounds + 1):
         round_config = _round_config(config, index)
-        if index > 0:
+        if teacher is not None:
             pseudo_file = rounds_dir / f"pseudo-{index}.jsonl"
-            provenance = _provenance(_round_config(config, index - 1), texts)
+            provenance = _provenance(teacher, texts_sha256)
             chosen = _read_pseudo_labels(pseudo_file, config, texts, provenance) if previous_reused else None
             if chosen is None:
                 _stats_file(pseudo_file).unlink(missing_ok=True)  # first: an older pair is never read with new rows
-                chosen = _choose_pseudo_labels(config, texts, index)
+                chosen = _choose_pseudo_labels(teacher, settings, texts, index)
                 _write_pseudo_labels(pseudo_file, *chosen, provenance)
             else:
                 log.info("round %d: the %d pseudo-labels of %s, chosen before the interruption", index,
@@ -139,24 +141,24 @@ def self_train(config: RunConfig, *, resume: bool = False,
         history.append({"round": index, "run": str(round_config.run_dir),
                         "validation_accuracy": metrics["validation"]["accuracy"],
                         "train_rows": metrics["train_rows"], "train_runtime_s": metrics["train_runtime_s"]})
+        teacher = round_config
     metrics = {**metrics, "self_training": history}
     runfolder.write_metrics(config.run_dir, metrics)
     return TrainResult(config.run_dir, result.model, metrics, result.params)  # the last round: always trained
 
 
-def _choose_pseudo_labels(config: RunConfig, texts: list[str],
+def _choose_pseudo_labels(teacher: RunConfig, settings: SelfTrainSettings, texts: list[str],
                           index: int) -> tuple[datasets.Dataset, dict[str, Any]]:
-    """Round `index`'s pseudo-labels: the texts labelled by the previous round's model, its resolved config
-    (max_length) and all, and chosen by config.self_training."""
-    settings, previous = config.self_training, _round_config(config, index - 1)
-    logits = runfolder.load(previous.run_dir).predict(texts, progress=True)
-    probs, shift = (shift_to_input_priors(previous.run_dir, texts, logits, settings.label_shift)
+    """Round `index`'s pseudo-labels: the texts labelled by the teacher's model (the previous round's), its resolved
+    config (max_length) and all, and chosen by `settings`."""
+    logits = runfolder.load(teacher.run_dir).predict(texts, progress=True)
+    probs, shift = (shift_to_input_priors(teacher.run_dir, texts, logits, settings.label_shift)
                     if settings.label_shift else (softmax(logits.astype(np.float64), axis=1), {}))
     rows, labels, stats = select_pseudo_labels(probs, settings)
     stats |= shift
     log.info("round %d: %d pseudo-labels %s (mean confidence %s)", index, stats["selected"],
              stats["per_class"], stats["mean_confidence"])
-    warning = selection_warning(stats, settings, config.data.label_names)
+    warning = selection_warning(stats, settings, teacher.data.label_names)
     if warning:
         log.warning("round %d: %s", index, warning)
     rows = datasets.Dataset.from_dict({"text": [texts[i] for i in rows], "label": labels.tolist(),
@@ -168,10 +170,10 @@ def _stats_file(pseudo_file: Path) -> Path:
     return pseudo_file.with_suffix(".stats.json")
 
 
-def _provenance(teacher: RunConfig, texts: list[str]) -> dict[str, str]:
+def _provenance(teacher: RunConfig, texts_sha256: str) -> dict[str, str]:
     """What pseudo-labels were chosen from: the teacher's trained weights and the unlabelled texts (SHA-256 of each)."""
     return {"teacher_weights_sha256": file_sha256(teacher.run_dir / runfolder.ADAPTER_DIR / runfolder.WEIGHTS_FILE),
-            "unlabelled_texts_sha256": hashlib.sha256(json.dumps(texts).encode()).hexdigest()}
+            "unlabelled_texts_sha256": texts_sha256}
 
 
 def _write_pseudo_labels(path: Path, rows: datasets.Dataset, stats: dict[str, Any],
