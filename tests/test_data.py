@@ -392,6 +392,20 @@ def test_a_jsonl_line_that_is_not_an_object_is_named(tmp_path: Path, news_rows: 
         load_table(str(path), DataConfig(), labelled=True)
 
 
+@pytest.mark.parametrize(("suffix", "where"), [(".jsonl", ", line 3"), (".json", "")])
+def test_json_nested_too_deep_to_read_is_a_data_error(tmp_path: Path, news_rows: Rows, suffix: str,
+                                                      where: str) -> None:
+    """json's parser recurses once per bracket and ends in a RecursionError: named by file (and line), not a
+    traceback."""
+    path = tmp_path / f"news{suffix}"
+    deep = '{"text": ' + "[" * 100_000 + "}"
+    lines = [*jsonl_lines(news_rows[:2]), deep]
+    path.write_text("\n".join(lines) + "\n" if suffix == ".jsonl" else "[" + ",\n".join(lines) + "]\n",
+                    encoding="utf-8")
+    with pytest.raises(DataError, match=f"^{re.escape(f'{path}{where}: JSON nested deeper than can be read')}$"):
+        load_table(str(path), DataConfig(), labelled=True)
+
+
 def test_a_broken_json_array_is_named_by_line_and_column(tmp_path: Path, news_rows: Rows) -> None:
     path = tmp_path / "news.json"
     path.write_text("[\n" + ",\n".join(jsonl_lines(news_rows[:3])) + ",\n{text: 1}\n]\n", encoding="utf-8")
