@@ -441,13 +441,14 @@ def test_an_encoder_without_a_head_loads_quietly_and_leaves_transformers_verbosi
 
     RobertaModel(RobertaConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                                intermediate_size=37, max_position_embeddings=70)).save_pretrained(tmp_path)
+    before = transformers_logging.get_verbosity()
     transformers_logging.set_verbosity_info()
     try:
         with caplog.at_level(logging.INFO, logger="transformers"):
             build_base_model(ModelConfig(name=str(tmp_path)), LABELS)
         assert transformers_logging.get_verbosity() == transformers_logging.INFO
     finally:
-        transformers_logging.set_verbosity_warning()
+        transformers_logging.set_verbosity(before)  # the next test in this worker finds what this one found
     assert "loading configuration file" in caplog.text  # what the user asked transformers for is still logged
     assert "MISSING" not in caplog.text
 

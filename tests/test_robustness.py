@@ -244,6 +244,7 @@ def test_a_run_can_keep_no_sample_of_its_training_texts(tmp_path: Path, tiny_rob
     assert shift_to_input_priors(run, texts, logits, "uniform-ood")[1]["unlike_training_rows"] > 0
 
 
+# Named ids: gzip's bytes hold the time they were made, so as ids they would differ between pytest-xdist's workers.
 @pytest.mark.parametrize(("content", "error"), [
     (b"not gzip at all", "is corrupt"),
     (gzip.compress(b'["a", "b"')[:-9], "is corrupt"),  # cut off
@@ -252,8 +253,7 @@ def test_a_run_can_keep_no_sample_of_its_training_texts(tmp_path: Path, tiny_rob
     (gzip.compress(json.dumps(["x" * 2_001]).encode()), "not a list of at most 20,000 texts of at most 2,000"),
     (gzip.compress(b" " * 4_000 + b"[]"), "unpacks to more than 0 MiB"),  # a bomb, with the limit at 4,000 bytes
     (gzip.compress(b'["a"] ["b"]'), "not a list of at most 20,000 texts"),
-], ids=["not-gzip", "cut-off", "not-a-list", "not-texts", "text-too-long", "bomb", "two-documents"])  # gzip's bytes
-# hold the time they were made: as test ids, they would differ between pytest-xdist's workers
+], ids=["not-gzip", "cut-off", "not-a-list", "not-texts", "text-too-long", "bomb", "two-documents"])
 def test_a_kept_sample_that_budgetlora_did_not_write_is_refused(tmp_path: Path, content: bytes, error: str,
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(runfolder, "MAX_TRAINING_TEXTS_BYTES", 4_000)
