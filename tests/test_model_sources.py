@@ -126,9 +126,11 @@ def test_params_without_a_connection_answer_in_seconds_and_print_no_retries(tmp_
     env = {key: value for key, value in os.environ.items()
            if key not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE")}
     env |= {"HF_ENDPOINT": "http://127.0.0.1:9", "HF_HOME": str(tmp_path / "hf-home"), "OMP_NUM_THREADS": "1"}
-    script = ("import sys, time; from budgetlora.cli import main; started = time.monotonic(); "
-              "codes = [main(['params', '--config', sys.argv[1]]), main(['params', 'model.name=bert-base-uncased'])]; "
-              "print('codes', codes, 'seconds', round(time.monotonic() - started))")
+    script = ("import sys, time; from budgetlora.cli import main\n"
+              "def timed(argv):\n    started = time.monotonic(); code = main(argv)\n"
+              "    return code, round(time.monotonic() - started)\n"
+              "runs = [timed(['params', '--config', sys.argv[1]]), timed(['params', 'model.name=bert-base-uncased'])]\n"
+              "print('codes', [code for code, _ in runs], 'seconds', max(seconds for _, seconds in runs))")
     done = subprocess.run([sys.executable, "-c", script, str(CONFIGS_DIR / "roberta-base-agnews.yaml")], env=env,
                           capture_output=True, text=True, timeout=300)
     assert "codes [0, 2]" in done.stdout, done.stderr[-2000:]
@@ -136,4 +138,5 @@ def test_params_without_a_connection_answer_in_seconds_and_print_no_retries(tmp_
     assert "bert-base-uncased': not in the local Hugging Face cache, and the Hub cannot be used (no answer from " \
            "http://127.0.0.1:9 within 2 s)" in done.stderr
     assert "Retry" not in done.stderr
-    assert int(done.stdout.split("seconds")[-1]) < 20  # with retries: about 25 s for each command
+    # The slower command: about 25 s with retries; both under 11 s together measured, and the suite runs a test a core.
+    assert int(done.stdout.split("seconds")[-1]) < 20

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import queue
 import re
 import signal
 import socket
@@ -261,26 +262,36 @@ def test_the_cli_prints_one_line_for_a_bad_option(tmp_path: Path, capsys: pytest
 
 
 def test_the_cli_serves_a_run_until_ctrl_c(server: Server) -> None:
-    with socket.socket() as probe:  # a free port: serve binds it itself, before loading the model
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    command = [sys.executable, "-m", "budgetlora.cli", "serve", "--run", str(server.run_dir), "--port", str(port)]
+    # --port 0: the system picks a free port and serve logs it (a port found free here could be taken by another
+    # test worker before serve binds it).
+    command = [sys.executable, "-m", "budgetlora.cli", "serve", "--run", str(server.run_dir), "--port", "0"]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                preexec_fn=ctrl_c_as_in_a_terminal)
+    lines: queue.Queue[str] = queue.Queue()
+    reader = threading.Thread(target=lambda: [lines.put(line) for line in process.stdout], daemon=True)
+    reader.start()
     try:
-        deadline = time.monotonic() + 90
+        output, port, deadline = "", None, time.monotonic() + 90
+        while port is None:
+            assert process.poll() is None and time.monotonic() < deadline, f"serve did not start: {output}"
+            with contextlib.suppress(queue.Empty):
+                output += lines.get(timeout=1)
+            if found := re.search(r"on http://127\.0\.0\.1:(\d+) \(API docs: http://127\.0\.0\.1:\1/docs\)", output):
+                port = int(found[1])
         while True:
             with contextlib.suppress(httpx.TransportError):
                 if httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200:
                     break
-            assert process.poll() is None and time.monotonic() < deadline, "serve did not start"
+            assert process.poll() is None and time.monotonic() < deadline, f"serve did not start: {output}"
             time.sleep(0.1)
         process.send_signal(signal.SIGINT)
-        output = process.communicate(timeout=30)[0]
+        process.wait(timeout=30)
+        reader.join(timeout=30)
+        while not lines.empty():
+            output += lines.get()
         # uvicorn shuts down cleanly, then re-raises the SIGINT: the CLI's exit status for Ctrl-C, 130.
         assert process.returncode == 130, output
-        assert f"on http://127.0.0.1:{port} (API docs: http://127.0.0.1:{port}/docs)" in output
-        assert "Application shutdown complete" in output
+        assert port != 0 and "Application shutdown complete" in output, output
     finally:
         if process.poll() is None:
             process.kill()
