@@ -183,6 +183,24 @@ def test_file_problems_are_config_errors(tmp_path: Path) -> None:
         load_config(scalar)
 
 
+@pytest.mark.parametrize(("content", "message"), [
+    (b"name: " + b"[" * 100_000 + b"\n", "YAML nested deeper than can be read$"),  # a RecursionError in PyYAML
+    (b"name: caf\xe9\n", r"not UTF-8 text \("),  # Latin-1 bytes: a UnicodeDecodeError before the parser
+    (b"# " + b"x" * (17 << 20) + b"\n", "larger than 16 MiB, not a config$"),
+    # An alias bomb: 300 bytes whose value's full repr would take 9**7 items (and 9x that with each level more).
+    (b"lora:\n  r: [&l0 [" + b", ".join([b"x"] * 9) + b"], "
+     + b", ".join(b"&l%d [" % level + b", ".join([b"*l%d" % (level - 1)] * 9) + b"]" for level in range(1, 7))
+     + b"]\n", r"lora\.r: expected int, got \[\['x', 'x', 'x', 'x', 'x', 'x', \.\.\.\], \[\[.*\]$"),
+])
+def test_a_config_file_that_cannot_be_read_is_a_config_error(tmp_path: Path, content: bytes, message: str) -> None:
+    """A config file (a run folder's config.yaml comes from elsewhere too) fails as a ConfigError naming it."""
+    path = tmp_path / "config.yaml"
+    path.write_bytes(content)
+    with pytest.raises(ConfigError, match=f"^{re.escape(str(path))}: {message}") as raised:
+        load_config(path)
+    assert len(str(raised.value)) < 2000
+
+
 @pytest.mark.parametrize(("text", "message"), [
     ("name: a\nbudget: 5000\nname: b\n", "line 3: name: given twice (first at line 1)"),
     ("name: x\nlora:\n  r: 4\n  alpha: 8\n  r: 16\n", "line 5: lora.r: given twice (first at line 3)"),

@@ -13,6 +13,7 @@ import pytest
 from budgetlora.config import RunConfig, from_dict
 from budgetlora.infer import evaluate_run
 from budgetlora.report import ReportError, confusion_figure, training_figure, write_report
+from budgetlora.runfolder import RunFolderError
 from budgetlora.train import train
 
 from .conftest import LABELS, isolated_cache, tiny_config_dict, write_news_csv
@@ -101,11 +102,26 @@ def test_report_of_an_unfinished_run_names_the_missing_file(run_dir: Path, tmp_p
     with pytest.raises(FileNotFoundError, match=f"{partial / 'metrics.json'} is missing"):
         write_report(partial)
     (partial / "metrics.json").write_text("{not json")
-    with pytest.raises(ReportError, match="metrics.json: not valid JSON"):
+    with pytest.raises(RunFolderError, match="metrics.json: not valid JSON"):
         write_report(partial)
     (partial / "metrics.json").write_text("{}")
     with pytest.raises(ReportError, match="no 'validation' entry"):
         write_report(partial)
+
+
+@pytest.mark.parametrize(("name", "content", "error", "message"), [
+    ("metrics.json", "[" * 100_000, RunFolderError, "metrics.json: not valid JSON .nested deeper"),
+    ("metrics.json", '"validation train_runtime_s"', ReportError, "no 'validation' entry"),
+    ("metrics.json", '{"validation": 3, "train_runtime_s": 1}', ReportError, "hold something other than"),
+    ("log_history.json", '[{"loss": 1}]', ReportError, "hold something other than .* .KeyError: 'step'"),
+    ("params.json", '{"trainable": "all"}', ReportError, "hold something other than"),
+])
+def test_report_of_files_that_lie_is_an_error_naming_them(run_dir: Path, tmp_path: Path, name: str, content: str,
+                                                          error: type[Exception], message: str) -> None:
+    copy = Path(shutil.copytree(run_dir, tmp_path / "copy", ignore=shutil.ignore_patterns("report")))
+    (copy / name).write_text(content)
+    with pytest.raises(error, match=message):
+        write_report(copy)
 
 
 def test_training_figure_rings_the_kept_epoch_with_whole_epoch_ticks_and_an_outside_legend(run_dir: Path) -> None:

@@ -426,3 +426,19 @@ def test_tampered_pseudo_labels_are_refused_by_file_and_line_before_training(
     assert message in error and "Traceback" not in error
     assert f"delete {pseudo} and pseudo-1.stats.json to choose them again" in error
     assert folder_state(run) == before  # nothing trained, nothing rewritten
+
+
+@pytest.mark.parametrize("metrics", ['{"validation": {"accuracy": "high"}, "train_rows": 40, "train_runtime_s": 1.0}',
+                                     '{"validation": [], "train_rows": 40}', "[" * 100_000],
+                         ids=["accuracy-not-a-number", "no-validation", "too-deep"])
+def test_a_finished_round_whose_metrics_lie_is_refused_before_training(
+        tmp_path: Path, interrupted_self_training: Path, capsys: pytest.CaptureFixture[str], metrics: str) -> None:
+    """The teacher's metrics go into the run's history unread by anyone else: checked, not trusted."""
+    run = resumable_copy(interrupted_self_training, tmp_path)
+    teacher_metrics = run / "rounds" / "round-0" / "metrics.json"
+    teacher_metrics.write_text(metrics)
+    before = folder_state(run)
+    assert main(["train", "--resume", str(run)]) == 2
+    error = capsys.readouterr().err
+    assert f"budgetlora: error: {teacher_metrics}" in error and "Traceback" not in error, error
+    assert folder_state(run) == before

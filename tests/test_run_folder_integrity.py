@@ -4,8 +4,10 @@ one class for every text), and one run folder has one training process at a time
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
+import json
 import logging
 import os
 import shutil
@@ -13,7 +15,9 @@ import signal
 import stat
 import subprocess
 import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -22,11 +26,12 @@ from safetensors.torch import load_file, save_file
 from budgetlora.cli import main
 from budgetlora.config import RunConfig, dump_config, from_dict, with_overrides
 from budgetlora.data import DataError
+from budgetlora.export_card import write_card
 from budgetlora.files import FolderLockedError
-from budgetlora.runfolder import LOCK_FILE, RunFolderError, load, lock, read_config
+from budgetlora.runfolder import LOCK_FILE, Run, RunFolderError, load, lock, read_config
 from budgetlora.train import train
 
-from .conftest import isolated_cache, tiny_config_dict, write_news_csv
+from .conftest import LABELS, isolated_cache, tiny_config_dict, write_news_csv
 
 Rows = list[tuple[str, int]]
 WEIGHTS = Path("adapter") / "adapter_model.safetensors"
@@ -168,6 +173,136 @@ def test_a_garbled_checksum_file_is_refused(run_dir: Path, tmp_path: Path) -> No
     (run / SUMS).write_bytes(b"\x00\xff not a checksum\n")
     with pytest.raises(RunFolderError, match="SHA256SUMS is corrupt"):
         load(run)
+
+
+# --- JSON files that lie: read bounded, checked, refused by name ----------------------------------------------------
+
+def _replaced_by(make: Callable[[Path], object]) -> Callable[[Path], None]:
+    def replace(path: Path) -> None:
+        path.unlink()
+        make(path)
+    return replace
+
+
+def _edited(change: Callable[[Any], Any]) -> Callable[[Path], None]:
+    def edit(path: Path) -> None:
+        path.write_text(json.dumps(change(json.loads(path.read_text()))))
+    return edit
+
+
+@contextlib.contextmanager
+def deadline(seconds: int) -> Iterator[None]:
+    """A TimeoutError after `seconds`: a read that blocks (a FIFO) fails the test instead of hanging its worker."""
+    def expire(signum: int, frame: object) -> None:
+        raise TimeoutError(f"still running after {seconds} s")
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+DEEP = "[" * 100_000  # deeper than json's parser recurses
+# What a folder from elsewhere may hold in place of each file predict reads (--label-shift em reads every one of them).
+LYING_FILES = [
+    ("labels.json", lambda path: path.write_text("{"), "labels.json: not valid JSON"),
+    ("labels.json", lambda path: path.write_text(DEEP), "labels.json: not valid JSON (nested deeper than can be read)"),
+    ("labels.json", lambda path: path.write_text("[1, 2]"), "labels.json holds a JSON list, not an object"),
+    ("labels.json", _edited(lambda saved: {"label_names": 4}), "labels.json: labels 4 differ"),
+    ("labels.json", _replaced_by(lambda path: path.symlink_to("/dev/zero")), "labels.json is not a regular file"),
+    ("labels.json", _replaced_by(os.mkfifo), "labels.json is not a regular file"),
+    ("labels.json", lambda path: path.write_text(" " * (17 << 20)), "labels.json is larger than budgetlora writes"),
+    ("params.json", lambda path: path.write_bytes(b"\xff\xfe"), "params.json: not valid JSON"),
+    ("params.json", lambda path: path.write_text(DEEP), "params.json: not valid JSON (nested deeper"),
+    ("params.json", lambda path: path.write_text("[]"), "params.json holds a JSON list, not an object"),
+    ("params.json", _edited(lambda saved: saved | {"trainable": str(saved["trainable"])}),
+     "params.json does not record the run's trainable"),
+    ("params.json", _edited(lambda saved: saved | {"trainable": True}), "params.json does not record"),
+    ("params.json", lambda path: path.write_text('{"trainable": 1' + "0" * 5000 + "}"),  # past int()'s digit limit
+     "params.json: not valid JSON (Exceeds the limit"),
+    ("params.json", _replaced_by(lambda path: path.symlink_to("/dev/zero")), "params.json is not a regular file"),
+    ("params.json", _replaced_by(os.mkfifo), "params.json is not a regular file"),
+    ("metrics.json", lambda path: path.write_text(DEEP), "metrics.json: not valid JSON (nested deeper"),
+    ("metrics.json", lambda path: path.write_text('"metrics"'), "metrics.json holds a JSON str, not an object"),
+    ("metrics.json", _edited(lambda saved: saved | {"train_label_counts": [1, 2]}), "train_label_counts is not"),
+    ("metrics.json", _edited(lambda saved: saved | {"train_label_counts": [5, -1, 5, 5]}), "train_label_counts is not"),
+    ("metrics.json", _edited(lambda saved: saved | {"train_label_counts": ["5", 5, 5, 5]}), "train_label_counts is"),
+    ("metrics.json", _edited(lambda saved: saved | {"train_label_counts": [0, 0, 0, 0]}), "train_label_counts is"),
+    ("metrics.json", _edited(lambda saved: saved | {"train_label_counts": [10**400] * 4}), "train_label_counts is"),
+    ("metrics.json", _edited(lambda saved: saved | {"train_label_counts": [0, 5, 5, 5]}),
+     "class 'World' had no training rows, so --label-shift em cannot re-weigh it"),
+    ("metrics.json", _replaced_by(os.mkfifo), "metrics.json is not a regular file"),
+    ("validation_logits.json", lambda path: path.write_text(DEEP), "validation_logits.json: not valid JSON"),
+    ("validation_logits.json", lambda path: path.write_text("[]"), "validation_logits.json does not hold 4 finite"),
+    ("validation_logits.json", _edited(lambda saved: saved | {"logits": [[0.0] * 4, [0.0] * 3]}), "does not hold"),
+    ("validation_logits.json", _edited(lambda saved: saved | {"logits": [row[:3] for row in saved["logits"]]}),
+     "does not hold 4 finite logits"),
+    ("validation_logits.json", _edited(lambda saved: saved | {"logits": [["x"] * 4 for _ in saved["logits"]]}),
+     "does not hold"),
+    ("validation_logits.json", _edited(lambda saved: saved | {"logits": [[float("nan")] * 4 for _ in saved["logits"]]}),
+     "does not hold 4 finite logits"),
+    ("validation_logits.json", _edited(lambda saved: saved | {"logits": [[10**400] * 4 for _ in saved["logits"]]}),
+     "does not hold 4 finite logits"),
+    ("validation_logits.json", _edited(lambda saved: saved | {"labels": [4] * len(saved["labels"])}), "does not hold"),
+    ("validation_logits.json", _edited(lambda saved: saved | {"labels": [True] * len(saved["labels"])}),
+     "does not hold"),
+    ("validation_logits.json", _edited(lambda saved: saved | {"labels": saved["labels"][1:]}), "does not hold"),
+    ("validation_logits.json", _edited(lambda saved: {"logits": [], "labels": []}), "does not hold"),
+    ("validation_logits.json", _replaced_by(os.mkfifo), "validation_logits.json is not a regular file"),
+    ("adapter/SHA256SUMS", lambda path: path.write_text(path.read_text() * 1000), "SHA256SUMS is larger than"),
+    ("adapter/SHA256SUMS", _replaced_by(os.mkfifo), "SHA256SUMS is not a regular file"),  # not "missing": unchecked
+    ("config.yaml", lambda path: path.write_text(path.read_text() + f"extra: {DEEP}\n"),
+     "config.yaml: YAML nested deeper than can be read"),
+]
+
+
+@pytest.mark.parametrize(("name", "tamper", "message"), LYING_FILES,
+                         ids=[f"{name}-{index}" for index, (name, _, _) in enumerate(LYING_FILES)])
+def test_run_files_that_lie_are_refused_by_name_before_anything_is_predicted(
+        run_dir: Path, news_rows: Rows, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch, name: str, tamper: Callable[[Path], None], message: str) -> None:
+    """A run folder from elsewhere: every JSON (and the config) predict reads is read bounded (a FIFO or /dev/zero is
+    refused unread), parsed without a RecursionError and checked, so the error names the file, never a traceback."""
+    run = copy_run(run_dir, tmp_path)
+    tamper(run / name)
+    predicted: list[int] = []
+    monkeypatch.setattr(Run, "predict", lambda self, texts, progress=False: predicted.append(len(texts)))
+    output = tmp_path / "predictions.csv"
+    source = texts_csv(tmp_path / "texts.csv", news_rows[:8])
+    with deadline(60):
+        code, out, err = cli(["predict", "--run", str(run), "--input", str(source), "--output", str(output),
+                              "--label-shift", "em"], capsys)
+    assert code == 2 and err.startswith("budgetlora: error: ") and message in err, err
+    assert err.strip().count("\n") == 0 and len(err) < 1000, err  # one line, whatever the file held
+    assert predicted == [] and not output.exists() and out == ""
+
+
+def test_the_untouched_copy_predicts_with_every_file_read(run_dir: Path, news_rows: Rows, tmp_path: Path,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    """The cases above change one file each of a copy that predicts: this is that copy, untouched."""
+    run = copy_run(run_dir, tmp_path)
+    output = tmp_path / "predictions.csv"
+    source = texts_csv(tmp_path / "texts.csv", news_rows[:8])
+    code, _, err = cli(["predict", "--run", str(run), "--input", str(source), "--output", str(output),
+                        "--label-shift", "em"], capsys)
+    assert code == 0, err
+    assert len(output.read_text().splitlines()) == 9
+
+
+@pytest.mark.parametrize("tamper", [lambda path: path.write_text(DEEP), _replaced_by(os.mkfifo),
+                                    lambda path: path.write_text('{"validation": 3}')], ids=["deep", "fifo", "type"])
+def test_an_export_card_says_not_recorded_for_metrics_that_lie(run_dir: Path, tmp_path: Path,
+                                                               tamper: Callable[[Path], None]) -> None:
+    run = copy_run(run_dir, tmp_path)
+    tamper(run / "metrics.json")
+    (tmp_path / "export").mkdir()
+    with deadline(60):
+        write_card(tmp_path / "export", run, read_config(run), LABELS, "transformers", remote_code=False)
+    card = (tmp_path / "export" / "README.md").read_text()
+    trainable = json.loads((run / "params.json").read_text())["trainable"]
+    assert "- accuracy: not recorded" in card and f"- trainable parameters: {trainable:,} (" in card, card
 
 
 # --- one training process per run folder ----------------------------------------------------------------------------

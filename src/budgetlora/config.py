@@ -373,6 +373,9 @@ def flat_settings(section: Any, prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+MAX_CONFIG_BYTES = 16 << 20
+
+
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
     """Load a YAML config (None: all defaults), apply dotted overrides, validate."""
     values: dict[str, Any] = {}
@@ -380,10 +383,16 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist")
+        if path.stat().st_size > MAX_CONFIG_BYTES:  # a config (or a run folder's, from elsewhere) is a few KB
+            raise ConfigError(f"{path}: larger than {MAX_CONFIG_BYTES >> 20} MiB, not a config")
         try:
             values = load_yaml_file(path) or {}
         except yaml.YAMLError as error:
             raise ConfigError(f"{path}: not valid YAML: {error}") from error
+        except UnicodeDecodeError as error:
+            raise ConfigError(f"{path}: not UTF-8 text ({error})") from None
+        except RecursionError:  # PyYAML's composer recurses once a level
+            raise ConfigError(f"{path}: YAML nested deeper than can be read") from None
         if not isinstance(values, dict):
             raise ConfigError(f"{path}: expected a mapping at the top level")
     apply_overrides(values, overrides or [])

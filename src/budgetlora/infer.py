@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,13 +38,6 @@ def _read_source(run_dir: Path, source: str, *, labelled: bool, trust_pickle: bo
     return config, load_table(source, config.data, labelled=labelled)  # bad input fails before the model is loaded
 
 
-def train_priors(run_dir: Path, label_count: int) -> np.ndarray:
-    """The class shares of the run's training rows (uniform for runs that did not record them)."""
-    counts = runfolder.read_metrics(run_dir).get("train_label_counts")
-    counts = np.asarray(counts if counts else [1] * label_count, dtype=np.float64)
-    return counts / counts.sum()
-
-
 def training_texts(run_dir: Path) -> list[str]:
     """The run's sample of its training texts (runfolder.read_training_texts); for a run without one (older, or
     data.keep_training_texts off), its labelled training split, read again from its data.train."""
@@ -64,42 +57,63 @@ def training_texts(run_dir: Path) -> list[str]:
     return train_rows["text"][:]
 
 
-def shift_to_input_priors(run_dir: Path, texts: list[str], logits: np.ndarray,
-                          method: str = "em") -> tuple[np.ndarray, dict[str, Any]]:
+@dataclass(frozen=True)
+class ShiftInputs:
+    """What a label shift reads from the run folder (read_shift_inputs): read and checked before the model predicts."""
+
+    training_texts: list[str] | None = None  # uniform-ood: the run's sample of its training texts
+    validation: tuple[np.ndarray, np.ndarray] | None = None  # em: logits and labels to calibrate on (None: older runs)
+    train_priors: np.ndarray | None = None  # em: the class shares of the training rows
+
+
+def read_shift_inputs(run_dir: Path, method: str | None, label_names: Sequence[str]) -> ShiftInputs:
+    """What `method` (PRIOR_ADJUSTMENTS, or None) needs from the run folder, checked (the folder may come from
+    elsewhere): a bad file fails here, before any text is predicted."""
+    if method == "uniform-ood":
+        return ShiftInputs(training_texts=training_texts(run_dir))
+    if method != "em":
+        return ShiftInputs()
+    priors = runfolder.read_train_priors(run_dir, len(label_names))
+    if not priors.all():  # EM divides by them
+        raise DataError(f"{run_dir}: class {label_names[int(np.argmin(priors))]!r} had no training rows, so "
+                        f"--label-shift em cannot re-weigh it; use --label-shift uniform or uniform-ood")
+    return ShiftInputs(validation=runfolder.read_validation_logits(run_dir, len(label_names)), train_priors=priors)
+
+
+def shift_to_input_priors(run_dir: Path, texts: list[str], logits: np.ndarray, method: str = "em",
+                          inputs: ShiftInputs | None = None) -> tuple[np.ndarray, dict[str, Any]]:
     """Probabilities of `texts` (their `logits`) adjusted to the input's class priors: estimated by EM (Saerens et al.
     2002) after calibrating the run's logits with the temperature that fits its validation rows best (EM needs
     calibrated posteriors); imposed as equal ("uniform"), for an input balanced by construction (label_shift.py); or
     imposed as equal on the texts unlike the run's training texts only ("uniform-ood", domain.py), the others as
-    predicted: a model's bias on unfamiliar text is undone there without moving its answers on familiar text."""
+    predicted: a model's bias on unfamiliar text is undone there without moving its answers on familiar text.
+    `inputs`: read_shift_inputs' for `method`, when the caller read them before predicting; None reads them here."""
     run_dir = Path(run_dir)
+    if inputs is None:
+        inputs = read_shift_inputs(run_dir, method, runfolder.read_config(run_dir).data.label_names)
     if method in ("uniform", "uniform-ood"):
         probs = softmax(logits.astype(np.float64), axis=1)
         info: dict[str, Any] = {"prior_adjustment": method}
         rows = np.ones(len(probs), dtype=bool)  # "uniform": every row; "uniform-ood": the unfamiliar ones
         if method == "uniform-ood":
-            split = split_by_domain(training_texts(run_dir), texts)
+            split = split_by_domain(inputs.training_texts, texts)
             rows, info = split.unfamiliar, info | split.summary()
         adjusted, offsets = probs.copy(), np.zeros(probs.shape[1])
         if rows.any():
             adjusted[rows], offsets = match_priors(probs[rows], np.full(probs.shape[1], 1 / probs.shape[1]))
         return adjusted, info | {"offsets": offsets.round(4).tolist()}
-    saved = run_dir / runfolder.VALIDATION_LOGITS_FILE
-    temperature = 1.0
-    if saved.is_file():  # runs from before it was recorded: uncalibrated
-        validation = json.loads(saved.read_text())
-        temperature = fit_temperature(np.asarray(validation["logits"]), np.asarray(validation["labels"]))
-    shift = estimate_priors(softmax(logits.astype(np.float64) / temperature, axis=1),
-                            train_priors(run_dir, logits.shape[1]))
+    temperature = 1.0 if inputs.validation is None else fit_temperature(*inputs.validation)  # older runs: uncalibrated
+    shift = estimate_priors(softmax(logits.astype(np.float64) / temperature, axis=1), inputs.train_priors)
     return shift.adjusted, {"prior_adjustment": "em", "estimated_priors": shift.priors.round(4).tolist(),
                             "temperature": round(temperature, 4), "em_iterations": shift.iterations}
 
 
-def _probabilities(run_dir: Path, texts: list[str], logits: np.ndarray,
-                   label_shift: str | None) -> tuple[np.ndarray, dict[str, Any]]:
+def _probabilities(run_dir: Path, texts: list[str], logits: np.ndarray, label_shift: str | None,
+                   inputs: ShiftInputs) -> tuple[np.ndarray, dict[str, Any]]:
     """Class probabilities from logits; with label_shift (PRIOR_ADJUSTMENTS), adjusted to the input's priors."""
     if label_shift is None:
         return softmax(logits.astype(np.float64), axis=1), {}
-    return shift_to_input_priors(run_dir, texts, logits, label_shift)
+    return shift_to_input_priors(run_dir, texts, logits, label_shift, inputs)
 
 
 def evaluate_run(run_dir: Path, source: str, *, labels: str | None = None, label_shift: str | None = None,
@@ -113,6 +127,7 @@ def evaluate_run(run_dir: Path, source: str, *, labels: str | None = None, label
     config, table = _read_source(run_dir, source, labelled=labels is None, trust_pickle=trust_pickle,
                                  overrides=overrides)
     joined = join_labels(table, labels, config.data) if labels is not None else None
+    shift_inputs = read_shift_inputs(run_dir, label_shift, config.data.label_names)
     run = runfolder.load(run_dir, config=config, precision=precision)
     label_names = run.label_names
     texts = table["text"][:]
@@ -120,7 +135,8 @@ def evaluate_run(run_dir: Path, source: str, *, labels: str | None = None, label
     # The model reads only the labelled rows, unless the priors are the whole input's.
     predicted_rows = list(range(len(texts))) if label_shift else rows
     predicted_texts = [texts[i] for i in predicted_rows]
-    probs, extra = _probabilities(run_dir, predicted_texts, run.predict(predicted_texts, progress=True), label_shift)
+    probs, extra = _probabilities(run_dir, predicted_texts, run.predict(predicted_texts, progress=True), label_shift,
+                                  shift_inputs)
     predicted = probs.argmax(-1)
     if label_shift:
         predicted = predicted[rows]
@@ -173,11 +189,12 @@ def predict_run(run_dir: Path, source: str, output: Path | str, *, label_shift: 
     config = _input_config(run_dir, trust_pickle, overrides)
     rows = ChunkedInput(source, config.data)
     checked = check_input(rows)  # bad input fails before the model is loaded
+    shift_inputs = read_shift_inputs(run_dir, label_shift, config.data.label_names)
 
     def probabilities(logits: np.ndarray) -> tuple[np.ndarray, dict[str, Any]]:
         # Only uniform-ood looks at the texts (every one); the other adjustments at the logits alone.
         texts = [text for chunk in rows.texts() for text in chunk] if label_shift == "uniform-ood" else []
-        return _probabilities(run_dir, texts, logits, label_shift)
+        return _probabilities(run_dir, texts, logits, label_shift, shift_inputs)
 
     return predict_stream(run_dir, config, rows, checked, output, probabilities, whole=label_shift is not None,
                           kaggle=kaggle, with_probs=with_probs, precision=precision)

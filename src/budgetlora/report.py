@@ -7,7 +7,6 @@ so a report can be made at any time after training, on a machine without the mod
 from __future__ import annotations
 
 import io
-import json
 import math
 import re
 from pathlib import Path
@@ -16,10 +15,15 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .files import atomic_write_bytes, atomic_write_text
-from .runfolder import EVALUATIONS_DIR, LOG_HISTORY_FILE, METRICS_FILE, PARAMS_FILE, REPORT_DIR
+from .runfolder import EVALUATIONS_DIR, LOG_HISTORY_FILE, METRICS_FILE, PARAMS_FILE, REPORT_DIR, read_json
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
+
+
+# Past this many classes a matrix's cells are too small to read a number in (and thousands of text labels would take
+# minutes to draw): the colours alone.
+MAX_ANNOTATED_CLASSES = 30
 
 
 class ReportError(ValueError):
@@ -27,12 +31,9 @@ class ReportError(ValueError):
 
 
 def _read_json(path: Path) -> Any:
-    if not path.is_file():
+    if not path.exists():
         raise FileNotFoundError(f"{path} is missing: the report needs a finished run (budgetlora train writes it)")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as error:
-        raise ReportError(f"{path}: not valid JSON ({error})") from None
+    return read_json(path)  # untrusted: bounded, and a RunFolderError naming the file when it is not JSON
 
 
 def _figure(**kwargs: Any) -> Figure:
@@ -112,8 +113,10 @@ def _matrix(figure: Figure, axes: Any, matrix: np.ndarray, names: list[str], *, 
     axes.set_xticks(range(len(names)), names, rotation=45, ha="right")
     axes.set_yticks(range(len(names)), names)
     axes.set(xlabel="predicted", ylabel="true", title=title)
-    for (i, j), value in np.ndenumerate(matrix):
-        axes.text(j, i, cell.format(value), ha="center", va="center", color="white" if value > peak / 2 else "black")
+    if len(names) <= MAX_ANNOTATED_CLASSES:
+        for (i, j), value in np.ndenumerate(matrix):
+            axes.text(j, i, cell.format(value), ha="center", va="center",
+                      color="white" if value > peak / 2 else "black")
 
 
 def confusion_figure(metrics: dict[str, Any], title: str) -> Figure:
@@ -121,9 +124,11 @@ def confusion_figure(metrics: dict[str, Any], title: str) -> Figure:
     from matplotlib.ticker import MaxNLocator
 
     counts = np.asarray(metrics["confusion_matrix"], dtype=np.int64)
+    names = metrics["label_names"]
+    if counts.shape != (len(names), len(names)):
+        raise ValueError(f"a confusion matrix of shape {counts.shape} for {len(names)} classes")
     totals = counts.sum(axis=1, keepdims=True)
     shares = np.divide(counts, totals, out=np.zeros(counts.shape), where=totals > 0)  # a class absent: a zero row
-    names = metrics["label_names"]
     size = max(4.0, 0.7 * len(names) + 2)
     figure = _figure(figsize=(2 * size + 2, size), layout="constrained")
     figure.suptitle(f"{title}: accuracy {metrics['accuracy']:.4f}")
@@ -174,15 +179,21 @@ def write_report(run_dir: Path) -> list[Path]:
     metrics = _read_json(run_dir / METRICS_FILE)
     params = _read_json(run_dir / PARAMS_FILE)
     for key in ("validation", "train_runtime_s"):
-        if key not in metrics:
+        if not isinstance(metrics, dict) or key not in metrics:
             raise ReportError(f"{run_dir / METRICS_FILE}: no {key!r} entry; is it a budgetlora run's metrics?")
     evaluations = {path.stem: _read_json(path) for path in sorted((run_dir / EVALUATIONS_DIR).glob("*.json"))}
     out = run_dir / REPORT_DIR
     out.mkdir(exist_ok=True)
-    images = [save_png(training_figure(history, metrics.get("best_checkpoint")), out / "training.png"),
-              save_png(confusion_figure(metrics["validation"], "validation"), out / "confusion_validation.png")]
-    # Titled by the source's file name: its full path would not fit above the matrix.
-    images += [save_png(confusion_figure(evaluation, Path(str(evaluation.get("source", name))).name),
-                         out / f"confusion_{name}.png") for name, evaluation in evaluations.items()]
-    summary = atomic_write_text(out / "summary.md", summary_markdown(run_dir, metrics, params, evaluations, images))
-    return [*images, summary]
+    try:
+        images = [save_png(training_figure(history, metrics.get("best_checkpoint")), out / "training.png"),
+                  save_png(confusion_figure(metrics["validation"], "validation"), out / "confusion_validation.png")]
+        # Titled by the source's file name: its full path would not fit above the matrix.
+        images += [save_png(confusion_figure(evaluation, Path(str(evaluation.get("source", name))).name),
+                             out / f"confusion_{name}.png") for name, evaluation in evaluations.items()]
+        summary = summary_markdown(run_dir, metrics, params, evaluations, images)
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError, ArithmeticError) as error:
+        # The files parsed but hold other shapes than training writes (edited, or from another tool).
+        raise ReportError(f"{run_dir}: {LOG_HISTORY_FILE}, {METRICS_FILE}, {PARAMS_FILE} or {EVALUATIONS_DIR}/ hold "
+                          f"something other than what budgetlora writes ({type(error).__name__}: "
+                          f"{str(error)[:200]})") from None
+    return [*images, atomic_write_text(out / "summary.md", summary)]

@@ -17,7 +17,9 @@ import gzip
 import json
 import logging
 import math
+import os
 import re
+import stat
 import zlib
 from collections.abc import Iterable, Sequence
 from contextlib import AbstractContextManager
@@ -50,6 +52,10 @@ TRAINING_TEXTS_FILE = "training_texts.json.gz"
 # A folder from elsewhere is untrusted: a few MB of gzip can claim gigabytes. The sample's most (domain.py's limits,
 # 6 bytes a character when JSON escapes it) is well below this.
 MAX_TRAINING_TEXTS_BYTES = 256 << 20
+# The most of each JSON file read back (read_json); a file training wrote is far smaller.
+MAX_JSON_BYTES = 16 << 20
+MAX_LOGITS_BYTES = 256 << 20  # about 20 bytes a logit as written: 3 million validation rows of 4 classes
+NOT_WRITTEN_BY_US = "not a file budgetlora wrote: train the run again, or copy the folder again from where it was made"
 ADAPTER_DIR = "adapter"
 WEIGHTS_FILE = "adapter_model.safetensors"  # in ADAPTER_DIR
 CHECKSUMS_FILE = "SHA256SUMS"  # in ADAPTER_DIR
@@ -119,8 +125,83 @@ def write_metrics(run_dir: Path, metrics: dict[str, Any]) -> None:
     write_json(run_dir / METRICS_FILE, metrics)
 
 
+def read_untrusted(path: Path, most: int, remedy: str = NOT_WRITTEN_BY_US) -> bytes:
+    """The bytes of `path`, a regular file of at most `most` bytes, else a RunFolderError naming it and `remedy`.
+
+    A folder from elsewhere is untrusted: a FIFO would block the read and a link to /dev/zero never end it, so the file
+    is opened without blocking and its type checked on the open handle (no window to swap it); the read stops past
+    `most`. A missing file is the caller's FileNotFoundError (the OSError names the path)."""
+    descriptor = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    with os.fdopen(descriptor, "rb") as handle:
+        if not stat.S_ISREG(os.fstat(descriptor).st_mode):
+            raise RunFolderError(f"{path} is not a regular file; {remedy}")
+        data = handle.read(most + 1)
+    if len(data) > most:
+        raise RunFolderError(f"{path} is larger than budgetlora writes it ({most:,} bytes at most); {remedy}")
+    return data
+
+
+def read_json(path: Path, most: int = MAX_JSON_BYTES) -> Any:
+    """A JSON file of a run folder, read as untrusted (read_untrusted); not JSON, or nested deeper than the parser goes,
+    is a RunFolderError naming the file. What the value holds is the caller's to check."""
+    try:
+        return json.loads(read_untrusted(path, most))
+    except RecursionError:
+        raise RunFolderError(f"{path}: not valid JSON (nested deeper than can be read); {NOT_WRITTEN_BY_US}") from None
+    except ValueError as error:  # JSONDecodeError, UnicodeDecodeError, an integer of more digits than int() reads
+        raise RunFolderError(f"{path}: not valid JSON ({str(error)[:200]}); {NOT_WRITTEN_BY_US}") from None
+
+
+def read_json_object(path: Path) -> dict[str, Any]:
+    """read_json of a file that holds a JSON object (all of training's but the log history)."""
+    value = read_json(path)
+    if not isinstance(value, dict):
+        raise RunFolderError(f"{path} holds a JSON {type(value).__name__}, not an object; {NOT_WRITTEN_BY_US}")
+    return value
+
+
 def read_metrics(run_dir: Path) -> dict[str, Any]:
-    return json.loads((Path(run_dir) / METRICS_FILE).read_text())
+    """metrics.json (read_json_object); a RunFolderError when training has not written it."""
+    path = Path(run_dir) / METRICS_FILE
+    if not path.exists():
+        raise RunFolderError(f"{path} is missing: the run did not finish, or the folder was copied in part")
+    return read_json_object(path)
+
+
+def read_validation_logits(run_dir: Path, num_labels: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """The logits and labels of the run's validation rows (for calibration), checked: one finite logit a class and a
+    label below `num_labels` for each row. None for runs from before they were recorded."""
+    path = Path(run_dir) / VALIDATION_LOGITS_FILE
+    if not path.exists():
+        return None
+    saved = read_json(path, MAX_LOGITS_BYTES)
+    logits = labels = None
+    if isinstance(saved, dict) and {"logits", "labels"} <= saved.keys():
+        labels = saved["labels"]
+        try:  # ragged, non-numeric, or an integer past float64: numpy's ValueError, TypeError or OverflowError
+            logits = np.asarray(saved["logits"], dtype=np.float64)
+        except (TypeError, ValueError, OverflowError):
+            logits = None
+    if (logits is None or not isinstance(labels, list) or logits.shape != (len(labels), num_labels) or not labels
+            or not np.isfinite(logits).all()
+            or not all(type(label) is int and 0 <= label < num_labels for label in labels)):
+        raise RunFolderError(f"{path} does not hold {num_labels} finite logits and a label below {num_labels} for "
+                             f"each validation row; {NOT_WRITTEN_BY_US} (or delete it to predict uncalibrated)")
+    return logits, np.asarray(labels)
+
+
+def read_train_priors(run_dir: Path, num_labels: int) -> np.ndarray:
+    """The class shares of the run's training rows (metrics.json's train_label_counts); uniform for runs that did not
+    record them."""
+    counts = read_metrics(run_dir).get("train_label_counts")
+    if counts is None:
+        return np.full(num_labels, 1 / num_labels)
+    # Counts of rows: below 2**53, so float64 holds them exactly and their sum cannot overflow.
+    if not (isinstance(counts, list) and len(counts) == num_labels
+            and all(type(count) is int and 0 <= count < 2**53 for count in counts) and sum(counts) > 0):
+        raise RunFolderError(f"{Path(run_dir) / METRICS_FILE}: train_label_counts is not a count of training rows for "
+                             f"each of the {num_labels} classes; {NOT_WRITTEN_BY_US}")
+    return np.asarray(counts, dtype=np.float64) / sum(counts)
 
 
 def read_training_texts(run_dir: Path) -> list[str] | None:
@@ -198,10 +279,10 @@ def read_config(run_dir: Path, overrides: Sequence[str] = ()) -> RunConfig:
         raise FileNotFoundError(f"{run_dir} is not a budgetlora run folder: {CONFIG_FILE} is missing")
     config = load_config(run_dir / CONFIG_FILE)
     labels = run_dir / LABELS_FILE
-    if labels.is_file():
-        label_names = json.loads(labels.read_text())["label_names"]
+    if labels.exists():
+        label_names = read_json_object(labels).get("label_names")
         if label_names != config.data.label_names:
-            raise RunFolderError(f"{labels}: labels {label_names} differ from the run's config "
+            raise RunFolderError(f"{labels}: labels {str(label_names)[:200]} differ from the run's config "
                                  f"{config.data.label_names}")
     return with_overrides(config, list(overrides)) if overrides else config
 
@@ -289,7 +370,10 @@ def _check_adapter_file(run_dir: Path) -> None:
             stored = sum(math.prod(handle.get_slice(key).get_shape()) for key in handle.keys())  # noqa: SIM118
     except Exception as error:  # safetensors raises its own error types for truncated or garbled files
         raise RunFolderError(f"{weights} is corrupt ({error})") from None
-    trained = json.loads((run_dir / PARAMS_FILE).read_text())["trainable"]
+    trained = read_json_object(run_dir / PARAMS_FILE).get("trainable")
+    if type(trained) is not int:
+        raise RunFolderError(f"{run_dir / PARAMS_FILE} does not record the run's trainable parameter count; "
+                             f"{NOT_WRITTEN_BY_US}")
     if stored != trained:
         raise RunFolderError(f"{weights} holds {stored:,} parameters but the run trained {trained:,}: the file is "
                              f"incomplete or from another run")
@@ -301,12 +385,13 @@ def _check_checksums(adapter: Path) -> None:
     """Every file SHA256SUMS lists must hash as when the run was saved: flipped bytes in the tensor data still parse,
     and would predict one class for every text. Runs saved before the sums were recorded load with a warning."""
     sums = adapter / CHECKSUMS_FILE
-    if not sums.is_file():
+    if not sums.exists():  # a FIFO or a link to /dev/zero in its place is refused by read_untrusted, not skipped
         log.warning("%s is missing (a run saved before budgetlora recorded checksums): the adapter cannot be checked "
                     "for changes since training", sums)
         return
     listed: dict[str, str] = {}
-    for line in sums.read_text(errors="replace").splitlines():
+    checked = read_untrusted(sums, 1 << 16)  # a line a file: a few hundred bytes
+    for line in checked.decode(errors="replace").splitlines():
         match = re.fullmatch(r"([0-9a-f]{64}) [ *]([^/\\]+)", line)
         if match is None:
             raise RunFolderError(f"{sums} is corrupt (line {line[:100]!r})")

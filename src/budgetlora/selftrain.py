@@ -98,9 +98,17 @@ def _finished_round_metrics(config: RunConfig, resume: bool) -> dict[str, Any] |
     """On --resume, the metrics of an earlier round that already finished (it is not trained again); else None.
 
     The last round is the run itself (self_training.rounds > 0 in its config) and is always trained or resumed."""
-    if resume and config.self_training.rounds == 0 and (config.run_dir / runfolder.METRICS_FILE).is_file():
-        return runfolder.read_metrics(config.run_dir)
-    return None
+    path = config.run_dir / runfolder.METRICS_FILE
+    if not (resume and config.self_training.rounds == 0 and path.exists()):
+        return None
+    metrics = runfolder.read_metrics(config.run_dir)
+    validation = metrics.get("validation")
+    # What self_train's history takes from it: the folder may come from elsewhere.
+    if not (isinstance(validation, dict) and isinstance(validation.get("accuracy"), float)
+            and type(metrics.get("train_rows")) is int and isinstance(metrics.get("train_runtime_s"), (int, float))):
+        raise runfolder.RunFolderError(f"{path} lacks the validation accuracy, training rows or runtime training "
+                                       f"records; delete {config.run_dir} to train that round again")
+    return metrics
 
 
 def self_train(config: RunConfig, *, resume: bool = False,
@@ -184,17 +192,8 @@ def _write_pseudo_labels(path: Path, rows: datasets.Dataset, stats: dict[str, An
 
 
 def _read_untrusted(path: Path, most: int, remedy: str) -> bytes | None:
-    """The bytes of a regular file of at most `most` bytes; None when there is none (a FIFO or a device is refused
-    unread: one would block, the other never end)."""
-    if not path.exists():
-        return None
-    if not path.is_file():
-        raise runfolder.RunFolderError(f"{path} is not a regular file; {remedy}")
-    with path.open("rb") as handle:
-        data = handle.read(most + 1)
-    if len(data) > most:
-        raise runfolder.RunFolderError(f"{path} is larger than pseudo-labels of data.unlabelled can be; {remedy}")
-    return data
+    """runfolder.read_untrusted, None when there is no file (a dangling link counts as none)."""
+    return runfolder.read_untrusted(path, most, remedy) if path.exists() else None
 
 
 def _read_pseudo_labels(path: Path, config: RunConfig, texts: list[str],

@@ -143,8 +143,10 @@ def check_run_dir(config: RunConfig, resume: bool) -> str | None:
     longer = _trains_longer(config.train, saved.train)
     finished = (run_dir / runfolder.METRICS_FILE).is_file()
     if finished and not longer:
-        accuracy = runfolder.read_metrics(run_dir)["validation"]["accuracy"]
-        raise RunExistsError(f"{run_dir} has finished training (validation accuracy {accuracy:.4f}); nothing to "
+        validation = runfolder.read_metrics(run_dir).get("validation")
+        accuracy = validation.get("accuracy") if isinstance(validation, dict) else None
+        accuracy = f"{accuracy:.4f}" if isinstance(accuracy, float) else "not recorded"
+        raise RunExistsError(f"{run_dir} has finished training (validation accuracy {accuracy}); nothing to "
                              f"resume. To train it longer from its last checkpoint: budgetlora train --resume "
                              f"{run_dir} {_longer(saved.train)}")
     if finished and runfolder.latest_checkpoint(run_dir) is None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import reprlib
 import types
 import typing
 from pathlib import Path
@@ -23,6 +24,14 @@ class ConfigError(ValueError):
 def require(condition: bool, key: str, message: str) -> None:
     if not condition:
         raise ConfigError(f"{key}: {message}")
+
+
+# A value as errors show it, cut short: a few hundred bytes of YAML aliases (`&a [x, x], &b [*a, *a], ...`) make a
+# value whose full repr takes gigabytes.
+_short_repr = reprlib.Repr()  # 6 items a list, 3 levels deep; strings (paths, patterns) whole up to 120 characters
+_short_repr.maxstring = _short_repr.maxother = 120
+_short_repr.maxlevel = 3
+_shown = _short_repr.repr
 
 
 # --- building dataclasses from plain dicts, with type checks that name the key -------------------------------------
@@ -42,20 +51,20 @@ def _check_type(value: Any, annotation: Any, key: str) -> Any:
                 if str(error).startswith(f"{key}."):  # a mapping of this option, wrong in one entry: that one's error
                     raise
                 continue
-        raise ConfigError(f"{key}: expected {_type_name(annotation)}, got {value!r}")
+        raise ConfigError(f"{key}: expected {_type_name(annotation)}, got {_shown(value)}")
     if annotation is type(None):
-        require(value is None, key, f"expected null, got {value!r}")
+        require(value is None, key, f"expected null, got {_shown(value)}")
         return value
     if origin is Literal:
         require(value in typing.get_args(annotation), key,
-                 f"must be one of {list(typing.get_args(annotation))}, got {value!r}")
+                 f"must be one of {list(typing.get_args(annotation))}, got {_shown(value)}")
         return value
     if origin is list:
-        require(isinstance(value, list), key, f"expected a list, got {value!r}")
+        require(isinstance(value, list), key, f"expected a list, got {_shown(value)}")
         (item_type,) = typing.get_args(annotation)
         return [_check_type(item, item_type, f"{key}[{i}]") for i, item in enumerate(value)]
     if origin is dict:
-        require(isinstance(value, dict), key, f"expected a mapping, got {value!r}")
+        require(isinstance(value, dict), key, f"expected a mapping, got {_shown(value)}")
         key_type, value_type = typing.get_args(annotation)
         return {_check_type(k, key_type, key): _check_type(v, value_type, f"{key}.{k}") for k, v in value.items()}
     if annotation is float:
@@ -63,11 +72,11 @@ def _check_type(value: Any, annotation: Any, key: str) -> Any:
             with contextlib.suppress(ValueError):
                 return float(value)
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        require(ok, key, f"expected a number, got {value!r}")
+        require(ok, key, f"expected a number, got {_shown(value)}")
         return float(value)
     if annotation in (int, str, bool):
         ok = isinstance(value, annotation) and not (annotation is int and isinstance(value, bool))
-        require(ok, key, f"expected {annotation.__name__}, got {value!r}")
+        require(ok, key, f"expected {annotation.__name__}, got {_shown(value)}")
         return value
     raise TypeError(f"unsupported annotation {annotation!r} for {key}")  # a bug in this module, not in the config
 
@@ -84,7 +93,7 @@ def _type_hints(cls: type) -> dict[str, Any]:
 def from_dict(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
     """Build dataclass `cls` from `values`; unknown keys and wrong types raise ConfigError naming the dotted key."""
     if not isinstance(values, dict):
-        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {values!r}")
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {_shown(values)}")
     hints = _type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - names)
@@ -153,7 +162,7 @@ def _refuse_duplicate_keys(node: yaml.Node, path: Path, prefix: str = "", seen: 
 
 def load_yaml_file(path: Path) -> Any:
     """The file's YAML document, as yaml.safe_load reads it, after refusing duplicate keys."""
-    loader = yaml.SafeLoader(path.read_text())
+    loader = yaml.SafeLoader(path.read_text(encoding="utf-8"))
     try:
         node = loader.get_single_node()
         if node is None:
