@@ -18,7 +18,7 @@ import yaml
 
 from .augment import NoiseSettings
 from .search_space import DEFAULT_SPACE, ParamSpec, as_yaml, probes
-from .typed_yaml import ConfigError, apply_overrides, from_dict, load_yaml_file, require
+from .typed_yaml import ConfigError, apply_overrides, from_dict, load_yaml_file, require, shown
 
 AG_NEWS_LABELS = ("World", "Sports", "Business", "Sci/Tech")
 
@@ -95,7 +95,7 @@ class DataConfig:
         require(self.max_train_rows is None or self.max_train_rows > 0, "data.max_train_rows",
                 f"must be > 0, got {self.max_train_rows}")
         require(len(set(self.label_names)) == len(self.label_names) >= 2, "data.label_names",
-                f"must hold at least two distinct names, got {self.label_names}")
+                f"must hold at least two distinct names, got {shown(self.label_names)}")
 
 
 @dataclass
@@ -396,11 +396,13 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         if not isinstance(values, dict):
             raise ConfigError(f"{path}: expected a mapping at the top level")
     apply_overrides(values, overrides or [])
+    where = f"{path}: " if path is not None else ""
     try:
         return from_dict(RunConfig, values)
     except ConfigError as error:
-        where = f"{path}: " if path is not None else ""
         raise ConfigError(f"{where}{error}") from None
+    except RecursionError:  # a value nested past what validation (as_yaml, asdict) can walk, e.g. sweep choices
+        raise ConfigError(f"{where}a value is nested deeper than can be read") from None
 
 
 def with_overrides(config: RunConfig, overrides: list[str]) -> RunConfig:

@@ -23,6 +23,8 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 import yaml
 
+from .typed_yaml import shown
+
 if TYPE_CHECKING:  # optuna is imported where a sweep runs: loading a config does not need it
     import optuna
     from optuna.distributions import BaseDistribution
@@ -73,7 +75,7 @@ class ParamSpec:
                 _fail("choices", "must not be empty")
             labels = [_label(choice) for choice in self.choices]
             if len(set(labels)) < len(labels):
-                _fail("choices", f"a value is given twice: {self.choices}")
+                _fail("choices", f"a value is given twice: {shown(self.choices)}")
             return
         if self.low is None or self.high is None:
             _fail("low", "give choices, or a range: both low and high")

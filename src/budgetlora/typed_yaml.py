@@ -31,7 +31,7 @@ def require(condition: bool, key: str, message: str) -> None:
 _short_repr = reprlib.Repr()  # 6 items a list, 3 levels deep; strings (paths, patterns) whole up to 120 characters
 _short_repr.maxstring = _short_repr.maxother = 120
 _short_repr.maxlevel = 3
-_shown = _short_repr.repr
+shown = _short_repr.repr  # every config error that quotes a value goes through it
 
 
 # --- building dataclasses from plain dicts, with type checks that name the key -------------------------------------
@@ -51,20 +51,20 @@ def _check_type(value: Any, annotation: Any, key: str) -> Any:
                 if str(error).startswith(f"{key}."):  # a mapping of this option, wrong in one entry: that one's error
                     raise
                 continue
-        raise ConfigError(f"{key}: expected {_type_name(annotation)}, got {_shown(value)}")
+        raise ConfigError(f"{key}: expected {_type_name(annotation)}, got {shown(value)}")
     if annotation is type(None):
-        require(value is None, key, f"expected null, got {_shown(value)}")
+        require(value is None, key, f"expected null, got {shown(value)}")
         return value
     if origin is Literal:
         require(value in typing.get_args(annotation), key,
-                 f"must be one of {list(typing.get_args(annotation))}, got {_shown(value)}")
+                 f"must be one of {list(typing.get_args(annotation))}, got {shown(value)}")
         return value
     if origin is list:
-        require(isinstance(value, list), key, f"expected a list, got {_shown(value)}")
+        require(isinstance(value, list), key, f"expected a list, got {shown(value)}")
         (item_type,) = typing.get_args(annotation)
         return [_check_type(item, item_type, f"{key}[{i}]") for i, item in enumerate(value)]
     if origin is dict:
-        require(isinstance(value, dict), key, f"expected a mapping, got {_shown(value)}")
+        require(isinstance(value, dict), key, f"expected a mapping, got {shown(value)}")
         key_type, value_type = typing.get_args(annotation)
         return {_check_type(k, key_type, key): _check_type(v, value_type, f"{key}.{k}") for k, v in value.items()}
     if annotation is float:
@@ -72,11 +72,11 @@ def _check_type(value: Any, annotation: Any, key: str) -> Any:
             with contextlib.suppress(ValueError):
                 return float(value)
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        require(ok, key, f"expected a number, got {_shown(value)}")
+        require(ok, key, f"expected a number, got {shown(value)}")
         return float(value)
     if annotation in (int, str, bool):
         ok = isinstance(value, annotation) and not (annotation is int and isinstance(value, bool))
-        require(ok, key, f"expected {annotation.__name__}, got {_shown(value)}")
+        require(ok, key, f"expected {annotation.__name__}, got {shown(value)}")
         return value
     raise TypeError(f"unsupported annotation {annotation!r} for {key}")  # a bug in this module, not in the config
 
@@ -93,7 +93,7 @@ def _type_hints(cls: type) -> dict[str, Any]:
 def from_dict(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
     """Build dataclass `cls` from `values`; unknown keys and wrong types raise ConfigError naming the dotted key."""
     if not isinstance(values, dict):
-        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {_shown(values)}")
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {shown(values)}")
     hints = _type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - names)
