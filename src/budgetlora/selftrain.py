@@ -35,7 +35,7 @@ from . import runfolder
 from .config import RunConfig, SelfTrainSettings, with_overrides
 from .data import load_table
 from .files import atomic_write_text, write_json
-from .infer import shift_to_input_priors
+from .infer import read_shift_inputs, shift_to_input_priors
 from .manifest import file_sha256
 from .train import TrainResult, check_run_dir, train
 
@@ -159,8 +159,10 @@ def _choose_pseudo_labels(teacher: RunConfig, settings: SelfTrainSettings, texts
                           index: int) -> tuple[datasets.Dataset, dict[str, Any]]:
     """Round `index`'s pseudo-labels: the texts labelled by the teacher's model (the previous round's), its resolved
     config (max_length) and all, and chosen by `settings`."""
+    # Read (and checked) before the teacher predicts every unlabelled text, not after.
+    shift_inputs = read_shift_inputs(teacher.run_dir, settings.label_shift, teacher.data.label_names)
     logits = runfolder.load(teacher.run_dir).predict(texts, progress=True)
-    probs, shift = (shift_to_input_priors(teacher.run_dir, texts, logits, settings.label_shift)
+    probs, shift = (shift_to_input_priors(teacher.run_dir, texts, logits, settings.label_shift, shift_inputs)
                     if settings.label_shift else (softmax(logits.astype(np.float64), axis=1), {}))
     rows, labels, stats = select_pseudo_labels(probs, settings)
     stats |= shift
