@@ -175,8 +175,7 @@ def test_uniform_priors_balance_the_predictions(tmp_path: Path, tiny_run: Path, 
     source = write_csv(tmp_path / "news.csv", ["text"], [[t] for t, _ in news_rows])
     predict_run(tiny_run, str(source), tmp_path / "uniform.csv", label_shift="uniform")
     shifted = written_labels(tmp_path / "uniform.csv")
-    validation = json.loads((tiny_run / "validation_logits.json").read_text())
-    logits = np.asarray(validation["logits"])
+    logits, _ = runfolder.read_validation_logits(tiny_run, 4)
     adjusted, info = shift_to_input_priors(tiny_run, [""] * len(logits), logits, "uniform")
     np.testing.assert_allclose(adjusted.mean(axis=0), np.full(4, 0.25), atol=1e-5)
     assert len(info["offsets"]) == 4 and max(shifted.count(c) for c in range(4)) < 0.75 * len(shifted)
@@ -285,12 +284,10 @@ def test_prediction_stops_on_a_kept_sample_it_cannot_read(tiny_run: Path, news_r
 
 def test_label_shift_calibrates_on_the_validation_rows_first(tiny_run: Path) -> None:
     """An over-confident model (logits x 3) gets the same adjusted posteriors: the temperature undoes the scale."""
-    validation = json.loads((tiny_run / "validation_logits.json").read_text())
-    logits = np.asarray(validation["logits"])
+    logits, labels = runfolder.read_validation_logits(tiny_run, 4)
     adjusted, info = shift_to_input_priors(tiny_run, [""] * len(logits), logits)
     assert info["temperature"] > 0 and len(info["estimated_priors"]) == 4
-    (tiny_run / "validation_logits.json").write_text(json.dumps(
-        {"logits": (logits * 3).tolist(), "labels": validation["labels"]}))
+    runfolder.write_validation_logits(tiny_run, logits * 3, labels.tolist())
     scaled, scaled_info = shift_to_input_priors(tiny_run, [""] * len(logits), logits * 3)
     assert scaled_info["temperature"] == pytest.approx(info["temperature"] * 3, rel=1e-2)
     np.testing.assert_allclose(scaled, adjusted, atol=1e-3)

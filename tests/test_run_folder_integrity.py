@@ -19,10 +19,13 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
+import safetensors.numpy
 import torch
 from safetensors.torch import load_file, save_file
 
+from budgetlora import runfolder
 from budgetlora.cli import main
 from budgetlora.config import RunConfig, dump_config, from_dict, with_overrides
 from budgetlora.data import DataError
@@ -204,6 +207,33 @@ def deadline(seconds: int) -> Iterator[None]:
         signal.signal(signal.SIGALRM, previous)
 
 
+def _arrays(change: Callable[[np.ndarray, np.ndarray], dict[str, np.ndarray]]) -> Callable[[Path], None]:
+    def edit(path: Path) -> None:
+        saved = safetensors.numpy.load_file(path)
+        safetensors.numpy.save_file(change(saved["logits"], saved["labels"]), path)
+    return edit
+
+
+def _header(header: dict[str, Any]) -> bytes:
+    text = json.dumps(header).encode()
+    return len(text).to_bytes(8, "little") + text
+
+
+def old_validation_json(path: Path) -> dict[str, Any]:
+    """validation_logits.safetensors as runs from before 2026-12 wrote it: validation_logits.json beside it."""
+    saved = safetensors.numpy.load_file(path)
+    return {"logits": saved["logits"].round(5).tolist(), "labels": saved["labels"].tolist()}
+
+
+def _old_json(change: Callable[[dict[str, Any]], Any]) -> Callable[[Path], None]:
+    """The folder of a run from before 2026-12, its validation_logits.json changed."""
+    def edit(path: Path) -> None:
+        changed = change(old_validation_json(path))
+        path.unlink()
+        path.with_suffix(".json").write_text(changed if isinstance(changed, str) else json.dumps(changed))
+    return edit
+
+
 DEEP = "[" * 100_000  # deeper than json's parser recurses
 # What a folder from elsewhere may hold in place of each file predict reads (--label-shift em reads every one of them).
 LYING_FILES = [
@@ -234,23 +264,48 @@ LYING_FILES = [
     ("metrics.json", _edited(lambda saved: saved | {"train_label_counts": [0, 5, 5, 5]}),
      "class 'World' had no training rows, so --label-shift em cannot re-weigh it"),
     ("metrics.json", _replaced_by(os.mkfifo), "metrics.json is not a regular file"),
-    ("validation_logits.json", lambda path: path.write_text(DEEP), "validation_logits.json: not valid JSON"),
-    ("validation_logits.json", lambda path: path.write_text("[]"), "validation_logits.json does not hold 4 finite"),
-    ("validation_logits.json", _edited(lambda saved: saved | {"logits": [[0.0] * 4, [0.0] * 3]}), "does not hold"),
-    ("validation_logits.json", _edited(lambda saved: saved | {"logits": [row[:3] for row in saved["logits"]]}),
-     "does not hold 4 finite logits"),
-    ("validation_logits.json", _edited(lambda saved: saved | {"logits": [["x"] * 4 for _ in saved["logits"]]}),
+    ("validation_logits.safetensors", lambda path: path.write_text(DEEP), "validation_logits.safetensors: not a "
+     "safetensors file"),
+    ("validation_logits.safetensors", lambda path: path.write_bytes(path.read_bytes()[:-4]), "not a safetensors file"),
+    ("validation_logits.safetensors", lambda path: path.write_bytes(_header({"logits": {  # 4 TB claimed in 4 bytes
+        "dtype": "F32", "shape": [10**9, 1000], "data_offsets": [0, 4]}}) + bytes(4)), "not a safetensors file"),
+    ("validation_logits.safetensors", _arrays(lambda logits, labels: {"logits": logits[:, :3], "labels": labels}),
+     "validation_logits.safetensors does not hold 4 finite logits"),
+    ("validation_logits.safetensors", _arrays(lambda logits, labels: {"logits": logits[1:], "labels": labels}),
      "does not hold"),
-    ("validation_logits.json", _edited(lambda saved: saved | {"logits": [[float("nan")] * 4 for _ in saved["logits"]]}),
+    ("validation_logits.safetensors", _arrays(lambda logits, labels: {"logits": logits * np.nan, "labels": labels}),
      "does not hold 4 finite logits"),
-    ("validation_logits.json", _edited(lambda saved: saved | {"logits": [[10**400] * 4 for _ in saved["logits"]]}),
-     "does not hold 4 finite logits"),
-    ("validation_logits.json", _edited(lambda saved: saved | {"labels": [4] * len(saved["labels"])}), "does not hold"),
-    ("validation_logits.json", _edited(lambda saved: saved | {"labels": [True] * len(saved["labels"])}),
+    ("validation_logits.safetensors", _arrays(lambda logits, labels: {"logits": logits.astype(np.float64),
+                                                                       "labels": labels}), "does not hold"),
+    ("validation_logits.safetensors", _arrays(lambda logits, labels: {"logits": logits, "labels": labels + 4}),
      "does not hold"),
-    ("validation_logits.json", _edited(lambda saved: saved | {"labels": saved["labels"][1:]}), "does not hold"),
-    ("validation_logits.json", _edited(lambda saved: {"logits": [], "labels": []}), "does not hold"),
-    ("validation_logits.json", _replaced_by(os.mkfifo), "validation_logits.json is not a regular file"),
+    ("validation_logits.safetensors", _arrays(lambda logits, labels: {"logits": logits, "labels": labels - 4}),
+     "does not hold"),
+    ("validation_logits.safetensors", _arrays(lambda logits, labels: {"logits": logits,
+                                                                       "labels": labels.astype(np.int32)}),
+     "does not hold"),
+    ("validation_logits.safetensors", _arrays(lambda logits, labels: {"logits": logits, "labels": labels[:, None]}),
+     "does not hold"),
+    ("validation_logits.safetensors", _arrays(lambda logits, labels: {"logits": logits}), "does not hold"),
+    ("validation_logits.safetensors", _arrays(lambda logits, labels: {"logits": logits[:0], "labels": labels[:0]}),
+     "does not hold"),
+    ("validation_logits.safetensors", _replaced_by(os.mkfifo), "validation_logits.safetensors is not a regular file"),
+    # A run from before 2026-12 wrote JSON.
+    ("validation_logits.safetensors", _old_json(lambda saved: DEEP), "validation_logits.json: not valid JSON"),
+    ("validation_logits.safetensors", _old_json(lambda saved: "[]"), "validation_logits.json does not hold 4 finite"),
+    ("validation_logits.safetensors", _old_json(lambda saved: saved | {"logits": [[0.0] * 4, [0.0] * 3]}),
+     "validation_logits.json does not hold"),
+    ("validation_logits.safetensors", _old_json(lambda saved: saved | {"logits": [["x"] * 4 for _ in saved["logits"]]}),
+     "validation_logits.json does not hold"),
+    ("validation_logits.safetensors", _old_json(lambda saved: saved | {"logits": [[10**400] * 4
+                                                                                  for _ in saved["logits"]]}),
+     "validation_logits.json does not hold 4 finite logits"),
+    ("validation_logits.safetensors", _old_json(lambda saved: saved | {"labels": [True] * len(saved["labels"])}),
+     "validation_logits.json does not hold"),
+    ("validation_logits.safetensors", _old_json(lambda saved: saved | {"labels": [2**70] * len(saved["labels"])}),
+     "validation_logits.json does not hold"),
+    ("validation_logits.safetensors", _old_json(lambda saved: " " * (17 << 20)),
+     "validation_logits.json is larger than budgetlora writes"),
     ("adapter/SHA256SUMS", lambda path: path.write_text(path.read_text() * 1000), "SHA256SUMS is larger than"),
     ("adapter/SHA256SUMS", _replaced_by(os.mkfifo), "SHA256SUMS is not a regular file"),  # not "missing": unchecked
     ("config.yaml", lambda path: path.write_text(path.read_text() + f"extra: {DEEP}\n"),
@@ -289,6 +344,49 @@ def test_the_untouched_copy_predicts_with_every_file_read(run_dir: Path, news_ro
                         "--label-shift", "em"], capsys)
     assert code == 0, err
     assert len(output.read_text().splitlines()) == 9
+
+
+def test_a_run_from_before_predicts_with_its_validation_logits_json(run_dir: Path, news_rows: Rows, tmp_path: Path,
+                                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    """Runs from before 2026-12 wrote validation_logits.json: --label-shift em calibrates on it as on the new file."""
+    source = texts_csv(tmp_path / "texts.csv", news_rows[:40])
+    written = {}
+    for name in ("now", "before"):
+        run = copy_run(run_dir, tmp_path, name)
+        if name == "before":
+            _old_json(lambda saved: saved)(run / "validation_logits.safetensors")
+        code, _, err = cli(["predict", "--run", str(run), "--input", str(source), "--output",
+                            str(tmp_path / f"{name}.csv"), "--label-shift", "em"], capsys)
+        assert code == 0, err
+        written[name] = (tmp_path / f"{name}.csv").read_text()
+    assert written["before"] == written["now"]
+
+
+def test_validation_logits_past_the_limit_are_written_as_a_sample_that_reads_back(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What training writes is what prediction reads: rows past MAX_LOGITS_BYTES are left out (the same each time),
+    never written for the reader to refuse."""
+    monkeypatch.setattr(runfolder, "MAX_LOGITS_BYTES", 4096 + 100 * (4 * 4 + 8))  # room for 100 rows of 4 classes
+    logits = np.random.default_rng(1).normal(size=(1000, 4)).astype(np.float32)
+    labels = list(range(4)) * 250
+    runfolder.write_validation_logits(tmp_path, logits, labels)
+    first = (tmp_path / "validation_logits.safetensors").read_bytes()
+    kept_logits, kept_labels = runfolder.read_validation_logits(tmp_path, 4)
+    rows = [int(np.flatnonzero((logits == row).all(axis=1))[0]) for row in kept_logits.astype(np.float32)]
+    assert len(rows) == 100 and rows == sorted(set(rows)) and len(first) <= runfolder.MAX_LOGITS_BYTES
+    assert kept_labels.tolist() == [labels[row] for row in rows]
+    runfolder.write_validation_logits(tmp_path, logits, labels)
+    assert (tmp_path / "validation_logits.safetensors").read_bytes() == first
+
+
+def test_metrics_of_many_classes_read_back(tmp_path: Path) -> None:
+    """A run of 1,300 classes writes a confusion matrix past MAX_JSON_BYTES (a count a line): it is read back."""
+    classes = 1300
+    runfolder.write_metrics(tmp_path, {"validation": {"confusion_matrix": [[10**9] * classes] * classes}})
+    assert (tmp_path / "metrics.json").stat().st_size > runfolder.MAX_JSON_BYTES
+    assert runfolder.read_metrics(tmp_path, classes)["validation"]["confusion_matrix"][-1][-1] == 10**9
+    with pytest.raises(RunFolderError, match="metrics.json is larger than budgetlora writes"):
+        runfolder.read_metrics(tmp_path, 4)
 
 
 @pytest.mark.parametrize("tamper", [lambda path: path.write_text(DEEP), _replaced_by(os.mkfifo),

@@ -6,7 +6,8 @@ Layout (training writes it; evaluate, predict, export, serve, report and self-tr
   the sample of training texts `--label-shift uniform-ood` compares an input with (domain.training_sample; not with
   data.keep_training_texts: false). Written first.
 - adapter/: LoRA weights and the trained head (adapter_model.safetensors, adapter_config.json) and SHA256SUMS, the
-  SHA-256 of both; metrics.json, log_history.json, validation_logits.json. Written when training ends.
+  SHA-256 of both; metrics.json, log_history.json, validation_logits.safetensors (validation_logits.json in runs from
+  before 2026-12). Written when training ends.
 - checkpoints/checkpoint-<step>/ (Trainer's), tensorboard/, evaluations/ (evaluate), report/ (report).
 - .lock: held by the process training the run.
 """
@@ -28,9 +29,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import safetensors.numpy
 import torch
 from peft import PeftModel
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
@@ -47,14 +49,20 @@ PARAMS_FILE = "params.json"
 MANIFEST_FILE = "manifest.json"
 METRICS_FILE = "metrics.json"
 LOG_HISTORY_FILE = "log_history.json"
-VALIDATION_LOGITS_FILE = "validation_logits.json"
+# Binary (float32 logits, int64 labels): read back at its own size. As JSON, a file of numbers or `[]`s parses into 8-30
+# times its bytes (256 MiB of `[[],[],...]`: about 6 GB); runs from before 2026-12 wrote JSON (read within 16 MiB).
+VALIDATION_LOGITS_FILE = "validation_logits.safetensors"
+OLD_VALIDATION_LOGITS_FILE = "validation_logits.json"
 TRAINING_TEXTS_FILE = "training_texts.json.gz"
 # A folder from elsewhere is untrusted: a few MB of gzip can claim gigabytes. The sample's most (domain.py's limits,
 # 6 bytes a character when JSON escapes it) is well below this.
 MAX_TRAINING_TEXTS_BYTES = 256 << 20
-# The most of each JSON file read back (read_json); a file training wrote is far smaller.
+# The most of each JSON file read back (read_json); a file training wrote is far smaller, but for the confusion
+# matrices of metrics.json and evaluations/ (indent=2 writes each count on a line): see json_limit.
 MAX_JSON_BYTES = 16 << 20
-MAX_LOGITS_BYTES = 256 << 20  # about 20 bytes a logit as written: 3 million validation rows of 4 classes
+# The most of the validation logits written and read back: 64 million float32 logits (write_validation_logits samples
+# rows beyond it: calibration needs far fewer).
+MAX_LOGITS_BYTES = 256 << 20
 NOT_WRITTEN_BY_US = "not a file budgetlora wrote: train the run again, or copy the folder again from where it was made"
 ADAPTER_DIR = "adapter"
 WEIGHTS_FILE = "adapter_model.safetensors"  # in ADAPTER_DIR
@@ -103,8 +111,18 @@ def write_results(run_dir: Path, model: PeftModel, metrics: dict[str, Any], log_
     write_weights(run_dir, model)
     write_metrics(run_dir, metrics)
     write_json(run_dir / LOG_HISTORY_FILE, log_history)
-    write_json(run_dir / VALIDATION_LOGITS_FILE, {"logits": np.asarray(validation_logits).round(5).tolist(),
-                                                  "labels": validation_labels})
+    write_validation_logits(run_dir, validation_logits, validation_labels)
+
+
+def write_validation_logits(run_dir: Path, validation_logits: np.ndarray, validation_labels: list[int]) -> None:
+    """The validation rows' logits and labels (read_validation_logits), within MAX_LOGITS_BYTES."""
+    logits, labels = np.asarray(validation_logits, dtype=np.float32), np.asarray(validation_labels, dtype=np.int64)
+    most_rows = (MAX_LOGITS_BYTES - 4096) // (logits.shape[1] * logits.itemsize + labels.itemsize)  # 4 KiB: header
+    if len(logits) > most_rows:  # the same rows each time: a seeded sample, in their order
+        keep = np.sort(np.random.default_rng(0).choice(len(logits), most_rows, replace=False))
+        logits, labels = logits[keep], labels[keep]
+    atomic_write_bytes(run_dir / VALIDATION_LOGITS_FILE, safetensors.numpy.save({"logits": logits, "labels": labels}))
+    (run_dir / OLD_VALIDATION_LOGITS_FILE).unlink(missing_ok=True)  # a resumed run from before
 
 
 def write_weights(run_dir: Path, model: PeftModel) -> None:
@@ -141,6 +159,12 @@ def read_untrusted(path: Path, most: int, remedy: str = NOT_WRITTEN_BY_US) -> by
     return data
 
 
+def json_limit(num_labels: int) -> int:
+    """The most of metrics.json or an evaluation read back for `num_labels` classes: MAX_JSON_BYTES, and room for a
+    confusion matrix as written (indent=2: a count of up to 10 digits a line, 24 bytes with its indent)."""
+    return MAX_JSON_BYTES + 24 * num_labels**2
+
+
 def read_json(path: Path, most: int = MAX_JSON_BYTES) -> Any:
     """A JSON file of a run folder, read as untrusted (read_untrusted); not JSON, or nested deeper than the parser goes,
     is a RunFolderError naming the file. What the value holds is the caller's to check."""
@@ -152,48 +176,70 @@ def read_json(path: Path, most: int = MAX_JSON_BYTES) -> Any:
         raise RunFolderError(f"{path}: not valid JSON ({str(error)[:200]}); {NOT_WRITTEN_BY_US}") from None
 
 
-def read_json_object(path: Path) -> dict[str, Any]:
+def read_json_object(path: Path, most: int = MAX_JSON_BYTES) -> dict[str, Any]:
     """read_json of a file that holds a JSON object (all of training's but the log history)."""
-    value = read_json(path)
+    value = read_json(path, most)
     if not isinstance(value, dict):
         raise RunFolderError(f"{path} holds a JSON {type(value).__name__}, not an object; {NOT_WRITTEN_BY_US}")
     return value
 
 
-def read_metrics(run_dir: Path) -> dict[str, Any]:
-    """metrics.json (read_json_object); a RunFolderError when training has not written it."""
+def read_metrics(run_dir: Path, num_labels: int) -> dict[str, Any]:
+    """metrics.json of a run of `num_labels` classes (read_json_object); a RunFolderError when training has not
+    written it."""
     path = Path(run_dir) / METRICS_FILE
     if not path.exists():
         raise RunFolderError(f"{path} is missing: the run did not finish, or the folder was copied in part")
-    return read_json_object(path)
+    return read_json_object(path, json_limit(num_labels))
 
 
 def read_validation_logits(run_dir: Path, num_labels: int) -> tuple[np.ndarray, np.ndarray] | None:
     """The logits and labels of the run's validation rows (for calibration), checked: one finite logit a class and a
     label below `num_labels` for each row. None for runs from before they were recorded."""
-    path = Path(run_dir) / VALIDATION_LOGITS_FILE
-    if not path.exists():
+    run_dir = Path(run_dir)
+    if (path := run_dir / VALIDATION_LOGITS_FILE).exists():
+        logits, labels = _saved_validation(path)
+    elif (path := run_dir / OLD_VALIDATION_LOGITS_FILE).exists():
+        logits, labels = _saved_validation_json(path)
+    else:
         return None
-    saved = read_json(path, MAX_LOGITS_BYTES)
-    logits = labels = None
-    if isinstance(saved, dict) and {"logits", "labels"} <= saved.keys():
-        labels = saved["labels"]
-        try:  # ragged, non-numeric, or an integer past float64: numpy's ValueError, TypeError or OverflowError
-            logits = np.asarray(saved["logits"], dtype=np.float64)
-        except (TypeError, ValueError, OverflowError):
-            logits = None
-    if (logits is None or not isinstance(labels, list) or logits.shape != (len(labels), num_labels) or not labels
-            or not np.isfinite(logits).all()
-            or not all(type(label) is int and 0 <= label < num_labels for label in labels)):
+    if (logits is None or labels is None or logits.shape != (len(labels), num_labels) or not len(labels)
+            or not np.isfinite(logits).all() or not ((labels >= 0) & (labels < num_labels)).all()):
         raise RunFolderError(f"{path} does not hold {num_labels} finite logits and a label below {num_labels} for "
                              f"each validation row; {NOT_WRITTEN_BY_US} (or delete it to predict uncalibrated)")
-    return logits, np.asarray(labels)
+    return logits.astype(np.float64), labels
+
+
+def _saved_validation(path: Path) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """validation_logits.safetensors' two arrays as written (float32 logits, int64 labels), else (None, None)."""
+    try:  # safetensors checks the header's offsets against the bytes it was given
+        saved = safetensors.numpy.load(read_untrusted(path, MAX_LOGITS_BYTES))
+    except (SafetensorError, ValueError, TypeError) as error:  # not safetensors; a dtype numpy has no type for
+        raise RunFolderError(f"{path}: not a safetensors file ({str(error)[:200]}); {NOT_WRITTEN_BY_US}") from None
+    if saved.keys() != {"logits", "labels"}:
+        return None, None
+    logits, labels = saved["logits"], saved["labels"]
+    if logits.dtype != np.float32 or labels.dtype != np.int64 or labels.ndim != 1:
+        return None, None
+    return logits, labels
+
+
+def _saved_validation_json(path: Path) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """validation_logits.json of a run from before 2026-12 ({"logits": [[...]], "labels": [...]}), else (None, None)."""
+    saved = read_json(path)
+    if not (isinstance(saved, dict) and isinstance(saved.get("labels"), list)
+            and all(type(label) is int for label in saved["labels"])):
+        return None, None
+    try:  # ragged, non-numeric, or a number past float64 or int64: numpy's ValueError, TypeError or OverflowError
+        return np.asarray(saved.get("logits"), dtype=np.float64), np.asarray(saved["labels"], dtype=np.int64)
+    except (TypeError, ValueError, OverflowError):
+        return None, None
 
 
 def read_train_priors(run_dir: Path, num_labels: int) -> np.ndarray:
     """The class shares of the run's training rows (metrics.json's train_label_counts); uniform for runs that did not
     record them."""
-    counts = read_metrics(run_dir).get("train_label_counts")
+    counts = read_metrics(run_dir, num_labels).get("train_label_counts")
     if counts is None:
         return np.full(num_labels, 1 / num_labels)
     # Counts of rows: below 2**53, so float64 holds them exactly and their sum cannot overflow.

@@ -101,7 +101,7 @@ def _finished_round_metrics(config: RunConfig, resume: bool) -> dict[str, Any] |
     path = config.run_dir / runfolder.METRICS_FILE
     if not (resume and config.self_training.rounds == 0 and path.exists()):
         return None
-    metrics = runfolder.read_metrics(config.run_dir)
+    metrics = runfolder.read_metrics(config.run_dir, len(config.data.label_names))
     validation = metrics.get("validation")
     # What self_train's history takes from it: the folder may come from elsewhere.
     if not (isinstance(validation, dict) and isinstance(validation.get("accuracy"), float)
