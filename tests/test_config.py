@@ -194,6 +194,10 @@ def test_file_problems_are_config_errors(tmp_path: Path) -> None:
     # The same in a section's own check: 300 aliases of a 10,000-character name (the full list: 3 MB of message).
     (b"data:\n  label_names: [&s " + b"x" * 10_000 + b", " + b", ".join([b"*s"] * 300) + b"]\n",
      r"data\.label_names: must hold at least two distinct names, got \['x+\.\.\.x+', .*, \.\.\.\]$"),
+    # The alias bomb in sweep choices, which every check walks whole (about 15 s here before the bound; 9x a level).
+    (b"sweep:\n  space:\n    lora.target_modules:\n      choices: [&l0 [" + b", ".join([b"x"] * 9) + b"], "
+     + b", ".join(b"&l%d [" % level + b", ".join([b"*l%d" % (level - 1)] * 9) + b"]" for level in range(1, 7))
+     + b"]\n", r"sweep\.space\.lora\.target_modules\.choices: holds more than 10,000 values .YAML aliases"),
     # Nested past what validation walks (as_yaml of each choice), though PyYAML itself reads it.
     (b"sweep:\n  space:\n    lora.r:\n      choices: [" + b"[" * 400 + b"1" + b"]" * 400 + b", 2]\n",
      "a value is nested deeper than can be read$"),

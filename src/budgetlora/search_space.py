@@ -45,6 +45,24 @@ def _label(choice: Any) -> Any:
     return choice if choice is None or isinstance(choice, (bool, int, float, str)) else as_yaml(choice)
 
 
+# Choices are values or short lists (target modules). YAML aliases can make a 400-byte config a choice of 9**8
+# values, which every check of it would walk (and each level multiplies the time by 9).
+MAX_CHOICE_VALUES = 10_000
+
+
+def _values_in(choice: Any, most: int) -> int:
+    """How many values `choice` holds, its lists and mappings walked; the count stops past `most`."""
+    count, pending = 0, [choice]
+    while pending and count <= most:
+        value = pending.pop()
+        count += 1
+        if isinstance(value, dict):
+            pending += [*value.keys(), *value.values()]
+        elif isinstance(value, (list, tuple)):
+            pending += value
+    return count
+
+
 def _number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
@@ -73,6 +91,9 @@ class ParamSpec:
                 _fail("choices", "give choices, or a range (low, high, log, step), not both")
             if not self.choices:
                 _fail("choices", "must not be empty")
+            if _values_in(self.choices, MAX_CHOICE_VALUES) > MAX_CHOICE_VALUES:
+                _fail("choices", f"holds more than {MAX_CHOICE_VALUES:,} values (YAML aliases repeat theirs): "
+                                 f"choices are values or short lists")
             labels = [_label(choice) for choice in self.choices]
             if len(set(labels)) < len(labels):
                 _fail("choices", f"a value is given twice: {shown(self.choices)}")
