@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -177,6 +178,10 @@ def test_file_problems_are_config_errors(tmp_path: Path) -> None:
     bad.write_text("name: [unclosed\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(bad)
+    fifo = tmp_path / "fifo.yaml"
+    os.mkfifo(fifo)  # opening it would wait for a writer
+    with pytest.raises(ConfigError, match="fifo.yaml: not a regular file, not a config"):
+        load_config(fifo)
     scalar = tmp_path / "scalar.yaml"
     scalar.write_text("just a string\n")
     with pytest.raises(ConfigError, match="mapping at the top level"):

@@ -18,7 +18,7 @@ import yaml
 
 from .augment import NoiseSettings
 from .search_space import DEFAULT_SPACE, ParamSpec, as_yaml, probes
-from .typed_yaml import ConfigError, apply_overrides, from_dict, load_yaml_file, require, shown
+from .typed_yaml import ConfigError, apply_overrides, from_dict, load_yaml_text, require, shown
 
 AG_NEWS_LABELS = ("World", "Sports", "Business", "Sci/Tech")
 
@@ -381,12 +381,16 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     values: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
-        if not path.is_file():
+        if not path.exists():
             raise ConfigError(f"config file {path} does not exist")
-        if path.stat().st_size > MAX_CONFIG_BYTES:  # a config (or a run folder's, from elsewhere) is a few KB
+        if not path.is_file():  # a FIFO would block the read; a link to /dev/zero never end it
+            raise ConfigError(f"{path}: not a regular file, not a config")
+        with path.open("rb") as handle:  # a config (or a run folder's, from elsewhere) is a few KB
+            data = handle.read(MAX_CONFIG_BYTES + 1)  # read, not stat: procfs files have a size of 0
+        if len(data) > MAX_CONFIG_BYTES:
             raise ConfigError(f"{path}: larger than {MAX_CONFIG_BYTES >> 20} MiB, not a config")
         try:
-            values = load_yaml_file(path) or {}
+            values = load_yaml_text(data.decode("utf-8"), path) or {}
         except yaml.YAMLError as error:
             raise ConfigError(f"{path}: not valid YAML: {error}") from error
         except UnicodeDecodeError as error:

@@ -1,7 +1,7 @@
 """The `report` stage: PNG plots and a Markdown summary of a finished run, in <run>/report/.
 
-Everything comes from the run folder's JSON files (log_history.json, metrics.json, params.json, evaluations/*.json),
-so a report can be made at any time after training, on a machine without the model.
+Everything comes from the run folder's files (config.yaml for the class count, log_history.json, metrics.json,
+params.json, evaluations/*.json), so a report can be made at any time after training, on a machine without the model.
 """
 
 from __future__ import annotations

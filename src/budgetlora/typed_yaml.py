@@ -160,9 +160,9 @@ def _refuse_duplicate_keys(node: yaml.Node, path: Path, prefix: str = "", seen: 
             _refuse_duplicate_keys(value, path, f"{prefix}{key.value}.", seen)
 
 
-def load_yaml_file(path: Path) -> Any:
-    """The file's YAML document, as yaml.safe_load reads it, after refusing duplicate keys."""
-    loader = yaml.SafeLoader(path.read_text(encoding="utf-8"))
+def load_yaml_text(text: str, path: Path) -> Any:
+    """The YAML document `text` (of the file `path`), as yaml.safe_load reads it, after refusing duplicate keys."""
+    loader = yaml.SafeLoader(text)
     try:
         node = loader.get_single_node()
         if node is None:
