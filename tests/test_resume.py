@@ -406,13 +406,15 @@ NOT_A_PSEUDO_LABEL = "not a pseudo-label of this run (a text of data.unlabelled,
     (_edit_stats(lambda stats: [stats]), "pseudo-1.stats.json: not chosen by this run's previous round"),
     (lambda pseudo: pseudo.with_suffix(".stats.json").write_text("{"), "pseudo-1.stats.json: not JSON"),
     (lambda pseudo: pseudo.with_suffix(".stats.json").write_text("[" * 100_000), "pseudo-1.stats.json: not JSON"),
+    (lambda pseudo: pseudo.with_suffix(".stats.json").write_text("1" * 5000), "pseudo-1.stats.json: not JSON"),
+    (_raw_line(2, '{"label": 1' + "0" * 5000 + "}"), f"pseudo-1.jsonl, line 2: {NOT_A_PSEUDO_LABEL}"),
     (lambda pseudo: pseudo.write_text(pseudo.read_text() + " " * 1_000_000), "pseudo-1.jsonl is larger than"),
     (_replaced_by(lambda pseudo: pseudo.symlink_to("/dev/zero")), "pseudo-1.jsonl is not a regular file"),
     (_replaced_by(os.mkfifo), "pseudo-1.jsonl is not a regular file"),
 ], ids=["label-out-of-range", "label-bool", "unknown-text", "text-not-a-string", "other-weight", "weight-bool",
         "extra-field", "not-an-object", "too-deep", "not-utf8", "rows-run-together", "row-dropped",
         "stats-other-count", "other-teacher", "unlabelled-changed", "stats-not-an-object", "stats-not-json",
-        "stats-too-deep", "too-large", "endless-device", "fifo"])
+        "stats-too-deep", "stats-huge-int", "huge-int", "too-large", "endless-device", "fifo"])
 def test_tampered_pseudo_labels_are_refused_by_file_and_line_before_training(
         tmp_path: Path, interrupted_self_training: Path, capsys: pytest.CaptureFixture[str],
         tamper: Callable[[Path], None], message: str) -> None:

@@ -212,7 +212,7 @@ def _read_pseudo_labels(path: Path, config: RunConfig, texts: list[str],
         return None
     try:
         saved = json.loads(saved)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:
+    except (ValueError, RecursionError) as error:  # JSONDecodeError, UnicodeDecodeError, an int past int()'s digits
         raise runfolder.RunFolderError(f"{stats_file}: not JSON ({type(error).__name__}); {remedy}") from None
     if not isinstance(saved, dict) or {key: saved.get(key) for key in provenance} != provenance:
         raise runfolder.RunFolderError(f"{stats_file}: not chosen by this run's previous round from these texts of "
@@ -222,7 +222,7 @@ def _read_pseudo_labels(path: Path, config: RunConfig, texts: list[str],
     for line_number, line in enumerate(data.decode(errors="replace").splitlines(), start=1):
         try:  # a line that is not UTF-8 fails as any other line
             row = json.loads(line)
-        except (json.JSONDecodeError, RecursionError):
+        except (ValueError, RecursionError):  # an integer past int()'s digit limit is a ValueError too
             row = None
         if not (isinstance(row, dict) and row.keys() == rows.keys() and isinstance(row["text"], str)
                 and row["text"] in known and type(row["label"]) is int and 0 <= row["label"] < num_labels
