@@ -406,6 +406,19 @@ def test_json_nested_too_deep_to_read_is_a_data_error(tmp_path: Path, news_rows:
         load_table(str(path), DataConfig(), labelled=True)
 
 
+@pytest.mark.parametrize(("suffix", "where"), [(".jsonl", ", line 3"), (".json", "")])
+def test_json_with_an_integer_past_int_digits_is_a_data_error(tmp_path: Path, news_rows: Rows, suffix: str,
+                                                              where: str) -> None:
+    """An integer of more digits than int() reads is a ValueError without a position: named by file (and line)."""
+    path = tmp_path / f"news{suffix}"
+    lines = [*jsonl_lines(news_rows[:2]), '{"text": "a", "label": 1' + "0" * 5000 + "}"]
+    path.write_text("\n".join(lines) + "\n" if suffix == ".jsonl" else "[" + ",\n".join(lines) + "]\n",
+                    encoding="utf-8")
+    expected = f"{path}{where}: not valid JSON (Exceeds the limit (4300 digits) for integer string conversion"
+    with pytest.raises(DataError, match=f"^{re.escape(expected)}"):
+        load_table(str(path), DataConfig(), labelled=True)
+
+
 def test_a_broken_json_array_is_named_by_line_and_column(tmp_path: Path, news_rows: Rows) -> None:
     path = tmp_path / "news.json"
     path.write_text("[\n" + ",\n".join(jsonl_lines(news_rows[:3])) + ",\n{text: 1}\n]\n", encoding="utf-8")

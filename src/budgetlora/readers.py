@@ -95,10 +95,14 @@ def _read_pickle(path: Path, data: DataConfig) -> dict[str, list[Any]]:
     raise DataError(f"{path}: expected a pickled datasets.Dataset or pandas DataFrame, got {type(obj).__name__}")
 
 
-def _json_error(path: Path, line: int | None, error: json.JSONDecodeError | RecursionError) -> DataError:
+def _json_error(path: Path, line: int | None, error: ValueError | RecursionError) -> DataError:
+    where = f"{path}{'' if line is None else f', line {line}'}"
     if isinstance(error, RecursionError):  # json's parser recurses once per [ or {: a few thousand deep is the end
-        return DataError(f"{path}{'' if line is None else f', line {line}'}: JSON nested deeper than can be read")
-    return DataError(f"{path}, line {line}, column {error.colno}: not valid JSON ({error.msg})")
+        return DataError(f"{where}: JSON nested deeper than can be read")
+    if isinstance(error, json.JSONDecodeError):
+        return DataError(f"{where}, column {error.colno}: not valid JSON ({error.msg})")
+    # An integer of more digits than int() reads: a ValueError with no position.
+    return DataError(f"{where}: not valid JSON ({str(error).split(';')[0]})")
 
 
 def jsonl_records(path: Path) -> Iterator[dict[str, Any]]:
@@ -109,7 +113,7 @@ def jsonl_records(path: Path) -> Iterator[dict[str, Any]]:
             continue
         try:
             record = json.loads(line.removesuffix("\n"))  # an error's column is then on this line
-        except (json.JSONDecodeError, RecursionError) as error:
+        except (ValueError, RecursionError) as error:
             raise _json_error(path, number, error) from None
         if not isinstance(record, dict):
             raise DataError(f"{path}, line {number}: expected a JSON object ({{...}}), got {type(record).__name__}")
@@ -134,7 +138,7 @@ def _read_json(path: Path) -> dict[str, list[Any]]:
         records = json.loads(text)
     except json.JSONDecodeError as error:
         raise _json_error(path, error.lineno, error) from None
-    except RecursionError as error:  # no position to name: the parser gives none
+    except (ValueError, RecursionError) as error:  # no position to name: the parser gives none
         raise _json_error(path, None, error) from None
     if not isinstance(records, list) or not all(isinstance(record, dict) for record in records):
         got = {dict: "one object", list: "an array of other values"}.get(type(records), type(records).__name__)
