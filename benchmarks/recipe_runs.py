@@ -151,7 +151,7 @@ def run_recipe(config_path: str, seed: int, overrides: Sequence[str] = (), *, fr
             test = evaluate_run(run_dir, str(AG_NEWS_TEST))
             scores["test_accuracy"], scores["test_macro_f1"] = test["accuracy"], test["macro_f1"]
         scores_file.write_text(json.dumps(scores, indent=1))
-    metrics = runfolder.read_metrics(run_dir, len(config.data.label_names))
+    metrics = runfolder.read_metrics(run_dir)
     return RecipeResult(config_path, seed, metrics["trainable_params"], metrics["validation"]["accuracy"],
                         scores["ag_half_accuracy"], scores["dev_accuracy"], scores["dev_both_high_accuracy"],
                         scores["predicted_distribution"], scores["train_wall_s"], scores["score_s"],

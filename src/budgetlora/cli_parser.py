@@ -41,7 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
                       "quantised by torch; CPU only) or int8-onnx (onnxruntime with int8 weights; CPU only; the onnx "
                       "extra; an export of 10 s or more at load); default: the run's train.precision (auto: bf16 "
                       "where the hardware has it, else fp16 on a GPU, fp32 on a CPU). On two real MiniLM runs int8 "
-                      "changed 1.1%% of the labels, int8-onnx 0.5-0.8%% (README, 'int8 prediction')")
+                      "changed 1.1%% of the labels, int8-onnx 0.5-0.8%%, and int8 labels can change with the "
+                      "input's order (README, 'int8 prediction')")
     trust_help = "unpickle a .pkl input without restriction (it can run code); default: datasets/DataFrames only"
     shift_help = ("adjust predictions to the input's class priors: em estimates them (Saerens et al. 2002, after "
                   "calibration on the validation rows); uniform imposes equal priors, for an input balanced by "

@@ -10,15 +10,15 @@ from pathlib import Path
 from typing import Any
 
 from .config import RunConfig
-from .runfolder import MAX_JSON_BYTES, METRICS_FILE, PARAMS_FILE, RunFolderError, json_limit, read_json_object
+from .runfolder import METRICS_FILE, PARAMS_FILE, RunFolderError, read_json_object
 
 NOT_RECORDED = "not recorded"
 
 
-def _read_json(path: Path, most: int = MAX_JSON_BYTES) -> dict[str, Any]:
+def _read_json(path: Path) -> dict[str, Any]:
     """A JSON object of the run folder, or {} when it is missing or unreadable: the card then says "not recorded"."""
     try:
-        return read_json_object(path, most)
+        return read_json_object(path)
     except (OSError, RunFolderError):
         return {}
 
@@ -54,7 +54,7 @@ def write_card(folder: Path, run_dir: Path, config: RunConfig, label_names: list
                remote_code: bool) -> None:
     """README.md in `folder`: base model, recipe, trainable parameters and budget, metrics, loading snippet."""
     params = _read_json(run_dir / PARAMS_FILE)
-    validation = _read_json(run_dir / METRICS_FILE, json_limit(len(label_names))).get("validation")
+    validation = _read_json(run_dir / METRICS_FILE).get("validation")
     validation = validation if isinstance(validation, dict) else {}
     trainable, budget = params.get("trainable"), params.get("budget", config.budget)
     share = (f" ({trainable / budget:.1%} of the budget)" if isinstance(trainable, int) and isinstance(budget, int)

@@ -1,7 +1,7 @@
 """The `report` stage: PNG plots and a Markdown summary of a finished run, in <run>/report/.
 
-Everything comes from the run folder's files (config.yaml for the class count, log_history.json, metrics.json,
-params.json, evaluations/*.json), so a report can be made at any time after training, on a machine without the model.
+Everything comes from the run folder's JSON files (log_history.json, metrics.json, params.json, evaluations/*.json),
+so a report can be made at any time after training, on a machine without the model.
 """
 
 from __future__ import annotations
@@ -15,17 +15,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .files import atomic_write_bytes, atomic_write_text
-from .runfolder import (
-    EVALUATIONS_DIR,
-    LOG_HISTORY_FILE,
-    MAX_JSON_BYTES,
-    METRICS_FILE,
-    PARAMS_FILE,
-    REPORT_DIR,
-    json_limit,
-    read_config,
-    read_json,
-)
+from .runfolder import EVALUATIONS_DIR, LOG_HISTORY_FILE, METRICS_FILE, PARAMS_FILE, REPORT_DIR, read_json
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -40,10 +30,10 @@ class ReportError(ValueError):
     """A run file the report needs holds something other than what training writes."""
 
 
-def _read_json(path: Path, most: int = MAX_JSON_BYTES) -> Any:
+def _read_json(path: Path) -> Any:
     if not path.exists():
         raise FileNotFoundError(f"{path} is missing: the report needs a finished run (budgetlora train writes it)")
-    return read_json(path, most)  # untrusted: bounded, and a RunFolderError naming the file when it is not JSON
+    return read_json(path)  # untrusted: bounded, and a RunFolderError naming the file when it is not JSON
 
 
 def _figure(**kwargs: Any) -> Figure:
@@ -185,15 +175,13 @@ def summary_markdown(run_dir: Path, metrics: dict[str, Any], params: dict[str, A
 def write_report(run_dir: Path) -> list[Path]:
     """Write the plots and summary.md into <run_dir>/report/; return the files written (summary.md last)."""
     run_dir = Path(run_dir)
-    with_matrix = json_limit(len(read_config(run_dir).data.label_names))  # the most a file with a confusion matrix
     history = _read_json(run_dir / LOG_HISTORY_FILE)
-    metrics = _read_json(run_dir / METRICS_FILE, with_matrix)
+    metrics = _read_json(run_dir / METRICS_FILE)
     params = _read_json(run_dir / PARAMS_FILE)
     for key in ("validation", "train_runtime_s"):
         if not isinstance(metrics, dict) or key not in metrics:
             raise ReportError(f"{run_dir / METRICS_FILE}: no {key!r} entry; is it a budgetlora run's metrics?")
-    evaluations = {path.stem: _read_json(path, with_matrix)
-                   for path in sorted((run_dir / EVALUATIONS_DIR).glob("*.json"))}
+    evaluations = {path.stem: _read_json(path) for path in sorted((run_dir / EVALUATIONS_DIR).glob("*.json"))}
     out = run_dir / REPORT_DIR
     out.mkdir(exist_ok=True)
     try:

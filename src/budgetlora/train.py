@@ -143,7 +143,7 @@ def check_run_dir(config: RunConfig, resume: bool) -> str | None:
     longer = _trains_longer(config.train, saved.train)
     finished = (run_dir / runfolder.METRICS_FILE).is_file()
     if finished and not longer:
-        validation = runfolder.read_metrics(run_dir, len(config.data.label_names)).get("validation")
+        validation = runfolder.read_metrics(run_dir).get("validation")
         accuracy = validation.get("accuracy") if isinstance(validation, dict) else None
         accuracy = f"{accuracy:.4f}" if isinstance(accuracy, float) else "not recorded"
         raise RunExistsError(f"{run_dir} has finished training (validation accuracy {accuracy}); nothing to "
