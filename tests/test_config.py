@@ -203,6 +203,9 @@ def test_file_problems_are_config_errors(tmp_path: Path) -> None:
     (b"sweep:\n  space:\n    lora.target_modules:\n      choices: [&l0 [" + b", ".join([b"x"] * 9) + b"], "
      + b", ".join(b"&l%d [" % level + b", ".join([b"*l%d" % (level - 1)] * 9) + b"]" for level in range(1, 7))
      + b"]\n", r"sweep\.space\.lora\.target_modules\.choices: holds more than 10,000 values .YAML aliases"),
+    # Choices that hold themselves: each of 30,000 items would queue all 30,000 again (2.3 GB in the first bound).
+    (b"sweep:\n  space:\n    lora.target_modules:\n      choices: &a [" + b", ".join([b"*a"] * 30_000) + b"]\n",
+     r"sweep\.space\.lora\.target_modules\.choices: holds more than 10,000 values"),
     # Nested past what validation walks (as_yaml of each choice), though PyYAML itself reads it.
     (b"sweep:\n  space:\n    lora.r:\n      choices: [" + b"[" * 400 + b"1" + b"]" * 400 + b", 2]\n",
      "a value is nested deeper than can be read$"),

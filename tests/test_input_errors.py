@@ -140,7 +140,7 @@ BAD_VALUES = {
     "predict": (["predict", "--run", "{tmp}/no-run", "--input", "x.csv", "--output", "{tmp}/o.csv"],
                 "{tmp}/no-run is not a budgetlora run"),
     "export": (["export", "--run", "{tmp}/no-run", "--out", "{tmp}/out"], "{tmp}/no-run is not a budgetlora run"),
-    "report": (["report", "--run", "{tmp}/no-run"], "{tmp}/no-run is not a budgetlora run"),
+    "report": (["report", "--run", "{tmp}/no-run"], "{tmp}/no-run/log_history.json is missing"),
     "serve": (["serve", "--run", "{tmp}/no-run", "--port", "70000"], "--port: must be 0-65535, got 70000"),
 }
 

@@ -12,7 +12,7 @@ import pytest
 
 from budgetlora.config import RunConfig, from_dict
 from budgetlora.infer import evaluate_run
-from budgetlora.report import ReportError, confusion_figure, training_figure, write_report
+from budgetlora.report import ReportError, confusion_figure, save_png, training_figure, write_report
 from budgetlora.runfolder import RunFolderError
 from budgetlora.train import train
 
@@ -169,3 +169,17 @@ def test_confusion_figure_shows_counts_with_whole_ticks_and_row_shares_beside(ru
     assert [text.get_text() for text in counts.texts][:4] == ["3", "0", "0", "0"]
     assert [text.get_text() for text in shares.texts][4:6] == ["0.33", "0.67"]
     assert [label.get_text() for label in counts.get_yticklabels()] == LABELS
+
+
+def test_a_matrix_of_hundreds_of_classes_is_drawn_at_a_bounded_size(tmp_path: Path) -> None:
+    """400 classes at 0.7 inches each drew a figure of gigabytes (the process was killed): the side stops at 30 inches
+    and the axes count classes by index."""
+    classes = 400
+    counts = np.eye(classes, dtype=np.int64) * 5
+    names = [f"class {i}" for i in range(classes)]
+    figure = confusion_figure({"confusion_matrix": counts.tolist(), "label_names": names, "accuracy": 1.0}, "dev")
+    assert max(figure.get_size_inches()) <= 2 * 30 + 2
+    left = figure.axes[0]
+    assert "class 0" not in [label.get_text() for label in left.get_xticklabels()]
+    path = save_png(figure, tmp_path / "confusion.png")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -219,18 +219,15 @@ def _header(header: dict[str, Any]) -> bytes:
     return len(text).to_bytes(8, "little") + text
 
 
-def old_validation_json(path: Path) -> dict[str, Any]:
-    """validation_logits.safetensors as runs from before 2026-12 wrote it: validation_logits.json beside it."""
-    saved = safetensors.numpy.load_file(path)
-    return {"logits": saved["logits"].round(5).tolist(), "labels": saved["labels"].tolist()}
-
-
 def _old_json(change: Callable[[dict[str, Any]], Any]) -> Callable[[Path], None]:
-    """The folder of a run from before 2026-12, its validation_logits.json changed."""
+    """The folder of a run from before 2026-12 (validation_logits.json, as it was written, in place of
+    validation_logits.safetensors), its JSON changed."""
     def edit(path: Path) -> None:
-        changed = change(old_validation_json(path))
-        path.unlink()
-        path.with_suffix(".json").write_text(changed if isinstance(changed, str) else json.dumps(changed))
+        binary = path.with_suffix(".safetensors")
+        saved = safetensors.numpy.load_file(binary)
+        binary.unlink()
+        changed = change({"logits": saved["logits"].round(5).tolist(), "labels": saved["labels"].tolist()})
+        path.write_text(changed if isinstance(changed, str) else json.dumps(changed, indent=2))
     return edit
 
 
@@ -243,7 +240,7 @@ LYING_FILES = [
     ("labels.json", _edited(lambda saved: {"label_names": 4}), "labels.json: labels 4 differ"),
     ("labels.json", _replaced_by(lambda path: path.symlink_to("/dev/zero")), "labels.json is not a regular file"),
     ("labels.json", _replaced_by(os.mkfifo), "labels.json is not a regular file"),
-    ("labels.json", lambda path: path.write_text(" " * (17 << 20)), "labels.json is larger than budgetlora writes"),
+    ("labels.json", lambda path: path.write_text(" " * (17 << 20)), "labels.json is larger than budgetlora reads"),
     ("params.json", lambda path: path.write_bytes(b"\xff\xfe"), "params.json: not valid JSON"),
     ("params.json", lambda path: path.write_text(DEEP), "params.json: not valid JSON (nested deeper"),
     ("params.json", lambda path: path.write_text("[]"), "params.json holds a JSON list, not an object"),
@@ -267,8 +264,9 @@ LYING_FILES = [
     ("validation_logits.safetensors", lambda path: path.write_text(DEEP), "validation_logits.safetensors: not a "
      "safetensors file"),
     ("validation_logits.safetensors", lambda path: path.write_bytes(path.read_bytes()[:-4]), "not a safetensors file"),
-    ("validation_logits.safetensors", lambda path: path.write_bytes(_header({"logits": {  # 4 TB claimed in 4 bytes
-        "dtype": "F32", "shape": [10**9, 1000], "data_offsets": [0, 4]}}) + bytes(4)), "not a safetensors file"),
+    ("validation_logits.safetensors", lambda path: path.write_bytes(_header({  # 4 TB claimed in 4 bytes
+        "logits": {"dtype": "F32", "shape": [10**9, 1000], "data_offsets": [0, 4]},
+        "labels": {"dtype": "I64", "shape": [1], "data_offsets": [4, 12]}}) + bytes(12)), "not a safetensors file ("),
     ("validation_logits.safetensors", _arrays(lambda logits, labels: {"logits": logits[:, :3], "labels": labels}),
      "validation_logits.safetensors does not hold 4 finite logits"),
     ("validation_logits.safetensors", _arrays(lambda logits, labels: {"logits": logits[1:], "labels": labels}),
@@ -290,22 +288,34 @@ LYING_FILES = [
     ("validation_logits.safetensors", _arrays(lambda logits, labels: {"logits": logits[:0], "labels": labels[:0]}),
      "does not hold"),
     ("validation_logits.safetensors", _replaced_by(os.mkfifo), "validation_logits.safetensors is not a regular file"),
+    # Headers safetensors would read: a dtype numpy has no type for (a KeyError), thousands of empty tensors (each
+    # built before the names are checked), a header longer than training writes.
+    ("validation_logits.safetensors", _arrays(lambda logits, labels: {"logits": logits[:, :0], "labels": labels}),
+     "does not hold"),
+    ("validation_logits.safetensors", lambda path: path.write_bytes(_header({
+        "logits": {"dtype": "BF16", "shape": [1, 4], "data_offsets": [0, 8]},
+        "labels": {"dtype": "I64", "shape": [1], "data_offsets": [8, 16]}}) + bytes(16)), "does not hold"),
+    ("validation_logits.safetensors", lambda path: path.write_bytes(_header({
+        f"t{index}": {"dtype": "F32", "shape": [0], "data_offsets": [0, 0]} for index in range(100_000)})),
+     "validation_logits.safetensors: not a safetensors file of budgetlora's (its header)"),
+    ("validation_logits.safetensors", lambda path: path.write_bytes(b"\xff" * 8 + path.read_bytes()[8:]),
+     "not a safetensors file of budgetlora's"),
     # A run from before 2026-12 wrote JSON.
-    ("validation_logits.safetensors", _old_json(lambda saved: DEEP), "validation_logits.json: not valid JSON"),
-    ("validation_logits.safetensors", _old_json(lambda saved: "[]"), "validation_logits.json does not hold 4 finite"),
-    ("validation_logits.safetensors", _old_json(lambda saved: saved | {"logits": [[0.0] * 4, [0.0] * 3]}),
+    ("validation_logits.json", _old_json(lambda saved: DEEP), "validation_logits.json: not valid JSON"),
+    ("validation_logits.json", _old_json(lambda saved: "[]"), "validation_logits.json does not hold 4 finite"),
+    ("validation_logits.json", _old_json(lambda saved: saved | {"logits": [[0.0] * 4, [0.0] * 3]}),
      "validation_logits.json does not hold"),
-    ("validation_logits.safetensors", _old_json(lambda saved: saved | {"logits": [["x"] * 4 for _ in saved["logits"]]}),
+    ("validation_logits.json", _old_json(lambda saved: saved | {"logits": [["x"] * 4 for _ in saved["logits"]]}),
      "validation_logits.json does not hold"),
-    ("validation_logits.safetensors", _old_json(lambda saved: saved | {"logits": [[10**400] * 4
+    ("validation_logits.json", _old_json(lambda saved: saved | {"logits": [[10**400] * 4
                                                                                   for _ in saved["logits"]]}),
      "validation_logits.json does not hold 4 finite logits"),
-    ("validation_logits.safetensors", _old_json(lambda saved: saved | {"labels": [True] * len(saved["labels"])}),
+    ("validation_logits.json", _old_json(lambda saved: saved | {"labels": [True] * len(saved["labels"])}),
      "validation_logits.json does not hold"),
-    ("validation_logits.safetensors", _old_json(lambda saved: saved | {"labels": [2**70] * len(saved["labels"])}),
+    ("validation_logits.json", _old_json(lambda saved: saved | {"labels": [2**70] * len(saved["labels"])}),
      "validation_logits.json does not hold"),
-    ("validation_logits.safetensors", _old_json(lambda saved: " " * (17 << 20)),
-     "validation_logits.json is larger than budgetlora writes"),
+    ("validation_logits.json", _old_json(lambda saved: " " * (17 << 20)),
+     "validation_logits.json is larger than budgetlora reads it (16,777,216 bytes at most); delete it to predict"),
     ("adapter/SHA256SUMS", lambda path: path.write_text(path.read_text() * 1000), "SHA256SUMS is larger than"),
     ("adapter/SHA256SUMS", _replaced_by(os.mkfifo), "SHA256SUMS is not a regular file"),  # not "missing": unchecked
     ("config.yaml", lambda path: path.write_text(path.read_text() + f"extra: {DEEP}\n"),
@@ -354,7 +364,7 @@ def test_a_run_from_before_predicts_with_its_validation_logits_json(run_dir: Pat
     for name in ("now", "before"):
         run = copy_run(run_dir, tmp_path, name)
         if name == "before":
-            _old_json(lambda saved: saved)(run / "validation_logits.safetensors")
+            _old_json(lambda saved: saved)(run / "validation_logits.json")
         code, _, err = cli(["predict", "--run", str(run), "--input", str(source), "--output",
                             str(tmp_path / f"{name}.csv"), "--label-shift", "em"], capsys)
         assert code == 0, err
@@ -369,7 +379,9 @@ def test_validation_logits_past_the_limit_are_written_as_a_sample_that_reads_bac
     monkeypatch.setattr(runfolder, "MAX_LOGITS_BYTES", 4096 + 100 * (4 * 4 + 8))  # room for 100 rows of 4 classes
     logits = np.random.default_rng(1).normal(size=(1000, 4)).astype(np.float32)
     labels = list(range(4)) * 250
+    (tmp_path / "validation_logits.json").write_text("{}")  # a run from before, resumed: its JSON is replaced
     runfolder.write_validation_logits(tmp_path, logits, labels)
+    assert not (tmp_path / "validation_logits.json").exists()
     first = (tmp_path / "validation_logits.safetensors").read_bytes()
     kept_logits, kept_labels = runfolder.read_validation_logits(tmp_path, 4)
     rows = [int(np.flatnonzero((logits == row).all(axis=1))[0]) for row in kept_logits.astype(np.float32)]
@@ -379,14 +391,14 @@ def test_validation_logits_past_the_limit_are_written_as_a_sample_that_reads_bac
     assert (tmp_path / "validation_logits.safetensors").read_bytes() == first
 
 
-def test_metrics_of_many_classes_read_back(tmp_path: Path) -> None:
-    """A run of 1,300 classes writes a confusion matrix past MAX_JSON_BYTES (a count a line): it is read back."""
+def test_metrics_of_many_classes_are_written_within_what_is_read_back(tmp_path: Path) -> None:
+    """A confusion matrix is written a row a line: 1,300 classes (a number a line: 21 MiB) stay within the limit that
+    every run folder's JSON is read within, whatever its own files claim."""
     classes = 1300
-    runfolder.write_metrics(tmp_path, {"validation": {"confusion_matrix": [[10**9] * classes] * classes}})
-    assert (tmp_path / "metrics.json").stat().st_size > runfolder.MAX_JSON_BYTES
-    assert runfolder.read_metrics(tmp_path, classes)["validation"]["confusion_matrix"][-1][-1] == 10**9
-    with pytest.raises(RunFolderError, match="metrics.json is larger than budgetlora writes"):
-        runfolder.read_metrics(tmp_path, 4)
+    matrix = (np.eye(classes, dtype=np.int64) * 12 + np.eye(classes, k=1, dtype=np.int64)).tolist()
+    runfolder.write_metrics(tmp_path, {"validation": {"confusion_matrix": matrix}})
+    assert (tmp_path / "metrics.json").stat().st_size < runfolder.MAX_JSON_BYTES
+    assert runfolder.read_metrics(tmp_path)["validation"]["confusion_matrix"] == matrix
 
 
 @pytest.mark.parametrize("tamper", [lambda path: path.write_text(DEEP), _replaced_by(os.mkfifo),

@@ -383,7 +383,7 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         path = Path(path)
         if not path.exists():
             raise ConfigError(f"config file {path} does not exist")
-        if not path.is_file():  # a FIFO would block the read; a link to /dev/zero never end it
+        if not path.is_file():  # a FIFO would block the read (a swap after this check is not guarded)
             raise ConfigError(f"{path}: not a regular file, not a config")
         with path.open("rb") as handle:  # a config (or a run folder's, from elsewhere) is a few KB
             data = handle.read(MAX_CONFIG_BYTES + 1)  # read, not stat: procfs files have a size of 0

@@ -24,6 +24,10 @@ if TYPE_CHECKING:
 # Past this many classes a matrix's cells are too small to read a number in (and thousands of text labels would take
 # minutes to draw): the colours alone.
 MAX_ANNOTATED_CLASSES = 30
+# Past this many a class's name would have fewer pixels than a line of text: the axes count classes by index.
+MAX_NAMED_CLASSES = 150
+# A matrix's side grows 0.7 inches a class up to this: 400 classes drew 282 inches (34,000 pixels) a side, gigabytes.
+MAX_MATRIX_INCHES = 30.0
 
 
 class ReportError(ValueError):
@@ -110,8 +114,9 @@ def _matrix(figure: Figure, axes: Any, matrix: np.ndarray, names: list[str], *, 
             title: str, ticks: Any = None) -> None:
     image = axes.imshow(matrix, cmap="Blues", vmin=0, vmax=peak)
     figure.colorbar(image, ax=axes, fraction=0.046, ticks=ticks)
-    axes.set_xticks(range(len(names)), names, rotation=45, ha="right")
-    axes.set_yticks(range(len(names)), names)
+    if len(names) <= MAX_NAMED_CLASSES:
+        axes.set_xticks(range(len(names)), names, rotation=45, ha="right")
+        axes.set_yticks(range(len(names)), names)
     axes.set(xlabel="predicted", ylabel="true", title=title)
     if len(names) <= MAX_ANNOTATED_CLASSES:
         for (i, j), value in np.ndenumerate(matrix):
@@ -129,7 +134,7 @@ def confusion_figure(metrics: dict[str, Any], title: str) -> Figure:
         raise ValueError(f"a confusion matrix of shape {counts.shape} for {len(names)} classes")
     totals = counts.sum(axis=1, keepdims=True)
     shares = np.divide(counts, totals, out=np.zeros(counts.shape), where=totals > 0)  # a class absent: a zero row
-    size = max(4.0, 0.7 * len(names) + 2)
+    size = min(max(4.0, 0.7 * len(names) + 2), MAX_MATRIX_INCHES)
     figure = _figure(figsize=(2 * size + 2, size), layout="constrained")
     figure.suptitle(f"{title}: accuracy {metrics['accuracy']:.4f}")
     left, right = figure.subplots(1, 2)

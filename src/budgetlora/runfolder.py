@@ -57,12 +57,14 @@ TRAINING_TEXTS_FILE = "training_texts.json.gz"
 # A folder from elsewhere is untrusted: a few MB of gzip can claim gigabytes. The sample's most (domain.py's limits,
 # 6 bytes a character when JSON escapes it) is well below this.
 MAX_TRAINING_TEXTS_BYTES = 256 << 20
-# The most of each JSON file read back (read_json); a file training wrote is far smaller, but for the confusion
-# matrices of metrics.json and evaluations/ (indent=2 writes each count on a line): see json_limit.
+# The most of each JSON file read back (read_json), whatever the folder's own files claim (its class count too): JSON
+# parses into up to about 30 times its bytes. A file training wrote is far smaller: a confusion matrix is written a row
+# a line (files.write_json), 2 bytes a zero count, so metrics.json holds one of about 2,500 classes.
 MAX_JSON_BYTES = 16 << 20
 # The most of the validation logits written and read back: 64 million float32 logits (write_validation_logits samples
-# rows beyond it: calibration needs far fewer).
+# rows beyond it: calibration needs far fewer); their safetensors header, two tensors, takes about 150 bytes.
 MAX_LOGITS_BYTES = 256 << 20
+MAX_LOGITS_HEADER_BYTES = 4096
 NOT_WRITTEN_BY_US = "not a file budgetlora wrote: train the run again, or copy the folder again from where it was made"
 ADAPTER_DIR = "adapter"
 WEIGHTS_FILE = "adapter_model.safetensors"  # in ADAPTER_DIR
@@ -117,7 +119,7 @@ def write_results(run_dir: Path, model: PeftModel, metrics: dict[str, Any], log_
 def write_validation_logits(run_dir: Path, validation_logits: np.ndarray, validation_labels: list[int]) -> None:
     """The validation rows' logits and labels (read_validation_logits), within MAX_LOGITS_BYTES."""
     logits, labels = np.asarray(validation_logits, dtype=np.float32), np.asarray(validation_labels, dtype=np.int64)
-    most_rows = (MAX_LOGITS_BYTES - 4096) // (logits.shape[1] * logits.itemsize + labels.itemsize)  # 4 KiB: header
+    most_rows = (MAX_LOGITS_BYTES - MAX_LOGITS_HEADER_BYTES) // (logits.shape[1] * logits.itemsize + labels.itemsize)
     if len(logits) > most_rows:  # the same rows each time: a seeded sample, in their order
         keep = np.sort(np.random.default_rng(0).choice(len(logits), most_rows, replace=False))
         logits, labels = logits[keep], labels[keep]
@@ -155,42 +157,36 @@ def read_untrusted(path: Path, most: int, remedy: str = NOT_WRITTEN_BY_US) -> by
             raise RunFolderError(f"{path} is not a regular file; {remedy}")
         data = handle.read(most + 1)
     if len(data) > most:
-        raise RunFolderError(f"{path} is larger than budgetlora writes it ({most:,} bytes at most); {remedy}")
+        raise RunFolderError(f"{path} is larger than budgetlora reads it ({most:,} bytes at most); {remedy}")
     return data
 
 
-def json_limit(num_labels: int) -> int:
-    """The most of metrics.json or an evaluation read back for `num_labels` classes: MAX_JSON_BYTES, and room for a
-    confusion matrix as written (indent=2: a count of up to 10 digits a line, 24 bytes with its indent)."""
-    return MAX_JSON_BYTES + 24 * num_labels**2
-
-
-def read_json(path: Path, most: int = MAX_JSON_BYTES) -> Any:
+def read_json(path: Path, most: int = MAX_JSON_BYTES, remedy: str = NOT_WRITTEN_BY_US) -> Any:
     """A JSON file of a run folder, read as untrusted (read_untrusted); not JSON, or nested deeper than the parser goes,
     is a RunFolderError naming the file. What the value holds is the caller's to check."""
+    data = read_untrusted(path, most, remedy)  # its RunFolderError is a ValueError too: not caught below
     try:
-        return json.loads(read_untrusted(path, most))
+        return json.loads(data)
     except RecursionError:
-        raise RunFolderError(f"{path}: not valid JSON (nested deeper than can be read); {NOT_WRITTEN_BY_US}") from None
+        raise RunFolderError(f"{path}: not valid JSON (nested deeper than can be read); {remedy}") from None
     except ValueError as error:  # JSONDecodeError, UnicodeDecodeError, an integer of more digits than int() reads
-        raise RunFolderError(f"{path}: not valid JSON ({str(error)[:200]}); {NOT_WRITTEN_BY_US}") from None
+        raise RunFolderError(f"{path}: not valid JSON ({str(error)[:200]}); {remedy}") from None
 
 
-def read_json_object(path: Path, most: int = MAX_JSON_BYTES) -> dict[str, Any]:
+def read_json_object(path: Path) -> dict[str, Any]:
     """read_json of a file that holds a JSON object (all of training's but the log history)."""
-    value = read_json(path, most)
+    value = read_json(path)
     if not isinstance(value, dict):
         raise RunFolderError(f"{path} holds a JSON {type(value).__name__}, not an object; {NOT_WRITTEN_BY_US}")
     return value
 
 
-def read_metrics(run_dir: Path, num_labels: int) -> dict[str, Any]:
-    """metrics.json of a run of `num_labels` classes (read_json_object); a RunFolderError when training has not
-    written it."""
+def read_metrics(run_dir: Path) -> dict[str, Any]:
+    """metrics.json (read_json_object); a RunFolderError when training has not written it."""
     path = Path(run_dir) / METRICS_FILE
     if not path.exists():
         raise RunFolderError(f"{path} is missing: the run did not finish, or the folder was copied in part")
-    return read_json_object(path, json_limit(num_labels))
+    return read_json_object(path)
 
 
 def read_validation_logits(run_dir: Path, num_labels: int) -> tuple[np.ndarray, np.ndarray] | None:
@@ -212,21 +208,31 @@ def read_validation_logits(run_dir: Path, num_labels: int) -> tuple[np.ndarray, 
 
 def _saved_validation(path: Path) -> tuple[np.ndarray | None, np.ndarray | None]:
     """validation_logits.safetensors' two arrays as written (float32 logits, int64 labels), else (None, None)."""
-    try:  # safetensors checks the header's offsets against the bytes it was given
-        saved = safetensors.numpy.load(read_untrusted(path, MAX_LOGITS_BYTES))
-    except (SafetensorError, ValueError, TypeError) as error:  # not safetensors; a dtype numpy has no type for
+    data = read_untrusted(path, MAX_LOGITS_BYTES)
+    # The header first, as training writes it: safetensors would build every tensor a 100 MB header names (thousands
+    # of empty ones pass its checks: about 20x the file's size) and has no numpy type for some dtypes (a KeyError).
+    size = int.from_bytes(data[:8], "little")
+    try:
+        header = json.loads(data[8:8 + size]) if 2 <= size <= MAX_LOGITS_HEADER_BYTES else None
+    except (ValueError, RecursionError):
+        header = None
+    if not isinstance(header, dict):
+        raise RunFolderError(f"{path}: not a safetensors file of budgetlora's (its header); {NOT_WRITTEN_BY_US}")
+    if ({key: value.get("dtype") if isinstance(value, dict) else None for key, value in header.items()
+         if key != "__metadata__"} != {"logits": "F32", "labels": "I64"}):
+        return None, None
+    try:  # the offsets and shapes against the bytes
+        saved = safetensors.numpy.load(data)
+    except SafetensorError as error:
         raise RunFolderError(f"{path}: not a safetensors file ({str(error)[:200]}); {NOT_WRITTEN_BY_US}") from None
-    if saved.keys() != {"logits", "labels"}:
-        return None, None
-    logits, labels = saved["logits"], saved["labels"]
-    if logits.dtype != np.float32 or labels.dtype != np.int64 or labels.ndim != 1:
-        return None, None
-    return logits, labels
+    return (saved["logits"], saved["labels"]) if saved["labels"].ndim == 1 else (None, None)
 
 
 def _saved_validation_json(path: Path) -> tuple[np.ndarray | None, np.ndarray | None]:
-    """validation_logits.json of a run from before 2026-12 ({"logits": [[...]], "labels": [...]}), else (None, None)."""
-    saved = read_json(path)
+    """validation_logits.json of a run from before 2026-12 ({"logits": [[...]], "labels": [...]}), else (None, None).
+
+    Read within MAX_JSON_BYTES (such a run may have written more: indent=2, about 20 bytes a logit)."""
+    saved = read_json(path, remedy="delete it to predict uncalibrated, or train the run again")
     if not (isinstance(saved, dict) and isinstance(saved.get("labels"), list)
             and all(type(label) is int for label in saved["labels"])):
         return None, None
@@ -239,7 +245,7 @@ def _saved_validation_json(path: Path) -> tuple[np.ndarray | None, np.ndarray | 
 def read_train_priors(run_dir: Path, num_labels: int) -> np.ndarray:
     """The class shares of the run's training rows (metrics.json's train_label_counts); uniform for runs that did not
     record them."""
-    counts = read_metrics(run_dir, num_labels).get("train_label_counts")
+    counts = read_metrics(run_dir).get("train_label_counts")
     if counts is None:
         return np.full(num_labels, 1 / num_labels)
     # Counts of rows: below 2**53, so float64 holds them exactly and their sum cannot overflow.
@@ -321,7 +327,7 @@ def read_config(run_dir: Path, overrides: Sequence[str] = ()) -> RunConfig:
     """The run's config (with `overrides`: how to read an input), its label names checked against labels.json where
     the folder has one (training writes it for readers without budgetlora; the label names come from config.yaml)."""
     run_dir = Path(run_dir)
-    if not (run_dir / CONFIG_FILE).is_file():
+    if not (run_dir / CONFIG_FILE).exists():  # a FIFO or a device: load_config names it
         raise FileNotFoundError(f"{run_dir} is not a budgetlora run folder: {CONFIG_FILE} is missing")
     config = load_config(run_dir / CONFIG_FILE)
     labels = run_dir / LABELS_FILE

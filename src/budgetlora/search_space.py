@@ -51,14 +51,17 @@ MAX_CHOICE_VALUES = 10_000
 
 
 def _values_in(choice: Any, most: int) -> int:
-    """How many values `choice` holds, its lists and mappings walked; the count stops past `most`."""
-    count, pending = 0, [choice]
-    while pending and count <= most:
+    """How many values `choice` holds, its lists and mappings walked; the count stops past `most` before the items
+    that pass it are queued (`&a [*a, *a, ...]` holds itself: each of its items would queue it all again)."""
+    count, pending = 1, [choice]
+    while pending:
         value = pending.pop()
-        count += 1
         if isinstance(value, dict):
-            pending += [*value.keys(), *value.values()]
-        elif isinstance(value, (list, tuple)):
+            value = [*value.keys(), *value.values()]
+        if isinstance(value, (list, tuple)):
+            count += len(value)
+            if count > most:
+                break
             pending += value
     return count
 

@@ -101,7 +101,7 @@ def _finished_round_metrics(config: RunConfig, resume: bool) -> dict[str, Any] |
     path = config.run_dir / runfolder.METRICS_FILE
     if not (resume and config.self_training.rounds == 0 and path.exists()):
         return None
-    metrics = runfolder.read_metrics(config.run_dir, len(config.data.label_names))
+    metrics = runfolder.read_metrics(config.run_dir)
     validation = metrics.get("validation")
     # What self_train's history takes from it: the folder may come from elsewhere.
     if not (isinstance(validation, dict) and isinstance(validation.get("accuracy"), float)
@@ -213,7 +213,8 @@ def _read_pseudo_labels(path: Path, config: RunConfig, texts: list[str],
     try:
         saved = json.loads(saved)
     except (ValueError, RecursionError) as error:  # JSONDecodeError, UnicodeDecodeError, an int past int()'s digits
-        raise runfolder.RunFolderError(f"{stats_file}: not JSON ({type(error).__name__}); {remedy}") from None
+        raise runfolder.RunFolderError(f"{stats_file}: not JSON ({type(error).__name__}: {str(error)[:200]}); "
+                                       f"{remedy}") from None
     if not isinstance(saved, dict) or {key: saved.get(key) for key in provenance} != provenance:
         raise runfolder.RunFolderError(f"{stats_file}: not chosen by this run's previous round from these texts of "
                                        f"data.unlabelled (their SHA-256 differ); {remedy}")
