@@ -127,6 +127,7 @@ def test_wrong_types_are_errors_naming_the_key(values: dict, dotted_key: str) ->
     ({"data": {"max_train_rows": 0}}, "data.max_train_rows"),
     ({"data": {"label_names": ["only"]}}, "data.label_names"),
     ({"data": {"label_names": ["a", "a"]}}, "data.label_names"),
+    ({"data": {"label_names": [f"class {i}" for i in range(2001)]}}, "data.label_names"),  # past MAX_CLASSES
     ({"lora": {"r": 0}}, "lora.r"),
     ({"lora": {"alpha": -1}}, "lora.alpha"),
     ({"lora": {"dropout": 1.0}}, "lora.dropout"),

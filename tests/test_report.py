@@ -183,3 +183,15 @@ def test_a_matrix_of_hundreds_of_classes_is_drawn_at_a_bounded_size(tmp_path: Pa
     assert "class 0" not in [label.get_text() for label in left.get_xticklabels()]
     path = save_png(figure, tmp_path / "confusion.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_long_names_are_drawn_cut_short(tmp_path: Path) -> None:
+    """The PNG grows to fit its text: a run folder's names (and an evaluation's source, the title) of thousands of
+    characters or lines are drawn on one line of at most 40 characters (1,600 characters made 200 million pixels)."""
+    names = ["x" * 5000, "y\n" * 2000]
+    figure = confusion_figure({"confusion_matrix": [[3, 1], [0, 4]], "label_names": names, "accuracy": 0.875},
+                              "z" * 5000)
+    header = save_png(figure, tmp_path / "confusion.png").read_bytes()[16:24]
+    width, height = int.from_bytes(header[:4], "big"), int.from_bytes(header[4:], "big")
+    assert width < 3000 and height < 2000, (width, height)
+    assert [label.get_text() for label in figure.axes[0].get_xticklabels()] == ["x" * 39 + "…", "y " * 19 + "y…"]

@@ -27,10 +27,11 @@ from safetensors.torch import load_file, save_file
 
 from budgetlora import runfolder
 from budgetlora.cli import main
-from budgetlora.config import RunConfig, dump_config, from_dict, with_overrides
+from budgetlora.config import MAX_CLASSES, RunConfig, dump_config, from_dict, with_overrides
 from budgetlora.data import DataError
 from budgetlora.export_card import write_card
 from budgetlora.files import FolderLockedError
+from budgetlora.infer import save_evaluation
 from budgetlora.runfolder import LOCK_FILE, Run, RunFolderError, load, lock, read_config
 from budgetlora.train import train
 
@@ -391,14 +392,24 @@ def test_validation_logits_past_the_limit_are_written_as_a_sample_that_reads_bac
     assert (tmp_path / "validation_logits.safetensors").read_bytes() == first
 
 
-def test_metrics_of_many_classes_are_written_within_what_is_read_back(tmp_path: Path) -> None:
-    """A confusion matrix is written a row a line: 1,300 classes (a number a line: 21 MiB) stay within the limit that
-    every run folder's JSON is read within, whatever its own files claim."""
-    classes = 1300
-    matrix = (np.eye(classes, dtype=np.int64) * 12 + np.eye(classes, k=1, dtype=np.int64)).tolist()
+def test_metrics_of_the_most_classes_are_written_within_what_is_read_back(tmp_path: Path) -> None:
+    """A confusion matrix is written a row a line: MAX_CLASSES (2,000 classes; a number a line: 50 MiB) stay within the
+    limit every run folder's JSON is read within, whatever its own files claim."""
+    matrix = (np.eye(MAX_CLASSES, dtype=np.int64) * 12 + np.eye(MAX_CLASSES, k=1, dtype=np.int64)).tolist()
     runfolder.write_metrics(tmp_path, {"validation": {"confusion_matrix": matrix}})
     assert (tmp_path / "metrics.json").stat().st_size < runfolder.MAX_JSON_BYTES
     assert runfolder.read_metrics(tmp_path)["validation"]["confusion_matrix"] == matrix
+
+
+def test_an_evaluation_larger_than_is_read_back_is_not_written(tmp_path: Path) -> None:
+    """Each 0/1 column of --labels adds a confusion matrix: past MAX_JSON_BYTES the evaluation is an OSError (the CLI
+    warns that the metrics were not saved), never a file the report refuses."""
+    matrix = np.full((MAX_CLASSES, MAX_CLASSES), 10).tolist()  # 24 MB with a subset
+    metrics = {"source": "texts.csv", "labels": "labels.csv", "label_shift": None, "overrides": [],
+               "confusion_matrix": matrix, "subsets": {"flag": {"confusion_matrix": matrix}}}
+    with pytest.raises(OSError, match="more than the 16,777,216 it is read back within"):
+        save_evaluation(tmp_path, metrics)
+    assert not (tmp_path / "evaluations").exists() or not any((tmp_path / "evaluations").iterdir())
 
 
 @pytest.mark.parametrize("tamper", [lambda path: path.write_text(DEEP), _replaced_by(os.mkfifo),

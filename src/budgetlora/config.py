@@ -59,6 +59,11 @@ class ModelConfig:
         require(bool(self.attn_implementation.strip()), "model.attn_implementation", "must not be empty")
 
 
+# metrics.json holds the validation rows' confusion matrix, written a row a line (about 2 bytes a count): 2,000 classes
+# take about 8 MB of the 16 MiB a run folder's JSON is read back within (runfolder.MAX_JSON_BYTES).
+MAX_CLASSES = 2000
+
+
 @dataclass
 class DataConfig:
     """Where the labelled training data comes from and how it is read."""
@@ -96,6 +101,9 @@ class DataConfig:
                 f"must be > 0, got {self.max_train_rows}")
         require(len(set(self.label_names)) == len(self.label_names) >= 2, "data.label_names",
                 f"must hold at least two distinct names, got {shown(self.label_names)}")
+        require(len(self.label_names) <= MAX_CLASSES, "data.label_names",
+                f"at most {MAX_CLASSES:,} classes (the run's confusion matrix must fit in the 16 MiB its metrics.json "
+                f"is read back within), got {len(self.label_names):,}")
 
 
 @dataclass

@@ -7,6 +7,7 @@ at once.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import os
@@ -88,9 +89,10 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
     return atomic_write_bytes(path, text.encode("utf-8"))
 
 
-def write_json(path: str | Path, value: Any) -> Path:
+def write_json(path: str | Path, value: Any, most: int | None = None) -> Path:
     """`value` as indented JSON, a matrix of numbers (a confusion matrix) a row a line: indent=2 alone writes a number
-    a line, about 14 bytes a count (a 1,200-class matrix took 16 MiB, more than a run folder's JSON is read within)."""
+    a line, about 14 bytes a count (a 1,200-class matrix took 16 MiB, more than a run folder's JSON is read within).
+    More than `most` bytes is an OSError, nothing written: a file its readers would refuse."""
     marker, rows = f"\0{secrets.token_hex(8)}:", []  # a placeholder no value holds
 
     def packed(item: Any) -> Any:
@@ -98,18 +100,17 @@ def write_json(path: str | Path, value: Any) -> Path:
             return {key: packed(inner) for key, inner in item.items()}
         if not isinstance(item, list):
             return item
-        if item and all(isinstance(row, list) and all(_is_number(x) for x in row) for row in item):
+        if item and all(isinstance(row, list) and all(isinstance(x, (int, float)) for x in row) for row in item):
             rows.extend(json.dumps(row, separators=(",", ":")) for row in item)
             return [f"{marker}{index}" for index in range(len(rows) - len(item), len(rows))]
         return [packed(inner) for inner in item]
 
     text = json.dumps(packed(value), indent=2)
     placeholder = re.compile(re.escape(json.dumps(marker)[:-1]) + r'(\d+)"')
-    return atomic_write_text(path, placeholder.sub(lambda match: rows[int(match[1])], text) + "\n")
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    text = placeholder.sub(lambda match: rows[int(match[1])], text) + "\n"
+    if most is not None and len(text) > most:
+        raise OSError(errno.EFBIG, f"{len(text):,} bytes of JSON, more than the {most:,} it is read back within", path)
+    return atomic_write_text(path, text)
 
 
 @contextlib.contextmanager

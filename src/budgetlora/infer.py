@@ -159,7 +159,8 @@ def save_evaluation(run_dir: Path, metrics: dict[str, Any]) -> Path:
     """Write evaluate_run's `metrics` to <run>/evaluations/, under a name of their source, labels, label shift and
     overrides that different evaluations never share."""
     key = _evaluation_key(metrics["source"], metrics["labels"], metrics["label_shift"], metrics["overrides"])
-    return write_json(Path(run_dir) / runfolder.EVALUATIONS_DIR / f"{key}.json", metrics)
+    # Every subset column adds a confusion matrix: thousands of classes and several subsets pass what report reads.
+    return write_json(Path(run_dir) / runfolder.EVALUATIONS_DIR / f"{key}.json", metrics, most=runfolder.MAX_JSON_BYTES)
 
 
 def _evaluation_key(source: str, labels: str | None, label_shift: str | None, overrides: list[str]) -> str:

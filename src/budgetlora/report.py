@@ -28,6 +28,9 @@ MAX_ANNOTATED_CLASSES = 30
 MAX_NAMED_CLASSES = 150
 # A matrix's side grows 0.7 inches a class up to this: 400 classes drew 282 inches (34,000 pixels) a side, gigabytes.
 MAX_MATRIX_INCHES = 30.0
+# Names and titles are drawn on one line of at most this many characters: the PNG grows to fit its text
+# (bbox_inches="tight"), and a run folder's files may hold a name of thousands (about 1,600: 200 million pixels).
+MAX_DRAWN_CHARS = 40
 
 
 class ReportError(ValueError):
@@ -124,19 +127,25 @@ def _matrix(figure: Figure, axes: Any, matrix: np.ndarray, names: list[str], *, 
                       color="white" if value > peak / 2 else "black")
 
 
+def _drawn(text: Any) -> str:
+    """`text` on one line of at most MAX_DRAWN_CHARS characters."""
+    line = " ".join(str(text).split())
+    return line if len(line) <= MAX_DRAWN_CHARS else line[:MAX_DRAWN_CHARS - 1] + "…"
+
+
 def confusion_figure(metrics: dict[str, Any], title: str) -> Figure:
     """Counts (rows: true class, columns: predicted) and, beside them, each row as shares of its true class."""
     from matplotlib.ticker import MaxNLocator
 
     counts = np.asarray(metrics["confusion_matrix"], dtype=np.int64)
-    names = metrics["label_names"]
+    names = [_drawn(name) for name in metrics["label_names"]]
     if counts.shape != (len(names), len(names)):
         raise ValueError(f"a confusion matrix of shape {counts.shape} for {len(names)} classes")
     totals = counts.sum(axis=1, keepdims=True)
     shares = np.divide(counts, totals, out=np.zeros(counts.shape), where=totals > 0)  # a class absent: a zero row
     size = min(max(4.0, 0.7 * len(names) + 2), MAX_MATRIX_INCHES)
     figure = _figure(figsize=(2 * size + 2, size), layout="constrained")
-    figure.suptitle(f"{title}: accuracy {metrics['accuracy']:.4f}")
+    figure.suptitle(f"{_drawn(title)}: accuracy {metrics['accuracy']:.4f}")
     left, right = figure.subplots(1, 2)
     _matrix(figure, left, counts, names, peak=max(int(counts.max(initial=0)), 1), cell="{:d}", title="counts",
             ticks=MaxNLocator(integer=True))  # counts: no 2.5 on the colour scale

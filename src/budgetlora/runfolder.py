@@ -223,7 +223,7 @@ def _saved_validation(path: Path) -> tuple[np.ndarray | None, np.ndarray | None]
         return None, None
     try:  # the offsets and shapes against the bytes
         saved = safetensors.numpy.load(data)
-    except SafetensorError as error:
+    except (SafetensorError, ValueError) as error:  # ValueError: shapes whose product overflows, in older safetensors
         raise RunFolderError(f"{path}: not a safetensors file ({str(error)[:200]}); {NOT_WRITTEN_BY_US}") from None
     return (saved["logits"], saved["labels"]) if saved["labels"].ndim == 1 else (None, None)
 
