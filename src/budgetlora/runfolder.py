@@ -193,9 +193,10 @@ def read_validation_logits(run_dir: Path, num_labels: int) -> tuple[np.ndarray, 
     """The logits and labels of the run's validation rows (for calibration), checked: one finite logit a class and a
     label below `num_labels` for each row. None for runs from before they were recorded."""
     run_dir = Path(run_dir)
-    if (path := run_dir / VALIDATION_LOGITS_FILE).exists():
+    # lexists: a dangling link is a file that cannot be read (an error naming it), not a run that recorded none.
+    if os.path.lexists(path := run_dir / VALIDATION_LOGITS_FILE):
         logits, labels = _saved_validation(path)
-    elif (path := run_dir / OLD_VALIDATION_LOGITS_FILE).exists():
+    elif os.path.lexists(path := run_dir / OLD_VALIDATION_LOGITS_FILE):
         logits, labels = _saved_validation_json(path)
     else:
         return None
