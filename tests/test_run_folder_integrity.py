@@ -291,10 +291,10 @@ LYING_FILES = [
     ("validation_logits.safetensors", _replaced_by(os.mkfifo), "validation_logits.safetensors is not a regular file"),
     ("validation_logits.safetensors", _replaced_by(lambda path: path.symlink_to(path.with_name("gone"))),
      "No such file or directory: '"),  # not a run that recorded none: uncalibrated without a word
-    # Headers safetensors would read: a dtype numpy has no type for (a KeyError), thousands of empty tensors (each
-    # built before the names are checked), a header longer than training writes.
     ("validation_logits.safetensors", _arrays(lambda logits, labels: {"logits": logits[:, :0], "labels": labels}),
      "does not hold"),
+    # Headers safetensors would read: a dtype numpy has no type for (a KeyError), thousands of empty tensors (each
+    # built before the names are checked), a header length past what training writes.
     ("validation_logits.safetensors", lambda path: path.write_bytes(_header({
         "logits": {"dtype": "BF16", "shape": [1, 4], "data_offsets": [0, 8]},
         "labels": {"dtype": "I64", "shape": [1], "data_offsets": [8, 16]}}) + bytes(16)), "does not hold"),
