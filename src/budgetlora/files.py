@@ -12,7 +12,6 @@ import fcntl
 import json
 import os
 import re
-import secrets
 import stat
 import tempfile
 from collections.abc import Iterator
@@ -89,25 +88,18 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
     return atomic_write_bytes(path, text.encode("utf-8"))
 
 
+# A list of numbers (or true/false/null) that indent=2 spread over lines, a number a line. JSON strings hold no raw
+# newline, so the pattern meets nothing else.
+_SPREAD_NUMBERS = re.compile(r"\[\n +([\w.+-]+(?:,\n +[\w.+-]+)*)\n *\]")
+_SPREAD_SEPARATOR = re.compile(r",\n +")
+
+
 def write_json(path: str | Path, value: Any, most: int | None = None) -> Path:
-    """`value` as indented JSON, a matrix of numbers (a confusion matrix) a row a line: indent=2 alone writes a number
-    a line, about 14 bytes a count (a 1,200-class matrix took 16 MiB, more than a run folder's JSON is read within).
-    More than `most` bytes is an OSError, nothing written: a file its readers would refuse."""
-    marker, rows = f"\0{secrets.token_hex(8)}:", []  # a placeholder no value holds
-
-    def packed(item: Any) -> Any:
-        if isinstance(item, dict):
-            return {key: packed(inner) for key, inner in item.items()}
-        if not isinstance(item, list):
-            return item
-        if item and all(isinstance(row, list) and all(isinstance(x, (int, float)) for x in row) for row in item):
-            rows.extend(json.dumps(row, separators=(",", ":")) for row in item)
-            return [f"{marker}{index}" for index in range(len(rows) - len(item), len(rows))]
-        return [packed(inner) for inner in item]
-
-    text = json.dumps(packed(value), indent=2)
-    placeholder = re.compile(re.escape(json.dumps(marker)[:-1]) + r'(\d+)"')
-    text = placeholder.sub(lambda match: rows[int(match[1])], text) + "\n"
+    """`value` as indented JSON, a list of numbers (a confusion matrix's row) on one line: indent=2 alone writes a
+    number a line, about 14 bytes a count (a 1,200-class matrix took 16 MiB, more than a run folder's JSON is read
+    within). More than `most` bytes is an OSError, nothing written: a file its readers would refuse."""
+    text = _SPREAD_NUMBERS.sub(lambda found: f"[{_SPREAD_SEPARATOR.sub(',', found[1])}]",
+                               json.dumps(value, indent=2)) + "\n"
     if most is not None and len(text) > most:
         raise OSError(errno.EFBIG, f"{len(text):,} bytes of JSON, more than the {most:,} it is read back within", path)
     return atomic_write_text(path, text)
