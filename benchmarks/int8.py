@@ -18,9 +18,8 @@ split (7,600 rows), on the competition file's 484 labelled generated texts (dev_
 labels equal to the default's, the test labels that change when the same texts come in another (seeded) order (int8
 quantises activations with one scale a batch, so a text's label can depend on the texts batched with it), and
 samples/s over the test texts, timed after one untimed pass over them (the kernels' first use of each batch shape),
-with its ratio to the default's. The one-time preparation (loading, quantising,
-exporting, fusing) is not timed with prediction: it is printed in its own table. The last line of the output is JSON
-with every number.
+with its ratio to the default's. The one-time preparation (loading, quantising, exporting, fusing) is not timed with
+prediction: it is printed in its own table. The last line of the output is JSON with every number.
 """
 
 from __future__ import annotations

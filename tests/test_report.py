@@ -187,7 +187,7 @@ def test_a_matrix_of_hundreds_of_classes_is_drawn_at_a_bounded_size(tmp_path: Pa
 
 def test_long_names_are_drawn_cut_short(tmp_path: Path) -> None:
     """The PNG grows to fit its text: a run folder's names (and an evaluation's source, the title) of thousands of
-    characters or lines are drawn on one line of at most 40 characters (1,600 characters made 200 million pixels)."""
+    characters or lines are drawn on one line of at most 40 characters (these names took minutes to draw before)."""
     names = ["x" * 5000, "y\n" * 2000]
     figure = confusion_figure({"confusion_matrix": [[3, 1], [0, 4]], "label_names": names, "accuracy": 0.875},
                               "z" * 5000)
