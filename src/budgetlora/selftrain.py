@@ -193,28 +193,18 @@ def _write_pseudo_labels(path: Path, rows: datasets.Dataset, stats: dict[str, An
     write_json(_stats_file(path), {**provenance, "statistics": stats})  # last: a pair without it is chosen again
 
 
-def _read_untrusted(path: Path, most: int, remedy: str) -> bytes | None:
-    """runfolder.read_untrusted, None when there is no file (a dangling link counts as none)."""
-    return runfolder.read_untrusted(path, most, remedy) if path.exists() else None
-
-
 def _read_pseudo_labels(path: Path, config: RunConfig, texts: list[str],
                         provenance: dict[str, str]) -> tuple[datasets.Dataset, dict[str, Any]] | None:
     """The pseudo-labels (and statistics) an interrupted run chose, checked against this run's teacher, texts, labels
     and weight; None when either file is missing. Anything else wrong is a RunFolderError naming the file (and line)."""
     stats_file = _stats_file(path)
     remedy = f"delete {path} and {stats_file.name} to choose them again from the previous round's model"
+    if not (stats_file.exists() and path.exists()):  # a dangling link counts as no file
+        return None
     # A folder from elsewhere is untrusted: nothing larger than the most these files can hold is read (each text's
     # characters JSON-escaped, at most 12 bytes each, and the row's other fields; a few statistics).
-    saved = _read_untrusted(stats_file, 1 << 20, remedy)
-    data = _read_untrusted(path, sum(12 * len(text) + 100 for text in texts), remedy)
-    if saved is None or data is None:
-        return None
-    try:
-        saved = json.loads(saved)
-    except (ValueError, RecursionError) as error:  # JSONDecodeError, UnicodeDecodeError, an int past int()'s digits
-        raise runfolder.RunFolderError(f"{stats_file}: not JSON ({type(error).__name__}: {str(error)[:200]}); "
-                                       f"{remedy}") from None
+    saved = runfolder.read_json(stats_file, 1 << 20, remedy)
+    data = runfolder.read_untrusted(path, sum(12 * len(text) + 100 for text in texts), remedy)
     if not isinstance(saved, dict) or {key: saved.get(key) for key in provenance} != provenance:
         raise runfolder.RunFolderError(f"{stats_file}: not chosen by this run's previous round from these texts of "
                                        f"data.unlabelled (their SHA-256 differ); {remedy}")
