@@ -184,6 +184,10 @@ def test_file_problems_are_config_errors(tmp_path: Path) -> None:
     os.mkfifo(fifo)  # opening it would wait for a writer
     with pytest.raises(ConfigError, match="fifo.yaml: not a regular file, not a config"):
         load_config(fifo)
+    endless = tmp_path / "endless.yaml"
+    endless.symlink_to("/dev/zero")  # a read that never ends
+    with pytest.raises(ConfigError, match="endless.yaml: not a regular file, not a config"):
+        load_config(endless)
     scalar = tmp_path / "scalar.yaml"
     scalar.write_text("just a string\n")
     with pytest.raises(ConfigError, match="mapping at the top level"):
@@ -193,7 +197,7 @@ def test_file_problems_are_config_errors(tmp_path: Path) -> None:
 @pytest.mark.parametrize(("content", "message"), [
     (b"name: " + b"[" * 100_000 + b"\n", "YAML nested deeper than can be read$"),  # a RecursionError in PyYAML
     (b"name: caf\xe9\n", r"not UTF-8 text \("),  # Latin-1 bytes: a UnicodeDecodeError before the parser
-    (b"# " + b"x" * (17 << 20) + b"\n", "larger than 16 MiB, not a config$"),
+    (b"# " + b"x" * (17 << 20) + b"\n", r"larger than budgetlora reads it \(16,777,216 bytes at most\), not a config$"),
     # An alias bomb: 300 bytes whose value's full repr would take 9**7 items (and 9x that with each level more).
     (b"lora:\n  r: [&l0 [" + b", ".join([b"x"] * 9) + b"], "
      + b", ".join(b"&l%d [" % level + b", ".join([b"*l%d" % (level - 1)] * 9) + b"]" for level in range(1, 7))

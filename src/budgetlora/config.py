@@ -17,6 +17,7 @@ from typing import Any, Literal
 import yaml
 
 from .augment import NoiseSettings
+from .files import UnreadableFileError, read_at_most
 from .search_space import DEFAULT_SPACE, ParamSpec, as_yaml, probes
 from .typed_yaml import ConfigError, apply_overrides, from_dict, load_yaml_text, require, shown
 
@@ -389,14 +390,12 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     values: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
-        if not path.exists():
-            raise ConfigError(f"config file {path} does not exist")
-        if not path.is_file():  # a FIFO would block the read (a swap after this check is not guarded)
-            raise ConfigError(f"{path}: not a regular file, not a config")
-        with path.open("rb") as handle:  # a config (or a run folder's, from elsewhere) is a few KB
-            data = handle.read(MAX_CONFIG_BYTES + 1)  # read, not stat: procfs files have a size of 0
-        if len(data) > MAX_CONFIG_BYTES:
-            raise ConfigError(f"{path}: larger than {MAX_CONFIG_BYTES >> 20} MiB, not a config")
+        try:  # a config (or a run folder's, from elsewhere) is a few KB; a FIFO or /dev/zero is refused
+            data = read_at_most(path, MAX_CONFIG_BYTES)
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path} does not exist") from None
+        except UnreadableFileError as error:
+            raise ConfigError(f"{path}: {error.reason}, not a config") from None
         try:
             values = load_yaml_text(data.decode("utf-8"), path) or {}
         except yaml.YAMLError as error:

@@ -26,6 +26,30 @@ class FolderLockedError(FileExistsError):
     """Another process holds the folder's lock (it is training that run)."""
 
 
+class UnreadableFileError(ValueError):
+    """A file read as untrusted (read_at_most) that is not a regular file, or larger than its reader reads."""
+
+    def __init__(self, path: Path, reason: str) -> None:
+        super().__init__(f"{path} is {reason}")
+        self.reason = reason
+
+
+def read_at_most(path: Path, most: int) -> bytes:
+    """The bytes of `path`, a regular file of at most `most` bytes, else an UnreadableFileError naming it.
+
+    A file from elsewhere is untrusted: a FIFO would block the read and a link to /dev/zero never end it, so the file
+    is opened without blocking and its type checked on the open handle (no window to swap it); the read stops past
+    `most` (read, not stat: procfs files have a size of 0). A missing file is the caller's FileNotFoundError."""
+    descriptor = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    with os.fdopen(descriptor, "rb") as handle:
+        if not stat.S_ISREG(os.fstat(descriptor).st_mode):
+            raise UnreadableFileError(path, "not a regular file")
+        data = handle.read(most + 1)
+    if len(data) > most:
+        raise UnreadableFileError(path, f"larger than budgetlora reads it ({most:,} bytes at most)")
+    return data
+
+
 def umask_mode(*, folder: bool = False) -> int:
     """0666 (a folder: 0777) less the umask: the mode a plainly made new file (or folder) gets."""
     umask = os.umask(0)

@@ -20,7 +20,6 @@ import logging
 import math
 import os
 import re
-import stat
 import zlib
 from collections.abc import Iterable, Sequence
 from contextlib import AbstractContextManager
@@ -38,7 +37,15 @@ from transformers import PreTrainedTokenizerBase
 
 from .budget import ParamReport
 from .config import RunConfig, dump_config, load_config, with_overrides
-from .files import atomic_write_bytes, atomic_write_text, lock_folder, umask_mode, write_json
+from .files import (
+    UnreadableFileError,
+    atomic_write_bytes,
+    atomic_write_text,
+    lock_folder,
+    read_at_most,
+    umask_mode,
+    write_json,
+)
 from .hardware import device, resolve_predict_precision
 from .manifest import build_manifest, file_sha256
 from .modeling import build_base_model, load_tokenizer, predict_logits, quantize_int8
@@ -146,19 +153,12 @@ def write_metrics(run_dir: Path, metrics: dict[str, Any]) -> None:
 
 
 def read_untrusted(path: Path, most: int, remedy: str = NOT_WRITTEN_BY_US) -> bytes:
-    """The bytes of `path`, a regular file of at most `most` bytes, else a RunFolderError naming it and `remedy`.
-
-    A folder from elsewhere is untrusted: a FIFO would block the read and a link to /dev/zero never end it, so the file
-    is opened without blocking and its type checked on the open handle (no window to swap it); the read stops past
-    `most`. A missing file is the caller's FileNotFoundError (the OSError names the path)."""
-    descriptor = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
-    with os.fdopen(descriptor, "rb") as handle:
-        if not stat.S_ISREG(os.fstat(descriptor).st_mode):
-            raise RunFolderError(f"{path} is not a regular file; {remedy}")
-        data = handle.read(most + 1)
-    if len(data) > most:
-        raise RunFolderError(f"{path} is larger than budgetlora reads it ({most:,} bytes at most); {remedy}")
-    return data
+    """files.read_at_most of a run folder's file: a RunFolderError naming it and `remedy` when it is not a regular
+    file or is larger than `most` bytes. A missing file is the caller's FileNotFoundError (naming the path)."""
+    try:
+        return read_at_most(path, most)
+    except UnreadableFileError as error:
+        raise RunFolderError(f"{error}; {remedy}") from None
 
 
 def read_json(path: Path, most: int = MAX_JSON_BYTES, remedy: str = NOT_WRITTEN_BY_US) -> Any:
