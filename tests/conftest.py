@@ -11,6 +11,9 @@ import os
 # huggingface_hub reads HF_HUB_OFFLINE once, when it is imported: set it before anything imports transformers or
 # datasets, so no test can reach the network. The autouse fixture below sets it again per test, through monkeypatch.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# The suite is the CPU suite (as in CI) on any machine: hide GPUs before torch starts, so that a GPU box runs the same
+# numerics, and the int8 tests (CPU-only prediction) run rather than meet their own refusal on a GPU.
+os.environ["CUDA_VISIBLE_DEVICES"] = ""
 
 import contextlib  # noqa: E402
 import copy  # noqa: E402
