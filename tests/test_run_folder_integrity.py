@@ -25,7 +25,7 @@ import safetensors.numpy
 import torch
 from safetensors.torch import load_file, save_file
 
-from budgetlora import runfolder
+from budgetlora import run_files, runfolder
 from budgetlora.cli import main
 from budgetlora.config import MAX_CLASSES, RunConfig, dump_config, from_dict, with_overrides
 from budgetlora.data import DataError
@@ -388,7 +388,7 @@ def test_validation_logits_past_the_limit_are_written_as_a_sample_that_reads_bac
     first = (tmp_path / "validation_logits.safetensors").read_bytes()
     kept_logits, kept_labels = runfolder.read_validation_logits(tmp_path, 4)
     rows = [int(np.flatnonzero((logits == row).all(axis=1))[0]) for row in kept_logits.astype(np.float32)]
-    assert len(rows) == 100 and rows == sorted(set(rows)) and len(first) <= runfolder.MAX_LOGITS_BYTES
+    assert len(rows) == 100 and rows == sorted(set(rows)) and len(first) <= run_files.MAX_LOGITS_BYTES
     assert kept_labels.tolist() == [labels[row] for row in rows]
     runfolder.write_validation_logits(tmp_path, logits, labels)
     assert (tmp_path / "validation_logits.safetensors").read_bytes() == first
@@ -399,7 +399,7 @@ def test_metrics_of_the_most_classes_are_written_within_what_is_read_back(tmp_pa
     limit every run folder's JSON is read within, whatever its own files claim."""
     matrix = (np.eye(MAX_CLASSES, dtype=np.int64) * 12 + np.eye(MAX_CLASSES, k=1, dtype=np.int64)).tolist()
     runfolder.write_metrics(tmp_path, {"validation": {"confusion_matrix": matrix}})
-    assert (tmp_path / "metrics.json").stat().st_size < runfolder.MAX_JSON_BYTES
+    assert (tmp_path / "metrics.json").stat().st_size < run_files.MAX_JSON_BYTES
     assert runfolder.read_metrics(tmp_path)["validation"]["confusion_matrix"] == matrix
 
 

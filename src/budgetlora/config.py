@@ -61,7 +61,7 @@ class ModelConfig:
 
 
 # metrics.json holds the validation rows' confusion matrix, written a row a line (about 2 bytes a count): 2,000 classes
-# take about 8 MB of the 16 MiB a run folder's JSON is read back within (runfolder.MAX_JSON_BYTES).
+# take about 8 MB of the 16 MiB a run folder's JSON is read back within (run_files.MAX_JSON_BYTES).
 MAX_CLASSES = 2000
 
 

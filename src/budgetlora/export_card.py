@@ -10,7 +10,8 @@ from pathlib import Path
 from typing import Any
 
 from .config import RunConfig
-from .runfolder import METRICS_FILE, PARAMS_FILE, RunFolderError, read_json_object
+from .run_files import RunFolderError, read_json_object
+from .runfolder import METRICS_FILE, PARAMS_FILE
 
 NOT_RECORDED = "not recorded"
 

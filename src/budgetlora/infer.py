@@ -20,6 +20,7 @@ from .domain import split_by_domain
 from .files import write_json, write_target
 from .label_shift import estimate_priors, fit_temperature, match_priors
 from .metrics import classification_metrics
+from .run_files import MAX_JSON_BYTES
 from .stream import ChunkedInput, check_input, predict_stream
 
 log = logging.getLogger(__name__)
@@ -160,7 +161,7 @@ def save_evaluation(run_dir: Path, metrics: dict[str, Any]) -> Path:
     overrides that different evaluations never share."""
     key = _evaluation_key(metrics["source"], metrics["labels"], metrics["label_shift"], metrics["overrides"])
     # Every subset column adds a confusion matrix: thousands of classes and several subsets pass what report reads.
-    return write_json(Path(run_dir) / runfolder.EVALUATIONS_DIR / f"{key}.json", metrics, most=runfolder.MAX_JSON_BYTES)
+    return write_json(Path(run_dir) / runfolder.EVALUATIONS_DIR / f"{key}.json", metrics, most=MAX_JSON_BYTES)
 
 
 def _evaluation_key(source: str, labels: str | None, label_shift: str | None, overrides: list[str]) -> str:

@@ -31,7 +31,7 @@ import numpy as np
 from scipy.special import softmax
 from transformers import TrainerCallback
 
-from . import runfolder
+from . import run_files, runfolder
 from .config import RunConfig, SelfTrainSettings, with_overrides
 from .data import load_table
 from .files import atomic_write_text, write_json
@@ -203,8 +203,8 @@ def _read_pseudo_labels(path: Path, config: RunConfig, texts: list[str],
         return None
     # A folder from elsewhere is untrusted: nothing larger than the most these files can hold is read (each text's
     # characters JSON-escaped, at most 12 bytes each, and the row's other fields; a few statistics).
-    saved = runfolder.read_json(stats_file, 1 << 20, remedy)
-    data = runfolder.read_untrusted(path, sum(12 * len(text) + 100 for text in texts), remedy)
+    saved = run_files.read_json(stats_file, 1 << 20, remedy)
+    data = run_files.read_untrusted(path, sum(12 * len(text) + 100 for text in texts), remedy)
     if not isinstance(saved, dict) or {key: saved.get(key) for key in provenance} != provenance:
         raise runfolder.RunFolderError(f"{stats_file}: not chosen by this run's previous round from these texts of "
                                        f"data.unlabelled (their SHA-256 differ); {remedy}")
