@@ -503,6 +503,37 @@ def test_a_label_that_is_not_a_whole_number_names_the_row_and_value(tmp_path: Pa
         load_table(str(path), DataConfig(), labelled=True)
 
 
+@pytest.mark.parametrize("suffix", [".csv", ".parquet", ".jsonl"])
+def test_class_names_that_are_numbers_are_read_as_names_never_as_indices(tmp_path: Path, news_rows: Rows,
+                                                                         suffix: str) -> None:
+    """Star ratings "1"-"4" (or a binary "1"/"0"): "1" is the class named "1", not index 1 (the class named "2")."""
+    rows = news_rows[:40]
+    stars = [y + 1 for _, y in rows]  # 1..4, as the file holds them: ints, floats or text by format
+    path = tmp_path / f"stars{suffix}"
+    if suffix == ".csv":
+        write_csv(path, ["text", "label"], [[t, star] for (t, _), star in zip(rows, stars, strict=True)])
+    elif suffix == ".parquet":
+        pd.DataFrame({"text": [t for t, _ in rows], "label": [float(star) for star in stars]}).to_parquet(path)
+    else:
+        path.write_text("".join(json.dumps({"text": t, "label": star}) + "\n"
+                                for (t, _), star in zip(rows, stars, strict=True)), encoding="utf-8")
+    table = load_table(str(path), DataConfig(label_names=["1", "2", "3", "4"]), labelled=True)
+    assert table["label"][:] == labels_of(rows)
+    swapped = load_table(str(path), DataConfig(label_names=["4", "3", "2", "1"]), labelled=True)
+    assert swapped["label"][:] == [4 - star for star in stars]
+
+
+def test_a_label_that_is_not_a_numeric_class_name_is_refused_not_read_as_an_index(tmp_path: Path,
+                                                                                  news_rows: Rows) -> None:
+    path = write_csv(tmp_path / "binary.csv", ["text", "label"], [[t, 0 if i else 2] for i, (t, _) in
+                                                                  enumerate(news_rows[:5])])
+    assert load_table(str(path), DataConfig(label_names=["0", "2"]), labelled=True)["label"][:] == [1, 0, 0, 0, 0]
+    expected = (f"{path}, row 1: label '2' is not one of data.label_names ['1', '0'] (class names that are numbers "
+                f"are read as names, never as indices)")
+    with pytest.raises(DataError, match=f"^{re.escape(expected)}$"):
+        load_table(str(path), DataConfig(label_names=["1", "0"]), labelled=True)
+
+
 # --- the stratified, seeded split -------------------------------------------------------------------------------
 
 def news_table(news_rows: Rows) -> datasets.Dataset:
@@ -555,10 +586,32 @@ def test_max_train_rows_takes_a_stratified_sample(news_rows: Rows) -> None:
     assert split_train_validation(news_table(news_rows), data)[0]["text"][:] == train["text"][:]
 
 
-def test_too_few_rows_of_a_class_to_split_is_a_data_error(news_rows: Rows) -> None:
+@pytest.mark.parametrize(("max_train_rows", "step"), [
+    (None, "split 151 rows 80%/20% (data.validation_fraction) keeping every class on both sides"),
+    (100, "take 100 of its 151 rows (data.max_train_rows) by class"),  # sklearn's ValueError was a traceback
+])
+def test_too_few_rows_of_a_class_to_split_is_a_data_error_naming_the_class(news_rows: Rows, max_train_rows: int | None,
+                                                                           step: str) -> None:
     rows = [row for row in news_rows if row[1] != 3] + [row for row in news_rows if row[1] == 3][:1]
-    with pytest.raises(DataError, match=r"^cannot split 151 rows 80%/20% by class"):
-        split_train_validation(news_table(rows), DataConfig(validation_fraction=0.2))
+    data = DataConfig(train="news.csv", validation_fraction=0.2, max_train_rows=max_train_rows)
+    tail = "); classes of one row: 'Sci/Tech'; give more rows of each class"
+    with pytest.raises(DataError, match=f"^{re.escape(f'news.csv: cannot {step} (')}.*{re.escape(tail)}"):
+        split_train_validation(news_table(rows), data)
+
+
+def test_fewer_max_train_rows_than_classes_is_a_data_error_naming_the_key(news_rows: Rows) -> None:
+    with pytest.raises(DataError, match=r"^news\.csv: cannot take 3 of its 200 rows \(data\.max_train_rows\) by class "
+                                        r"\(The train_size = 3 should be greater or equal to the number of classes"):
+        split_train_validation(news_table(news_rows), DataConfig(train="news.csv", max_train_rows=3))
+
+
+def test_a_class_without_training_rows_is_logged_by_name(news_rows: Rows, caplog: pytest.LogCaptureFixture) -> None:
+    rows = [row for row in news_rows if row[1] != 3]
+    with caplog.at_level("WARNING", logger="budgetlora.data"):
+        split_train_validation(news_table(rows), DataConfig(train="news.csv", validation_fraction=0.2))
+    (record,) = caplog.records
+    assert record.getMessage() == ("news.csv holds no rows of 1 of data.label_names ('Sci/Tech'): the model can never "
+                                   "predict them; give rows of each class, or leave them out of data.label_names")
 
 
 def test_a_single_class_training_file_is_refused_naming_the_file_and_class(tmp_path: Path, news_rows: Rows) -> None:

@@ -74,10 +74,20 @@ def _label_index(value: Any) -> Any:
 
 
 def _labels(values: list[Any], label_names: list[str], where: str) -> list[int]:
+    """Each value's class: an index 0..K-1 or a class name; when a class name is itself a number ("1", "0"), every
+    value is read as a name, so that "1" never means index 1 in one file and the class named "1" in another."""
     index_of = {name: i for i, name in enumerate(label_names)}
+    by_name_only = any(isinstance(_label_index(name), int) for name in label_names)
     labels = []
     for row, value in enumerate(values):
         index = _label_index(value)
+        if by_name_only:  # 1, 1.0 and "1.0" all name the class "1"
+            name = str(index) if isinstance(index, int) and not isinstance(index, bool) else value
+            if isinstance(name, str) and name in index_of:
+                labels.append(index_of[name])
+                continue
+            raise DataError(f"{where}, row {row + 1}: label {value!r} is not one of data.label_names {label_names} "
+                            f"(class names that are numbers are read as names, never as indices)")
         if isinstance(index, int) and not isinstance(index, bool) and 0 <= index < len(label_names):
             labels.append(index)
         elif isinstance(value, str) and value in index_of:
@@ -143,6 +153,12 @@ def join_labels(table: datasets.Dataset, labels_path: str, data: DataConfig) -> 
     return JoinedLabels(rows, labels, other)
 
 
+def _few(names: list[str], most: int = 10) -> str:
+    """Class names for a message: the first `most` of them, and how many more."""
+    shown = ", ".join(repr(name) for name in names[:most])
+    return shown + (f" and {len(names) - most:,} more" if len(names) > most else "")
+
+
 def split_train_validation(table: datasets.Dataset, data: DataConfig) -> tuple[datasets.Dataset, datasets.Dataset]:
     """Optional stratified subsample to data.max_train_rows, then a seeded stratified train/validation split.
 
@@ -156,16 +172,26 @@ def split_train_validation(table: datasets.Dataset, data: DataConfig) -> tuple[d
         (only,) = classes
         raise DataError(f"{data.train}: every one of its {len(labels):,} rows has label {only} "
                         f"({data.label_names[only]!r}); training needs rows of at least two classes")
-    if data.max_train_rows is not None and data.max_train_rows < len(indices):
-        indices, _ = train_test_split(indices, train_size=data.max_train_rows, stratify=labels,
-                                      random_state=data.split_seed)
-        labels = [labels[i] for i in indices]
-    try:
+    absent = [name for index, name in enumerate(data.label_names) if index not in classes]
+    if absent:
+        log.warning("%s holds no rows of %d of data.label_names (%s): the model can never predict them; give rows of "
+                    "each class, or leave them out of data.label_names", data.train, len(absent), _few(absent))
+    try:  # sklearn refuses a class of one row, or a side of the split with fewer rows than classes
+        if data.max_train_rows is not None and data.max_train_rows < len(indices):
+            step = f"take {data.max_train_rows:,} of its {len(indices):,} rows (data.max_train_rows) by class"
+            indices, _ = train_test_split(indices, train_size=data.max_train_rows, stratify=labels,
+                                          random_state=data.split_seed)
+            labels = [labels[i] for i in indices]
+        step = (f"split {len(indices):,} rows {1 - data.validation_fraction:.0%}/{data.validation_fraction:.0%} "
+                f"(data.validation_fraction) keeping every class on both sides")
         train_idx, val_idx = train_test_split(indices, test_size=data.validation_fraction, stratify=labels,
                                               random_state=data.split_seed)
-    except ValueError as error:  # too few rows of some class to stratify
-        raise DataError(f"cannot split {len(indices)} rows {1 - data.validation_fraction:.0%}/"
-                        f"{data.validation_fraction:.0%} by class: {error}") from None
+    except ValueError as error:
+        scarce = [data.label_names[label] for label, count in sorted(Counter(labels).items()) if count < 2]
+        raise DataError(f"{data.train}: cannot {step} ({error})"
+                        f"{'; classes of one row: ' + _few(scarce) if scarce else ''}; give more rows of each class "
+                        f"or leave a class out of data.label_names, or change data.max_train_rows or "
+                        f"data.validation_fraction") from None
     validation = table.select(sorted(val_idx))
     per_class = Counter(validation["label"][:])
     if len(validation) < SMALL_VALIDATION_ROWS or min(per_class.values()) < 2:
