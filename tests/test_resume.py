@@ -24,7 +24,7 @@ from budgetlora.cli import main
 from budgetlora.config import RunConfig, from_dict, load_config, with_overrides
 from budgetlora.runfolder import LOCK_FILE, latest_checkpoint, read_config
 from budgetlora.selftrain import run_training
-from budgetlora.train import RunExistsError, train
+from budgetlora.train import RunExistsError, check_run_dir, train
 
 from .conftest import TrainedRun, isolated_cache, logged_train_steps, tiny_config_dict, write_csv, write_news_csv
 
@@ -204,6 +204,28 @@ def test_a_refused_resume_names_the_keys_that_differ(tmp_path: Path, trained_tin
     with pytest.raises(RunExistsError, match=r"was started with a different config \(lora\.r 8 -> 4, "
                                              r"train\.learning_rate 0\.005 -> 0\.1\); resume it with its own values"):
         train(config, resume=True)
+    assert folder_state(run) == before
+
+
+def test_a_resume_whose_training_file_changed_is_refused(tmp_path: Path, trained_tiny_run: TrainedRun,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    """The same path with other bytes (rows edited or reordered) would mix two datasets in one run and choose the kept
+    epoch on another validation split: refused before anything is written, naming the file."""
+    run = tmp_path / "runs" / "copied"
+    shutil.copytree(trained_tiny_run.run_dir, run)
+    original = Path(trained_tiny_run.config.data.train)
+    news = tmp_path / "news.csv"
+    shutil.copyfile(original, news)
+    (run / "config.yaml").write_text((run / "config.yaml").read_text().replace(str(original), str(news)))
+    resumed = load_config(run / "config.yaml", [f"runs_dir={run.parent}", "name=copied", "train.max_steps=16"])
+    assert check_run_dir(resumed, resume=True) == "train.max_steps 8 -> 16"  # the same bytes: resumed
+
+    header, *rows = news.read_text(encoding="utf-8").splitlines(keepends=True)
+    news.write_text(header + "".join(reversed(rows)), encoding="utf-8")  # the same rows in another order
+    before = folder_state(run)
+    assert main(["train", "--resume", str(run), "train.max_steps=16"]) == 2
+    error = capsys.readouterr().err
+    assert f"{news} (data.train) changed since {run} started: its SHA-256 differs from the one in manifest" in error
     assert folder_state(run) == before
 
 

@@ -65,3 +65,12 @@ def build_manifest(config: RunConfig, data_rows: dict[str, int]) -> dict[str, An
         },
         "git_commit": _git_commit(),
     }
+
+
+def training_data_changed(saved: dict[str, Any], config: RunConfig) -> bool:
+    """Whether data.train holds other bytes now than when the manifest `saved` was written (False where it recorded no
+    hash, a Hub dataset or an older run, or the file is gone: loading it names the problem)."""
+    data = saved.get("data")
+    recorded = data.get("sha256") if isinstance(data, dict) else None
+    path = Path(config.data.train)
+    return isinstance(recorded, str) and path.is_file() and file_sha256(path) != recorded

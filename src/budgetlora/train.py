@@ -41,8 +41,10 @@ from .eva import initialize_eva
 from .features import choose_max_length, tokenize_table
 from .hardware import device, loader_workers, pad_multiple, resolve_precision
 from .head_init import fit_linear_probe
+from .manifest import training_data_changed
 from .metrics import CHECKPOINT_SCORE, checkpoint_score, classification_metrics
 from .modeling import build_peft_model, load_tokenizer
+from .run_files import read_json_object
 from .trainer import BudgetTrainer, FollowMovedRun, StopOnInterrupt, TrainingInterrupted
 
 log = logging.getLogger(__name__)
@@ -140,6 +142,12 @@ def check_run_dir(config: RunConfig, resume: bool) -> str | None:
     if refused:
         raise RunExistsError(f"{run_dir} was started with a different config ({', '.join(refused)}); resume it with "
                              f"its own values (drop those overrides), or train a new run (name=...)")
+    manifest = run_dir / runfolder.MANIFEST_FILE
+    if manifest.exists() and training_data_changed(read_json_object(manifest), config):
+        raise RunExistsError(f"{config.data.train} (data.train) changed since {run_dir} started: its SHA-256 differs "
+                             f"from the one in {runfolder.MANIFEST_FILE}; resuming would train on other rows and keep "
+                             f"the best epoch by another validation split. Restore the file, or train a new run "
+                             f"(name=...)")
     longer = _trains_longer(config.train, saved.train)
     finished = (run_dir / runfolder.METRICS_FILE).is_file()
     if finished and not longer:
