@@ -534,6 +534,43 @@ def test_a_label_that_is_not_a_numeric_class_name_is_refused_not_read_as_an_inde
         load_table(str(path), DataConfig(label_names=["1", "0"]), labelled=True)
 
 
+@pytest.mark.parametrize("suffix", [".csv", ".parquet", ".jsonl"])
+def test_ids_read_the_same_in_every_format_and_a_missing_one_names_the_row(tmp_path: Path, news_rows: Rows,
+                                                                           suffix: str) -> None:
+    """Integers beside a missing value are floats in pandas and parquet (7.0): written as the integer, as a CSV holds
+    it; a missing ID (empty, null, NaN) is an error naming the row, not an ID "" or "None" written into the output."""
+    texts = [t for t, _ in news_rows[:4]]
+
+    def written(ids: list[object]) -> Path:
+        path = tmp_path / f"ids{suffix}"
+        if suffix == ".csv":
+            cells = ["" if i is None else int(i) for i in ids]  # a CSV holds the integer as written
+            write_csv(path, ["doc", "text"], [[i, t] for i, t in zip(cells, texts, strict=True)])
+        elif suffix == ".parquet":
+            pd.DataFrame({"doc": ids, "text": texts}).to_parquet(path)
+        else:
+            path.write_text("".join(json.dumps({"doc": i, "text": t}) + "\n" for i, t in zip(ids, texts, strict=True)),
+                            encoding="utf-8")
+        return path
+
+    data = DataConfig(text_columns=["text"], id_column="doc")
+    assert load_table(str(written([7.0, 8.0, 9.0, 10.0])), data, labelled=False)["id"][:] == ["7", "8", "9", "10"]
+    path = written([7.0, 8.0, None, 10.0])
+    with pytest.raises(DataError, match=f"^{re.escape(f'{path}, row 3: the ID is missing (column ')}'doc'"):
+        load_table(str(path), data, labelled=False)
+
+
+def test_a_source_without_the_named_id_column_is_numbered_and_says_so(tmp_path: Path, news_rows: Rows,
+                                                                      caplog: pytest.LogCaptureFixture) -> None:
+    path = write_csv(tmp_path / "texts.csv", ["text"], [[t] for t, _ in news_rows[:3]])
+    with caplog.at_level("WARNING", logger="budgetlora.data"):
+        assert "id" not in load_table(str(path), DataConfig(), labelled=False).column_names  # "ID": often absent
+        assert not caplog.records
+        load_table(str(path), DataConfig(id_column="doc_id"), labelled=False)
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{path} has no column 'doc_id' (data.id_column): its rows are numbered 0..N-1 instead"]
+
+
 # --- the stratified, seeded split -------------------------------------------------------------------------------
 
 def news_table(news_rows: Rows) -> datasets.Dataset:

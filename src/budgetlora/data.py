@@ -1,8 +1,8 @@
 """Texts (and labels) from any source readers.py reads, as one checked table.
 
 Every loader ends in the same table: `text` (str), and `label` (int, 0..K-1) and `id` where present. Problems are
-reported with the file and row before any model is built. The row checks (row_texts, column_ids, check_unique_ids)
-are the same for a whole table and for a chunk of a streamed file (stream.py).
+reported with the file and row before any model is built. The row checks (row_texts, column_ids, check_unique_ids,
+note_numbered_rows) are the same for a whole table and for a chunk of a streamed file (stream.py).
 """
 
 from __future__ import annotations
@@ -46,9 +46,25 @@ def row_texts(columns: dict[str, list[Any]], data: DataConfig, where: str, first
     return texts
 
 
-def column_ids(columns: dict[str, list[Any]], data: DataConfig) -> list[str] | None:
-    """data.id_column's values as text, or None where the source has no such column (rows are then numbered)."""
-    return [str(value) for value in columns[data.id_column]] if data.id_column in columns else None
+def column_ids(columns: dict[str, list[Any]], data: DataConfig, where: str, first_row: int = 0) -> list[str] | None:
+    """data.id_column's values as text (an integral float, as parquet and pandas hold integers beside a missing value,
+    as the integer: 7.0 is "7"), or None where the source has no such column (rows are then numbered:
+    note_numbered_rows). A missing or blank ID is an error naming the row (counted as in row_texts)."""
+    if data.id_column not in columns:
+        return None
+    ids = []
+    for row, value in enumerate(columns[data.id_column], start=first_row + 1):
+        if _is_missing(value) or not str(value).strip():
+            raise DataError(f"{where}, row {row}: the ID is missing (column {data.id_column!r}, data.id_column)")
+        ids.append(str(int(value)) if isinstance(value, float) and value.is_integer() else str(value))
+    return ids
+
+
+def note_numbered_rows(data: DataConfig, where: str) -> None:
+    """A source without data.id_column is numbered 0..N-1: logged, unless the column is the default "ID" (often
+    absent)."""
+    if data.id_column != DataConfig.id_column:
+        log.warning("%s has no column %r (data.id_column): its rows are numbered 0..N-1 instead", where, data.id_column)
 
 
 def check_unique_ids(numbered_ids: Iterable[tuple[int, str]], seen: dict[str, int], where: str) -> None:
@@ -109,8 +125,10 @@ def load_table(source: str, data: DataConfig, *, labelled: bool) -> datasets.Dat
             raise DataError(f"{where}: no label column {data.label_column!r} (data.label_column); "
                             f"columns present: {sorted(columns)}")
         table["label"] = _labels(columns[data.label_column], data.label_names, where)
-    ids = column_ids(columns, data)
-    if ids is not None:
+    ids = column_ids(columns, data, where)
+    if ids is None:
+        note_numbered_rows(data, where)
+    else:
         check_unique_ids(enumerate(ids), {}, where)
         table["id"] = ids
     return datasets.Dataset.from_dict(table)

@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 
 from . import runfolder
 from .config import DataConfig, RunConfig
-from .data import check_unique_ids, column_ids, row_texts
+from .data import check_unique_ids, column_ids, note_numbered_rows, row_texts
 from .files import atomic_writer
 from .readers import DataError, csv_chunks, jsonl_records, load_columns, parquet_chunks, record_columns
 from .submission import validate_submission
@@ -109,7 +109,7 @@ def check_input(rows: ChunkedInput) -> CheckedInput:
     sizes, hashes, has_ids = [], [], None
     for first, columns in rows.chunks():
         sizes.append(len(row_texts(columns, rows.data, rows.where, first)))
-        ids = column_ids(columns, rows.data)
+        ids = column_ids(columns, rows.data, rows.where, first)
         if has_ids is not None and has_ids != (ids is not None):  # JSONL: records with and without the key
             raise DataError(f"{rows.where}, rows {first + 1}-{first + sizes[-1]}: "
                             f"{'no' if has_ids else 'an'} {rows.data.id_column!r} field, unlike the rows before them "
@@ -119,12 +119,14 @@ def check_input(rows: ChunkedInput) -> CheckedInput:
             hashes.append(np.fromiter(map(hash, ids), dtype=np.int64, count=len(ids)))
     if not sum(sizes):
         raise DataError(f"{rows.where}: holds no rows")
+    if not has_ids:
+        note_numbered_rows(rows.data, rows.where)
     if hashes:
         ordered = np.sort(np.concatenate(hashes))
         repeated = set(ordered[1:][ordered[1:] == ordered[:-1]].tolist())
         seen: dict[str, int] = {}
         for first, columns in rows.chunks() if repeated else ():  # a hash collision of two IDs passes here
-            ids = column_ids(columns, rows.data) or []
+            ids = column_ids(columns, rows.data, rows.where, first) or []
             check_unique_ids(((row, value) for row, value in enumerate(ids, start=first) if hash(value) in repeated),
                              seen, rows.where)
     return CheckedInput(sizes, bool(has_ids))
@@ -225,8 +227,8 @@ def _chunk_probabilities(run_dir: Path, parts: list[BinaryIO], sizes: list[int],
 def _chunk_ids(rows: ChunkedInput, checked: CheckedInput) -> Iterator[Sequence[Any]]:
     """The IDs of each chunk: data.id_column's, read again, else row numbers."""
     if checked.has_ids:
-        for _, columns in rows.chunks():
-            yield column_ids(columns, rows.data) or []
+        for first, columns in rows.chunks():
+            yield column_ids(columns, rows.data, rows.where, first) or []
     else:
         for first, size in zip(itertools.accumulate([0, *checked.sizes]), checked.sizes, strict=False):
             yield range(first, first + size)
