@@ -288,6 +288,19 @@ def test_overrides_are_type_checked_and_unknown_keys_named() -> None:
         load_config(None, ["train.epoch=3"])
 
 
+def test_a_bad_override_of_a_config_file_is_blamed_on_the_command_line_not_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "mine.yaml"
+    path.write_text("train:\n  epochs: 2\ndata:\n  label_names: [negative, positive]\n")
+    with pytest.raises(ConfigError, match=r"^train\.epochs: expected a number, got 'abc' \(set on the command line\)$"):
+        load_config(path, ["train.epochs=abc"])
+    with pytest.raises(ConfigError, match=r"^data\.label_names\[0\]: expected str, got 1 \(YAML read it as a number or "
+                                         r"boolean: write it in quotes\) \(set on the command line\)$"):
+        load_config(path, ["data.label_names=[1, 0]"])
+    path.write_text("train:\n  epochs: abc\n")
+    with pytest.raises(ConfigError, match=f"^{re.escape(str(path))}: train\\.epochs: expected a number"):
+        load_config(path, ["lora.r=4"])
+
+
 @pytest.mark.parametrize(("override", "message"), [
     ("lora.r", r"^override 'lora\.r': expected dotted\.key=value"),
     ("=3", r"^override '=3': expected dotted\.key=value"),

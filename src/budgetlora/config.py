@@ -406,14 +406,24 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
             raise ConfigError(f"{path}: YAML nested deeper than can be read") from None
         if not isinstance(values, dict):
             raise ConfigError(f"{path}: expected a mapping at the top level")
-    apply_overrides(values, overrides or [])
+    overrides = overrides or []
+    apply_overrides(values, overrides)
     where = f"{path}: " if path is not None else ""
     try:
         return from_dict(RunConfig, values)
     except ConfigError as error:
-        raise ConfigError(f"{where}{error}") from None
+        raise ConfigError(_blamed(str(error), where, overrides) if where else str(error)) from None
     except RecursionError:  # a value nested past what validation (as_yaml, asdict) can walk, e.g. sweep choices
         raise ConfigError(f"{where}a value is nested deeper than can be read") from None
+
+
+def _blamed(message: str, where: str, overrides: list[str]) -> str:
+    """A validation error named by where the value came from: the file, unless the command line set the key."""
+    key = message.partition(":")[0]
+    overridden = [override.partition("=")[0] for override in overrides]
+    if any(key == name or key.startswith((f"{name}.", f"{name}[")) for name in overridden):
+        return f"{message} (set on the command line)"
+    return f"{where}{message}"
 
 
 def with_overrides(config: RunConfig, overrides: list[str]) -> RunConfig:

@@ -76,7 +76,8 @@ def _check_type(value: Any, annotation: Any, key: str) -> Any:
         return float(value)
     if annotation in (int, str, bool):
         ok = isinstance(value, annotation) and not (annotation is int and isinstance(value, bool))
-        require(ok, key, f"expected {annotation.__name__}, got {shown(value)}")
+        hint = " (YAML read it as a number or boolean: write it in quotes)" if annotation is str else ""
+        require(ok, key, f"expected {annotation.__name__}, got {shown(value)}{hint}")
         return value
     raise TypeError(f"unsupported annotation {annotation!r} for {key}")  # a bug in this module, not in the config
 
