@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from budgetlora.cli import main
 from budgetlora.config import RunConfig, from_dict
 from budgetlora.infer import evaluate_run
 from budgetlora.report import ReportError, confusion_figure, save_png, training_figure, write_report
@@ -92,6 +93,22 @@ def test_summary_holds_metrics_params_and_timings(run_dir: Path, written: list[P
 
 def test_report_can_be_written_again(run_dir: Path, written: list[Path]) -> None:
     assert write_report(run_dir) == written  # replaces its own files
+
+
+def test_an_evaluation_of_weights_trained_past_is_named_not_shown(run_dir: Path, tmp_path: Path) -> None:
+    """After `train --resume` trains further, an earlier evaluation describes another model: the report names it and
+    says to evaluate again, and shows it again once evaluated with these weights."""
+    resumed = tmp_path / "runs" / "resumed"
+    shutil.copytree(run_dir, resumed)
+    assert main(["train", "--resume", str(resumed), "train.epochs=3"]) == 0
+    heldout = read_json(heldout_file(resumed))["source"]
+    written = write_report(resumed)
+    assert [path.name for path in written] == ["training.png", "confusion_validation.png", "summary.md"]
+    summary = (resumed / "report" / "summary.md").read_text()
+    assert f"Evaluated before the run trained further (`evaluate` again for these weights): `{heldout}`" in summary
+    assert f"evaluation: {heldout}" not in summary
+    evaluate_run(resumed, heldout)
+    assert f"evaluation: {heldout}" in write_report(resumed)[-1].read_text()
 
 
 def test_report_of_an_unfinished_run_names_the_missing_file(run_dir: Path, tmp_path: Path) -> None:

@@ -144,7 +144,7 @@ def evaluate_run(run_dir: Path, source: str, *, labels: str | None = None, label
     truth = joined.labels if joined is not None else table["label"][:]
     metrics = classification_metrics(truth, predicted.tolist(), label_names) | extra
     metrics |= {"source": source, "labels": labels, "label_shift": label_shift, "overrides": list(overrides),
-                "subsets": {}}
+                "weights_sha256": runfolder.weights_sha256(run_dir), "subsets": {}}
     for column, values in (joined.columns.items() if joined is not None else ()):
         flags = [str(value).strip() for value in values]
         if set(flags) <= {"0", "1"} and "1" in flags:

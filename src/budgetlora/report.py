@@ -16,7 +16,7 @@ import numpy as np
 
 from .files import atomic_write_bytes, atomic_write_text
 from .run_files import read_json
-from .runfolder import EVALUATIONS_DIR, LOG_HISTORY_FILE, METRICS_FILE, PARAMS_FILE, REPORT_DIR
+from .runfolder import EVALUATIONS_DIR, LOG_HISTORY_FILE, METRICS_FILE, PARAMS_FILE, REPORT_DIR, weights_sha256
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -165,12 +165,17 @@ def _metrics_table(title: str, metrics: dict[str, Any]) -> list[str]:
 
 
 def summary_markdown(run_dir: Path, metrics: dict[str, Any], params: dict[str, Any],
-                     evaluations: dict[str, dict[str, Any]], images: list[Path]) -> str:
-    """The run on one page: metrics, trainable parameters against the budget, timings, and the plots."""
+                     evaluations: dict[str, dict[str, Any]], images: list[Path],
+                     earlier: dict[str, dict[str, Any]] | None = None) -> str:
+    """The run on one page: metrics, trainable parameters against the budget, timings, and the plots. `earlier`:
+    evaluations of weights the run has since trained past, named only."""
     trainable, budget = params["trainable"], params["budget"]
     lines = [f"# Run `{run_dir.name}`", "", "## Metrics", "", *_metrics_table("validation", metrics["validation"])]
     for name, evaluation in evaluations.items():
         lines += _metrics_table(f"evaluation: {evaluation.get('source', name)}", evaluation)
+    if earlier:
+        lines += ["Evaluated before the run trained further (`evaluate` again for these weights): "
+                  + ", ".join(f"`{evaluation.get('source', name)}`" for name, evaluation in earlier.items()), ""]
     lines += ["## Trainable parameters", "", "| group | parameters |", "| --- | ---: |"]
     lines += [f"| {group} | {count:,} |" for group, count in params["groups"].items()]
     lines += [f"| **trainable** | **{trainable:,}** |", "",
@@ -197,6 +202,11 @@ def write_report(run_dir: Path) -> list[Path]:
         if not isinstance(metrics, dict) or key not in metrics:
             raise ReportError(f"{run_dir / METRICS_FILE}: no {key!r} entry; is it a budgetlora run's metrics?")
     evaluations = {path.stem: _read_json(path) for path in sorted((run_dir / EVALUATIONS_DIR).glob("*.json"))}
+    # An evaluation of weights the run has since trained past (train --resume) is of another model: named, not shown.
+    recorded = {name: evaluation.get("weights_sha256") for name, evaluation in evaluations.items()
+                if isinstance(evaluation, dict) and "weights_sha256" in evaluation}  # older evaluations: shown
+    weights = weights_sha256(run_dir) if recorded else None
+    earlier = {name: evaluations.pop(name) for name, digest in recorded.items() if digest != weights}
     out = run_dir / REPORT_DIR
     out.mkdir(exist_ok=True)
     try:
@@ -205,7 +215,7 @@ def write_report(run_dir: Path) -> list[Path]:
         # Titled by the source's file name: its full path would not fit above the matrix.
         images += [save_png(confusion_figure(evaluation, Path(str(evaluation.get("source", name))).name),
                              out / f"confusion_{name}.png") for name, evaluation in evaluations.items()]
-        summary = summary_markdown(run_dir, metrics, params, evaluations, images)
+        summary = summary_markdown(run_dir, metrics, params, evaluations, images, earlier)
     except (KeyError, TypeError, ValueError, IndexError, AttributeError, ArithmeticError) as error:
         # The files parsed but hold other shapes than training writes (edited, or from another tool).
         raise ReportError(f"{run_dir}: {LOG_HISTORY_FILE}, {METRICS_FILE}, {PARAMS_FILE} or {EVALUATIONS_DIR}/ hold "

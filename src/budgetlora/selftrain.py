@@ -36,7 +36,6 @@ from .config import RunConfig, SelfTrainSettings, with_overrides
 from .data import load_table
 from .files import atomic_write_text, write_json
 from .infer import read_shift_inputs, shift_to_input_priors
-from .manifest import file_sha256
 from .train import TrainResult, check_run_dir, train
 
 log = logging.getLogger(__name__)
@@ -182,7 +181,7 @@ def _stats_file(pseudo_file: Path) -> Path:
 
 def _provenance(teacher: RunConfig, texts_sha256: str) -> dict[str, str]:
     """What pseudo-labels were chosen from: the teacher's trained weights and the unlabelled texts (SHA-256 of each)."""
-    return {"teacher_weights_sha256": file_sha256(teacher.run_dir / runfolder.ADAPTER_DIR / runfolder.WEIGHTS_FILE),
+    return {"teacher_weights_sha256": runfolder.weights_sha256(teacher.run_dir),
             "unlabelled_texts_sha256": texts_sha256}
 
 
