@@ -18,8 +18,8 @@ from transformers import TrainingArguments
 
 from budgetlora import runfolder
 from budgetlora.cli import main
-from budgetlora.config import ConfigError, RunConfig, SelfTrainSettings, load_config
-from budgetlora.data import DataError, load_table, split_train_validation
+from budgetlora.config import ConfigError, DataConfig, RunConfig, SelfTrainSettings, load_config
+from budgetlora.data import DataError, join_labels, load_table, split_train_validation
 from budgetlora.domain import training_sample
 from budgetlora.infer import evaluate_run, predict_run, shift_to_input_priors
 from budgetlora.modeling import build_peft_model
@@ -60,6 +60,22 @@ def test_labels_joined_by_id_give_the_metrics_of_the_labelled_rows(tmp_path: Pat
         tiny_run, str(write_news_csv(tmp_path / "high.csv", high)))["accuracy"]
     # Both evaluations are kept: files of the same name in different folders never overwrite each other.
     assert len(list((tiny_run / "evaluations").glob("*.json"))) == 3
+
+
+@pytest.mark.parametrize("columns", [["ID", "label"], ["doc", "topic"]])
+def test_a_labels_file_joins_by_the_runs_columns_or_by_id_and_label(tmp_path: Path, news_rows: Rows,
+                                                                    columns: list[str]) -> None:
+    """An input with IDs of its own (data.id_column doc): its labels file may name the columns as the run does, or
+    `ID,label` as the README shows it."""
+    data = DataConfig(id_column="doc", label_column="topic")
+    table = load_table(str(write_csv(tmp_path / "input.csv", ["doc", "text"],
+                                     [[f"d{i}", t] for i, (t, _) in enumerate(news_rows[:6])])), data, labelled=False)
+    labels = write_csv(tmp_path / "labels.csv", columns, [["d4", LABELS[1]], ["d1", 3]])
+    joined = join_labels(table, str(labels), data)
+    assert (joined.rows, joined.labels, joined.columns) == ([4, 1], [1, 3], {})
+    write_csv(labels, ["ID", "class"], [["d4", 1]])
+    with pytest.raises(DataError, match=r"labels\.csv: no column 'topic' or 'label' \(data\.label_column\)"):
+        join_labels(table, str(labels), data)
 
 
 def test_a_label_for_an_id_the_input_lacks_names_the_row(tmp_path: Path, tiny_run: Path, news_rows: Rows) -> None:

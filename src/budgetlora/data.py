@@ -152,13 +152,19 @@ def join_labels(table: datasets.Dataset, labels_path: str, data: DataConfig) -> 
     """Read `labels_path` (ID and label columns) and join it by ID to `table` (IDs as `predict` numbers them:
     data.id_column where the table has one, else row numbers 0..N-1). An ID the table lacks is an error naming it."""
     columns, where = load_columns(labels_path, data)
-    for needed, key in ((data.id_column, "data.id_column"), (data.label_column, "data.label_column")):
-        if needed not in columns:
-            raise DataError(f"{where}: no column {needed!r} ({key}); columns present: {sorted(columns)}")
+    # The file's own columns: the run's (data.id_column, data.label_column), or `ID,label` as the README shows it.
+    found = {}
+    for key, names in (("data.id_column", (data.id_column, "ID")), ("data.label_column", (data.label_column, "label"))):
+        present = [name for name in names if name in columns]
+        if not present:
+            raise DataError(f"{where}: no column {' or '.join(map(repr, dict.fromkeys(names)))} ({key}); columns "
+                            f"present: {sorted(columns)}")
+        found[key] = present[0]
+    id_column, label_column = found["data.id_column"], found["data.label_column"]
     ids = row_ids(table)
     position = {value: i for i, value in enumerate(ids)}
     rows = []
-    for row, value in enumerate(columns[data.id_column]):
+    for row, value in enumerate(columns[id_column]):
         key = str(int(value)) if isinstance(value, float) and value.is_integer() else str(value).strip()
         if key not in position:
             raise DataError(f"{where}, row {row + 1}: ID {key!r} is not in the input ({len(ids):,} rows, IDs "
@@ -166,8 +172,8 @@ def join_labels(table: datasets.Dataset, labels_path: str, data: DataConfig) -> 
         rows.append(position[key])
     if len(set(rows)) != len(rows):
         raise DataError(f"{where}: an ID appears more than once")
-    labels = _labels(columns[data.label_column], data.label_names, where)
-    other = {k: v for k, v in columns.items() if k not in (data.id_column, data.label_column)}
+    labels = _labels(columns[label_column], data.label_names, where)
+    other = {k: v for k, v in columns.items() if k not in (id_column, label_column)}
     return JoinedLabels(rows, labels, other)
 
 
