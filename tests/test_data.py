@@ -302,6 +302,36 @@ def test_nan_text_names_the_row(tmp_path: Path, news_rows: Rows) -> None:
         load_table(str(path), DataConfig(), labelled=True)
 
 
+@pytest.mark.parametrize("suffix", [".csv", ".parquet", ".jsonl"])
+def test_a_missing_part_of_a_text_of_several_columns_is_left_out_in_every_format(tmp_path: Path, news_rows: Rows,
+                                                                                  suffix: str) -> None:
+    """A title without a body: the title alone, whether the body is an empty CSV cell, a parquet null or a JSON key
+    the record lacks; a text missing in every part is an error naming the row."""
+    parts = [split_text(t) for t, _ in news_rows[:4]]
+    bodies: list[str | None] = [body for _, body in parts]
+    bodies[1] = None
+    path = tmp_path / f"parts{suffix}"
+    if suffix == ".csv":
+        cells = [[title, body or ""] for (title, _), body in zip(parts, bodies, strict=True)]  # an empty cell
+        write_csv(path, ["title", "body"], cells)
+    elif suffix == ".parquet":
+        pd.DataFrame({"title": [title for title, _ in parts], "body": bodies}).to_parquet(path)
+    else:
+        path.write_text("".join(json.dumps({"title": title} | ({"body": body} if body is not None else {})) + "\n"
+                                for (title, _), body in zip(parts, bodies, strict=True)), encoding="utf-8")
+    data = DataConfig(text_columns=["title", "body"])
+    texts = load_table(str(path), data, labelled=False)["text"][:]
+    assert texts[1] == parts[1][0] and texts[0] == news_rows[0][0].strip()
+
+
+def test_a_text_part_that_is_not_text_names_the_row_and_column(tmp_path: Path, news_rows: Rows) -> None:
+    path = tmp_path / "lists.jsonl"
+    path.write_text("\n".join([*jsonl_lines(news_rows[:2]), json.dumps({"text": ["a", "b"], "label": 1})]) + "\n",
+                    encoding="utf-8")
+    with pytest.raises(DataError, match=rf"^{re.escape(str(path))}, row 3: column 'text' holds a list, not text$"):
+        load_table(str(path), DataConfig(), labelled=True)
+
+
 def test_duplicate_ids_name_both_rows(tmp_path: Path, news_rows: Rows) -> None:
     rows = [[i, t] for i, (t, _) in enumerate(news_rows[:6])]
     rows[4][0] = 1

@@ -30,16 +30,22 @@ def _is_missing(value: Any) -> bool:
 
 
 def row_texts(columns: dict[str, list[Any]], data: DataConfig, where: str, first_row: int = 0) -> list[str]:
-    """The texts of `columns` (data.text_columns joined with a space); a missing column, or a null or blank text, is
-    an error naming the row (rows counted from first_row + 1: a chunk of a larger source)."""
+    """The texts of `columns` (data.text_columns joined with a space, a null part left out); a missing column, a text
+    that is null or blank in every part, or a part that is not text (a list), is an error naming the row (rows counted
+    from first_row + 1: a chunk of a larger source)."""
     missing = [c for c in data.text_columns if c not in columns]
     if missing:
         raise DataError(f"{where}: no column {missing[0]!r} (data.text_columns); columns present: {sorted(columns)}")
     texts = []
     for row, parts in enumerate(zip(*(columns[c] for c in data.text_columns), strict=True), start=first_row + 1):
-        if any(_is_missing(part) for part in parts):
+        for column, part in zip(data.text_columns, parts, strict=True):
+            if isinstance(part, (list, dict, tuple, set, bytes)):  # JSON arrays and objects, parquet lists
+                raise DataError(f"{where}, row {row}: column {column!r} holds a {type(part).__name__}, not text")
+        # A missing part of several (a title without a body) is left out, as CSV's empty cells are; all missing: none.
+        present = [str(part) for part in parts if not _is_missing(part)]
+        if not present:
             raise DataError(f"{where}, row {row}: the text is missing (null/NaN)")
-        text = " ".join(str(part) for part in parts).strip()
+        text = " ".join(present).strip()
         if not text:
             raise DataError(f"{where}, row {row}: the text is empty or only whitespace")
         texts.append(text)
