@@ -1,10 +1,13 @@
-"""Which checkpoint a run keeps: the best validation accuracy, and of equal accuracies the lower loss."""
+"""Which checkpoint a run keeps (the best validation accuracy, and of equal accuracies the lower loss), and the
+metrics every stage reports."""
 
 from __future__ import annotations
 
 import numpy as np
+import pytest
+from sklearn.metrics import f1_score
 
-from budgetlora.metrics import checkpoint_score
+from budgetlora.metrics import checkpoint_score, classification_metrics
 
 
 def logits_for(labels: list[int], correct: int, right_margin: float, wrong_margin: float = 1.0) -> np.ndarray:
@@ -33,3 +36,18 @@ def test_one_more_right_row_outweighs_any_loss_on_ten_thousand_rows() -> None:
     worse_score = checkpoint_score(labels, worse)
     assert better_score > worse_score
     assert abs(better_score - 5001 / 10_000) < 1e-7  # the loss term only orders ties
+
+
+def test_macro_f1_averages_the_classes_present_not_the_absent_ones() -> None:
+    """An evaluation set of one topic, 80% right, the rest called World: F1 of Sports and World (0), halved; the two
+    classes in neither have no F1 to count as 0 (four classes would make it 0.22 at 80% accuracy)."""
+    names = ["World", "Sports", "Business", "Sci/Tech"]
+    truth, predicted = [1] * 10, [1] * 8 + [0] * 2
+    metrics = classification_metrics(truth, predicted, names)
+    assert metrics["accuracy"] == 0.8
+    assert metrics["macro_f1"] == pytest.approx((2 * 8 / (2 * 8 + 2)) / 2)
+    assert len(metrics["confusion_matrix"]) == 4 and set(metrics["per_class"]) == set(names)  # still every class
+    every = [0, 1, 2, 3] * 5
+    guesses = [0, 1, 2, 0] * 5
+    assert classification_metrics(every, guesses, names)["macro_f1"] == pytest.approx(
+        f1_score(every, guesses, labels=[0, 1, 2, 3], average="macro", zero_division=0))

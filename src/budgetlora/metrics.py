@@ -13,13 +13,17 @@ CHECKPOINT_SCORE = "accuracy_ties_by_loss"
 
 
 def classification_metrics(labels: list[int], predictions: list[int], label_names: list[str]) -> dict[str, Any]:
-    """Accuracy, macro-F1, per-class precision/recall/F1/support and the confusion matrix (rows: true labels)."""
+    """Accuracy, macro-F1, per-class precision/recall/F1/support and the confusion matrix (rows: true labels).
+
+    Macro-F1 averages the classes present in `labels` or `predictions` (scikit-learn's default): a class absent from
+    both (an evaluation set of one topic) has no F1 to average, rather than a 0 that would pull the mean down."""
     indices = list(range(len(label_names)))
     report = classification_report(labels, predictions, labels=indices, target_names=label_names,
                                    output_dict=True, zero_division=0)
+    present = sorted({*labels, *predictions})
     return {
         "accuracy": float(accuracy_score(labels, predictions)),
-        "macro_f1": float(f1_score(labels, predictions, labels=indices, average="macro", zero_division=0)),
+        "macro_f1": float(f1_score(labels, predictions, labels=present, average="macro", zero_division=0)),
         "per_class": {name: report[name] for name in label_names},
         "confusion_matrix": confusion_matrix(labels, predictions, labels=indices).tolist(),
         "label_names": label_names,
