@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -102,13 +103,18 @@ def test_params_with_a_target_name_given_without_brackets(tmp_path: Path, tiny_r
 def test_predict_format_kaggle_leaves_no_invalid_file(tmp_path: Path, trained_tiny_run: TrainedRun,
                                                       news_rows: Rows,
                                                       capsys: pytest.CaptureFixture[str]) -> None:
-    # An input whose ID column runs 1..N: predict keeps those IDs, which the competition's format refuses.
+    # An input whose ID column runs 1..N: predict keeps those IDs, which the competition's format refuses, before the
+    # model loads (the run's weights file moved away: loading it would be another error).
     source = tmp_path / "test.csv"
     pd.DataFrame({"ID": range(1, 9), "text": [t for t, _ in news_rows[:8]]}).to_csv(source, index=False)
     output = tmp_path / "submission.csv"
-    argv = ["predict", "--run", str(trained_tiny_run.run_dir), "--input", str(source), "--output", str(output),
-            "--format", "kaggle"]
-    assert user_error(capsys, argv) == f"{output}, row 8 (line 9): ID 8 is outside 0..7"
+    run = tmp_path / "run"
+    shutil.copytree(trained_tiny_run.run_dir, run)
+    (run / "adapter" / "adapter_model.safetensors").unlink()
+    argv = ["predict", "--run", str(run), "--input", str(source), "--output", str(output), "--format", "kaggle"]
+    assert user_error(capsys, argv) == (f"{source}, row 8: ID '8' (column 'ID', data.id_column) is not one of 0..7, "
+                                        f"the IDs --format kaggle writes; predict without --format kaggle, or read the "
+                                        f"IDs from another column (data.id_column=...)")
     assert not output.exists()
     output.write_text("ID,Label\n0,1\n")  # a file already there (an earlier submission) is kept as it was
     user_error(capsys, argv)

@@ -24,7 +24,6 @@ from budgetlora.config import RunConfig, from_dict
 from budgetlora.data import DataError, load_table, row_ids
 from budgetlora.infer import predict_run
 from budgetlora.stream import CHUNK_ROWS
-from budgetlora.submission import SubmissionError
 from budgetlora.train import train
 
 from .conftest import LABELS, isolated_cache, tiny_config_dict, write_csv, write_news_csv
@@ -127,9 +126,8 @@ def test_a_failure_keeps_the_earlier_output_and_leaves_no_part_files(run_dir: Pa
         with pytest.raises(RuntimeError, match="out of memory"):
             predict_run(run_dir, str(source), output)
     assert calls == [CHUNK_ROWS] * 3
-    # The whole input predicted, then refused as a kaggle file (IDs are not 0..N-1) while it is still a temporary file.
-    with pytest.raises(SubmissionError, match=f"^{re.escape(str(output))}, row 1 \\(line 2\\): ID 'q00000' is not an "
-                                              f"integer$"):
+    # Refused as a kaggle file (its IDs are not 0..N-1) before anything is predicted.
+    with pytest.raises(DataError, match=f"^{re.escape(str(source))}, row 1: ID 'q00000' \\(column 'ID', "):
         predict_run(run_dir, str(source), output, kaggle=True)
     assert output.read_text() == PREVIOUS
     assert sorted(path.name for path in folder.iterdir()) == ["predictions.csv"]

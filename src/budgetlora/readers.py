@@ -180,7 +180,7 @@ def _read_file(path: Path, data: DataConfig) -> dict[str, list[Any]]:
         return _joined(parquet_chunks(path, READ_ROWS))
     if suffix in (".pkl", ".pickle"):
         return _read_pickle(path, data)
-    raise DataError(f"{path}: unknown file type {suffix!r} (use .csv, .jsonl, .parquet or .pkl)")
+    raise DataError(f"{path}: unknown file type {suffix!r} (use .csv, .jsonl, .json, .parquet or .pkl)")
 
 
 def load_columns(source: str, data: DataConfig) -> tuple[dict[str, list[Any]], str]:

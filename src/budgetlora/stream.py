@@ -39,7 +39,7 @@ from .config import DataConfig, RunConfig
 from .data import check_unique_ids, column_ids, note_numbered_rows, row_texts
 from .files import atomic_writer
 from .readers import DataError, csv_chunks, jsonl_records, load_columns, parquet_chunks, record_columns
-from .submission import validate_submission
+from .submission import first_invalid_id, validate_submission
 
 log = logging.getLogger(__name__)
 # Rows a chunk holds: enough for length-sorted batches with little padding, few enough to stay small in memory. Fixed,
@@ -141,6 +141,12 @@ def predict_stream(run_dir: Path, config: RunConfig, rows: ChunkedInput, checked
     (the first writes the file)."""
     if kaggle and output == "-":
         raise ValueError("a kaggle file is checked before it is moved into place: give a file, not stdout")
+    invalid = first_invalid_id(itertools.chain.from_iterable(_chunk_ids(rows, checked)), checked.rows) \
+        if kaggle and checked.has_ids else None  # the input's own IDs: refused before the model loads
+    if invalid is not None:
+        raise DataError(f"{rows.where}, row {invalid[0]}: ID {invalid[1]!r} (column {rows.data.id_column!r}, "
+                        f"data.id_column) is not one of 0..{checked.rows - 1}, the IDs --format kaggle writes; predict "
+                        f"without --format kaggle, or read the IDs from another column (data.id_column=...)")
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     folder = Path(tempfile.gettempdir()) if output == "-" else Path(output).resolve().parent
     with _parts(folder, Path(str(output)).name, rank, world) as parts, contextlib.ExitStack() as files:

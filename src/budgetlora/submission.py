@@ -26,6 +26,16 @@ def _integer(value: str) -> int | None:
     return int(value) if _INTEGER.fullmatch(value) else None
 
 
+def first_invalid_id(ids: Iterable[str], expected_rows: int) -> tuple[int, str] | None:
+    """The first (row from 1, ID) of `ids` that is not an integer 0..expected_rows-1 as the format writes it; None when
+    every one is (an input's own IDs, checked before a model predicts anything)."""
+    for row, value in enumerate(ids, start=1):
+        id_ = _integer(value)
+        if id_ is None or not 0 <= id_ < expected_rows:
+            return row, value
+    return None
+
+
 def validate_submission(path: Path, expected_rows: int, num_labels: int, *, where: str | None = None) -> str:
     """Check the file at `path` against the format; return a one-line OK message, or raise SubmissionError naming
     the row. Rows are numbered from 1 after the header (row n is line n + 1 of the file). `where`: the file named in
