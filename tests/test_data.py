@@ -338,6 +338,9 @@ def test_duplicate_ids_name_both_rows(tmp_path: Path, news_rows: Rows) -> None:
     path = write_csv(tmp_path / "dup.csv", ["ID", "text"], rows)
     with pytest.raises(DataError, match=rf"^{re.escape(str(path))}, row 5: duplicate ID '1' \(first at row 2\)$"):
         load_table(str(path), DataConfig(), labelled=False)
+    # Labelled rows (training, evaluate) are not named by their IDs: a repeated one is no error there.
+    labelled = write_csv(tmp_path / "dup-labelled.csv", ["ID", "text", "label"], [[*row, 0] for row in rows])
+    assert load_table(str(labelled), DataConfig(), labelled=True)["id"][:] == ["0", "1", "2", "3", "1", "5"]
 
 
 @pytest.mark.parametrize("bad", ["4", "-1", "Politics", "1.5", "world"])

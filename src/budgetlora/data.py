@@ -121,7 +121,8 @@ def _labels(values: list[Any], label_names: list[str], where: str) -> list[int]:
 
 
 def load_table(source: str, data: DataConfig, *, labelled: bool) -> datasets.Dataset:
-    """A checked table with `text`, plus `label` when `labelled` and `id` when the source has data.id_column."""
+    """A checked table with `text`, plus `label` when `labelled` and `id` when the source has data.id_column (unique
+    where unlabelled: the IDs predictions are written with and labels joined by)."""
     columns, where = load_columns(source, data)
     table: dict[str, list[Any]] = {"text": row_texts(columns, data, where)}
     if not table["text"]:
@@ -135,7 +136,8 @@ def load_table(source: str, data: DataConfig, *, labelled: bool) -> datasets.Dat
     if ids is None:
         note_numbered_rows(data, where)
     else:
-        check_unique_ids(enumerate(ids), {}, where)
+        if not labelled:  # IDs name rows only where predictions are written or labels joined by them
+            check_unique_ids(enumerate(ids), {}, where)
         table["id"] = ids
     return datasets.Dataset.from_dict(table)
 
