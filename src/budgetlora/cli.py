@@ -140,8 +140,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     labelled = f" (labels: {args.labels})" if args.labels else ""
     print(f"{args.data}{labelled}: accuracy {metrics['accuracy']:.4f}, macro-F1 {metrics['macro_f1']:.4f} "
           f"on {metrics['rows']:,} rows")
+    width = min(max(map(len, metrics["per_class"])), 40)  # the names' column, as wide as the longest (within reason)
     for name, scores in metrics["per_class"].items():
-        print(f"  {name:<12} precision {scores['precision']:.3f}  recall {scores['recall']:.3f}  "
+        print(f"  {name:<{width}} precision {scores['precision']:.3f}  recall {scores['recall']:.3f}  "
               f"F1 {scores['f1-score']:.3f}")
     for column, subset in metrics["subsets"].items():
         print(f"  rows with {column}=1: accuracy {subset['accuracy']:.4f}, macro-F1 {subset['macro_f1']:.4f} "
