@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -212,3 +213,16 @@ def test_long_names_are_drawn_cut_short(tmp_path: Path) -> None:
     width, height = int.from_bytes(header[:4], "big"), int.from_bytes(header[4:], "big")
     assert width < 3000 and height < 2000, (width, height)
     assert [label.get_text() for label in figure.axes[0].get_xticklabels()] == ["x" * 39 + "…", "y " * 19 + "y…"]
+
+
+def test_names_the_font_cannot_draw_are_one_log_line_not_a_warning_a_character(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    metrics = {"confusion_matrix": [[3, 1], [0, 4]], "label_names": ["体育", "经济"], "accuracy": 0.875}
+    with warnings.catch_warnings(record=True) as caught, caplog.at_level("WARNING", logger="budgetlora.report"):
+        warnings.simplefilter("always")
+        path = save_png(confusion_figure(metrics, "新闻"), tmp_path / "cjk.png")
+    assert path.read_bytes().startswith(PNG_MAGIC)
+    assert not [str(warning.message) for warning in caught if "Glyph" in str(warning.message)]
+    assert [record.getMessage() for record in caplog.records] == [
+        "cjk.png: 6 characters of the names are missing from the plot's font, drawn as boxes (体育经济新闻); "
+        "summary.md holds them as text"]

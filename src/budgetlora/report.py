@@ -7,8 +7,10 @@ so a report can be made at any time after training, on a machine without the mod
 from __future__ import annotations
 
 import io
+import logging
 import math
 import re
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -34,6 +36,10 @@ MAX_MATRIX_INCHES = 30.0
 MAX_DRAWN_CHARS = 40
 
 
+_MISSING_GLYPH = re.compile(r"Glyph (\d+) .* missing from font")  # matplotlib's warning, one a character a figure
+log = logging.getLogger(__name__)
+
+
 class ReportError(ValueError):
     """A run file the report needs holds something other than what training writes."""
 
@@ -54,9 +60,23 @@ def _figure(**kwargs: Any) -> Figure:
 
 
 def save_png(figure: Figure, path: Path) -> Path:
-    """Render to memory (Agg, via savefig's format), then replace the file: a crash never leaves half a PNG."""
+    """Render to memory (Agg, via savefig's format), then replace the file: a crash never leaves half a PNG. Characters
+    the font lacks (class names in CJK scripts: matplotlib's DejaVu Sans has none) are one log line, not a warning
+    each."""
     buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=120, bbox_inches="tight")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        figure.savefig(buffer, format="png", dpi=120, bbox_inches="tight")
+    missing = []
+    for warning in caught:
+        if glyph := _MISSING_GLYPH.match(str(warning.message)):
+            missing.append(chr(int(glyph[1])))
+        else:  # anything else, as it would have been shown
+            warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
+    if missing:
+        characters = "".join(dict.fromkeys(missing))
+        log.warning("%s: %d characters of the names are missing from the plot's font, drawn as boxes (%s); "
+                    "summary.md holds them as text", path.name, len(characters), characters[:20])
     return atomic_write_bytes(path, buffer.getvalue())
 
 
