@@ -293,8 +293,8 @@ def test_a_bad_override_of_a_config_file_is_blamed_on_the_command_line_not_the_f
     path.write_text("train:\n  epochs: 2\ndata:\n  label_names: [negative, positive]\n")
     with pytest.raises(ConfigError, match=r"^train\.epochs: expected a number, got 'abc' \(set on the command line\)$"):
         load_config(path, ["train.epochs=abc"])
-    with pytest.raises(ConfigError, match=r"^data\.label_names\[0\]: expected str, got 1 \(YAML read it as a number or "
-                                         r"boolean: write it in quotes\) \(set on the command line\)$"):
+    with pytest.raises(ConfigError, match=r"^data\.label_names\[0\]: expected str, got 1 \(YAML read it as a number, "
+                                         r"boolean or date: write it in quotes\) \(set on the command line\)$"):
         load_config(path, ["data.label_names=[1, 0]"])
     path.write_text("train:\n  epochs: abc\n")
     with pytest.raises(ConfigError, match=f"^{re.escape(str(path))}: train\\.epochs: expected a number"):

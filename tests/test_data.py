@@ -79,8 +79,10 @@ def test_header_csv_with_several_text_columns_label_names_and_ids(tmp_path: Path
     table = load_table(str(path), data, labelled=True)
     assert table["text"][:] == texts_of(news_rows)
     assert table["label"][:] == labels_of(news_rows)
-    assert table["id"][:] == [f"n{i:03d}" for i in range(len(news_rows))]
-    assert sorted(table.column_names) == ["id", "label", "text"]
+    assert sorted(table.column_names) == ["label", "text"]  # IDs name rows only where predictions are written
+    unlabelled = load_table(str(path), data, labelled=False)
+    assert unlabelled["id"][:] == [f"n{i:03d}" for i in range(len(news_rows))]
+    assert sorted(unlabelled.column_names) == ["id", "text"]
 
 
 def test_label_column_holding_indices_under_another_name(tmp_path: Path, news_rows: Rows) -> None:
@@ -120,7 +122,8 @@ def test_parquet(tmp_path: Path, news_rows: Rows) -> None:
     table = load_table(str(path), DataConfig(), labelled=True)
     assert table["text"][:] == texts_of(news_rows)
     assert table["label"][:] == labels_of(news_rows)
-    assert table["id"][:] == [str(i) for i in range(100, 100 + len(news_rows))]
+    ids = load_table(str(path), DataConfig(), labelled=False)["id"][:]
+    assert ids == [str(i) for i in range(100, 100 + len(news_rows))]
 
 
 def test_pickled_shuffled_dataset_is_read_in_its_own_order(tmp_path: Path, news_rows: Rows) -> None:
@@ -305,23 +308,29 @@ def test_nan_text_names_the_row(tmp_path: Path, news_rows: Rows) -> None:
 @pytest.mark.parametrize("suffix", [".csv", ".parquet", ".jsonl"])
 def test_a_missing_part_of_a_text_of_several_columns_is_left_out_in_every_format(tmp_path: Path, news_rows: Rows,
                                                                                   suffix: str) -> None:
-    """A title without a body: the title alone, whether the body is an empty CSV cell, a parquet null or a JSON key
-    the record lacks; a text missing in every part is an error naming the row."""
-    parts = [split_text(t) for t, _ in news_rows[:4]]
-    bodies: list[str | None] = [body for _, body in parts]
-    bodies[1] = None
-    path = tmp_path / f"parts{suffix}"
-    if suffix == ".csv":
-        cells = [[title, body or ""] for (title, _), body in zip(parts, bodies, strict=True)]  # an empty cell
-        write_csv(path, ["title", "body"], cells)
-    elif suffix == ".parquet":
-        pd.DataFrame({"title": [title for title, _ in parts], "body": bodies}).to_parquet(path)
-    else:
-        path.write_text("".join(json.dumps({"title": title} | ({"body": body} if body is not None else {})) + "\n"
-                                for (title, _), body in zip(parts, bodies, strict=True)), encoding="utf-8")
-    data = DataConfig(text_columns=["title", "body"])
-    texts = load_table(str(path), data, labelled=False)["text"][:]
-    assert texts[1] == parts[1][0] and texts[0] == news_rows[0][0].strip()
+    """A headline without its body: the parts there are, one space apart, whether the missing one is an empty CSV
+    cell, a parquet null or a JSON key the record lacks; a text missing in every part is an error naming the row."""
+    names = ["title", "body", "agency"]
+
+    def written(parts: list[list[str | None]]) -> Path:
+        path = tmp_path / f"parts{suffix}"
+        if suffix == ".csv":
+            write_csv(path, names, [["" if part is None else part for part in row] for row in parts])
+        elif suffix == ".parquet":
+            pd.DataFrame(parts, columns=names).to_parquet(path)
+        else:
+            path.write_text("".join(json.dumps({name: part for name, part in zip(names, row, strict=True)
+                                                if part is not None}) + "\n" for row in parts), encoding="utf-8")
+        return path
+
+    parts: list[list[str | None]] = [[*split_text(t), "(AP)"] for t, _ in news_rows[:3]]
+    parts[1][1] = None  # the middle part of three
+    texts = load_table(str(written(parts)), DataConfig(text_columns=names), labelled=False)["text"][:]
+    assert texts == [f"{news_rows[0][0].strip()} (AP)", f"{parts[1][0]} (AP)", f"{news_rows[2][0].strip()} (AP)"]
+    path = written([*parts, [None, None, None]])
+    message = "empty or only whitespace" if suffix == ".csv" else "missing (null/NaN)"  # CSV holds no null
+    with pytest.raises(DataError, match=f"^{re.escape(f'{path}, row 4: the text is {message}')}$"):
+        load_table(str(path), DataConfig(text_columns=names), labelled=False)
 
 
 def test_a_text_part_that_is_not_text_names_the_row_and_column(tmp_path: Path, news_rows: Rows) -> None:
@@ -338,9 +347,10 @@ def test_duplicate_ids_name_both_rows(tmp_path: Path, news_rows: Rows) -> None:
     path = write_csv(tmp_path / "dup.csv", ["ID", "text"], rows)
     with pytest.raises(DataError, match=rf"^{re.escape(str(path))}, row 5: duplicate ID '1' \(first at row 2\)$"):
         load_table(str(path), DataConfig(), labelled=False)
-    # Labelled rows (training, evaluate) are not named by their IDs: a repeated one is no error there.
+    # Labelled rows (training, evaluate) are not named by their IDs: a repeated or blank one is no error there.
+    rows[2][0] = ""
     labelled = write_csv(tmp_path / "dup-labelled.csv", ["ID", "text", "label"], [[*row, 0] for row in rows])
-    assert load_table(str(labelled), DataConfig(), labelled=True)["id"][:] == ["0", "1", "2", "3", "1", "5"]
+    assert load_table(str(labelled), DataConfig(), labelled=True).column_names == ["text", "label"]
 
 
 @pytest.mark.parametrize("bad", ["4", "-1", "Politics", "1.5", "world"])
@@ -556,6 +566,29 @@ def test_class_names_that_are_numbers_are_read_as_names_never_as_indices(tmp_pat
     assert swapped["label"][:] == [4 - star for star in stars]
 
 
+def test_zero_padded_class_names_match_their_text_and_their_number(tmp_path: Path, news_rows: Rows) -> None:
+    path = write_csv(tmp_path / "padded.csv", ["text", "label"], [[t, label] for (t, _), label in
+                                                                  zip(news_rows[:3], ["02", "1", "01"], strict=True)])
+    assert load_table(str(path), DataConfig(label_names=["01", "02"]), labelled=True)["label"][:] == [1, 0, 0]
+
+
+def test_class_indices_by_construction_stay_indices_where_class_names_are_numbers(tmp_path: Path,
+                                                                                  news_rows: Rows) -> None:
+    """A ClassLabel column (yelp_polarity's names are "1", "2") and the AG News release's class 1-4 are indices."""
+    rows = news_rows[:6]
+    stars = datasets.Dataset.from_dict({"text": [t for t, _ in rows], "label": [1] * 6},
+                                       features=datasets.Features({"text": datasets.Value("string"),
+                                                                   "label": datasets.ClassLabel(names=["1", "2"])}))
+    path = tmp_path / "stars.pkl"
+    path.write_bytes(pickle.dumps(stars))
+    assert load_table(str(path), DataConfig(label_names=["1", "2"]), labelled=True)["label"][:] == [1] * 6
+    release = tmp_path / "release.csv"  # no header: class 1-4, title, description
+    with release.open("w", newline="", encoding="utf-8") as handle:
+        csv.writer(handle).writerows([y + 1, *split_text(t)] for t, y in rows)
+    names = ["1", "2", "3", "4"]
+    assert load_table(str(release), DataConfig(label_names=names), labelled=True)["label"][:] == labels_of(rows)
+
+
 def test_a_label_that_is_not_a_numeric_class_name_is_refused_not_read_as_an_index(tmp_path: Path,
                                                                                   news_rows: Rows) -> None:
     path = write_csv(tmp_path / "binary.csv", ["text", "label"], [[t, 0 if i else 2] for i, (t, _) in
@@ -679,9 +712,15 @@ def test_a_class_without_training_rows_is_logged_by_name(news_rows: Rows, caplog
     rows = [row for row in news_rows if row[1] != 3]
     with caplog.at_level("WARNING", logger="budgetlora.data"):
         split_train_validation(news_table(rows), DataConfig(train="news.csv", validation_fraction=0.2))
-    (record,) = caplog.records
-    assert record.getMessage() == ("news.csv holds no rows of 1 of data.label_names ('Sci/Tech'): the model can never "
-                                   "predict them; give rows of each class, or leave them out of data.label_names")
+        # Two Sci/Tech rows of 152: a stratified sample of 12 takes none of them.
+        sampled = [*rows[:150], *[row for row in news_rows if row[1] == 3][:2]]
+        split_train_validation(news_table(sampled), DataConfig(train="news.csv", max_train_rows=12,
+                                                               validation_fraction=0.34))
+    assert [record.getMessage() for record in caplog.records if "no row of" in record.getMessage()] == [
+        "news.csv: the training rows hold no row of 1 of data.label_names ('Sci/Tech'): the model can never predict "
+        "them; give rows of each class",
+        "news.csv: the training rows hold no row of 1 of data.label_names ('Sci/Tech'): the model can never predict "
+        "them; give rows of each class, or raise data.max_train_rows"]
 
 
 def test_a_single_class_training_file_is_refused_naming_the_file_and_class(tmp_path: Path, news_rows: Rows) -> None:

@@ -76,8 +76,9 @@ class DataConfig:
     label_column: str = "label"
     # Column holding row IDs in prediction inputs; rows are numbered 0..N-1 when it is absent.
     id_column: str = "ID"
-    # Class names in label-index order. Labels in the data are indices 0..K-1 or these names; the counts, the
-    # head's size and the run's label map come from here, so they are known before any data is read.
+    # Class names in label-index order. Labels in the data are indices 0..K-1 or these names (names only where a name
+    # is a number, such as "1"-"5" stars); the counts, the head's size and the run's label map come from here, so
+    # they are known before any data is read.
     label_names: list[str] = field(default_factory=lambda: list(AG_NEWS_LABELS))
     validation_fraction: float = 0.05
     # Use a stratified sample of this many training rows (None: all).

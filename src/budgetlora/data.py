@@ -18,7 +18,7 @@ import datasets
 from sklearn.model_selection import train_test_split
 
 from .config import DataConfig
-from .readers import DataError, load_columns  # DataError: every input error, whichever module finds it
+from .readers import ClassIndex, DataError, load_columns  # DataError: every input error, whichever finds it
 
 log = logging.getLogger(__name__)
 # A validation split of fewer rows measures accuracy in steps of more than 5%: worth a warning, not a refusal.
@@ -30,9 +30,9 @@ def _is_missing(value: Any) -> bool:
 
 
 def row_texts(columns: dict[str, list[Any]], data: DataConfig, where: str, first_row: int = 0) -> list[str]:
-    """The texts of `columns` (data.text_columns joined with a space, a null part left out); a missing column, a text
-    that is null or blank in every part, or a part that is not text (a list), is an error naming the row (rows counted
-    from first_row + 1: a chunk of a larger source)."""
+    """The texts of `columns` (data.text_columns joined with a space, null or blank parts left out); a missing column,
+    a text that is null or blank in every part, or a part that is not text (a list), is an error naming the row (rows
+    counted from first_row + 1: a chunk of a larger source)."""
     missing = [c for c in data.text_columns if c not in columns]
     if missing:
         raise DataError(f"{where}: no column {missing[0]!r} (data.text_columns); columns present: {sorted(columns)}")
@@ -41,27 +41,26 @@ def row_texts(columns: dict[str, list[Any]], data: DataConfig, where: str, first
         for column, part in zip(data.text_columns, parts, strict=True):
             if isinstance(part, (list, dict, tuple, set, bytes)):  # JSON arrays and objects, parquet lists
                 raise DataError(f"{where}, row {row}: column {column!r} holds a {type(part).__name__}, not text")
-        # A missing part of several (a title without a body) is left out, as CSV's empty cells are; all missing: none.
-        present = [str(part) for part in parts if not _is_missing(part)]
-        if not present:
+        if all(_is_missing(part) for part in parts):
             raise DataError(f"{where}, row {row}: the text is missing (null/NaN)")
-        text = " ".join(present).strip()
+        # A missing or blank part of several (a title without a body) is left out, whatever the format.
+        text = " ".join(str(part) for part in parts if not _is_missing(part) and str(part).strip()).strip()
         if not text:
             raise DataError(f"{where}, row {row}: the text is empty or only whitespace")
         texts.append(text)
     return texts
 
 
-def column_ids(columns: dict[str, list[Any]], data: DataConfig, where: str, first_row: int = 0) -> list[str] | None:
-    """data.id_column's values as text (an integral float, as parquet and pandas hold integers beside a missing value,
-    as the integer: 7.0 is "7"), or None where the source has no such column (rows are then numbered:
+def column_ids(columns: dict[str, list[Any]], id_column: str, where: str, first_row: int = 0) -> list[str] | None:
+    """Column `id_column`'s values as text (an integral float, as parquet and pandas hold integers beside a missing
+    value, as the integer: 7.0 is "7"), or None where the source has no such column (rows are then numbered:
     note_numbered_rows). A missing or blank ID is an error naming the row (counted as in row_texts)."""
-    if data.id_column not in columns:
+    if id_column not in columns:
         return None
     ids = []
-    for row, value in enumerate(columns[data.id_column], start=first_row + 1):
+    for row, value in enumerate(columns[id_column], start=first_row + 1):
         if _is_missing(value) or not str(value).strip():
-            raise DataError(f"{where}, row {row}: the ID is missing (column {data.id_column!r}, data.id_column)")
+            raise DataError(f"{where}, row {row}: the ID is missing (column {id_column!r}, data.id_column)")
         ids.append(str(int(value)) if isinstance(value, float) and value.is_integer() else str(value))
     return ids
 
@@ -96,22 +95,25 @@ def _label_index(value: Any) -> Any:
 
 
 def _labels(values: list[Any], label_names: list[str], where: str) -> list[int]:
-    """Each value's class: an index 0..K-1 or a class name; when a class name is itself a number ("1", "0"), every
-    value is read as a name, so that "1" never means index 1 in one file and the class named "1" in another."""
+    """Each value's class: an index 0..K-1 or a class name. When a class name is itself a number ("1", "0", "01"),
+    every value is read as a name (the text exactly, else the number: 1, 1.0 and "1.0" name the class "1"), so that
+    "1" never means index 1 in one file and the class named "1" in another; a readers.ClassIndex (a ClassLabel column,
+    the AG News release's class) is an index whatever the names."""
     index_of = {name: i for i, name in enumerate(label_names)}
-    by_name_only = any(isinstance(_label_index(name), int) for name in label_names)
+    numbered = {number: i for i, name in enumerate(label_names) if _is_index(number := _label_index(name))}
     labels = []
     for row, value in enumerate(values):
         index = _label_index(value)
-        if by_name_only:  # 1, 1.0 and "1.0" all name the class "1"
-            name = str(index) if isinstance(index, int) and not isinstance(index, bool) else value
-            if isinstance(name, str) and name in index_of:
-                labels.append(index_of[name])
-                continue
-            raise DataError(f"{where}, row {row + 1}: label {value!r} is not one of data.label_names {label_names} "
-                            f"(class names that are numbers are read as names, never as indices)")
-        if isinstance(index, int) and not isinstance(index, bool) and 0 <= index < len(label_names):
-            labels.append(index)
+        if numbered and not isinstance(value, ClassIndex):
+            if isinstance(value, str) and value in index_of:
+                labels.append(index_of[value])
+            elif _is_index(index) and index in numbered:
+                labels.append(numbered[index])
+            else:
+                raise DataError(f"{where}, row {row + 1}: label {value!r} is not one of data.label_names "
+                                f"{label_names} (class names that are numbers are read as names, never as indices)")
+        elif _is_index(index) and 0 <= index < len(label_names):
+            labels.append(int(index))
         elif isinstance(value, str) and value in index_of:
             labels.append(index_of[value])
         else:
@@ -120,9 +122,13 @@ def _labels(values: list[Any], label_names: list[str], where: str) -> list[int]:
     return labels
 
 
+def _is_index(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def load_table(source: str, data: DataConfig, *, labelled: bool) -> datasets.Dataset:
-    """A checked table with `text`, plus `label` when `labelled` and `id` when the source has data.id_column (unique
-    where unlabelled: the IDs predictions are written with and labels joined by)."""
+    """A checked table with `text`, plus `label` when `labelled`, else `id` when the source has data.id_column (unique:
+    the IDs predictions are written with and labels joined by)."""
     columns, where = load_columns(source, data)
     table: dict[str, list[Any]] = {"text": row_texts(columns, data, where)}
     if not table["text"]:
@@ -132,12 +138,12 @@ def load_table(source: str, data: DataConfig, *, labelled: bool) -> datasets.Dat
             raise DataError(f"{where}: no label column {data.label_column!r} (data.label_column); "
                             f"columns present: {sorted(columns)}")
         table["label"] = _labels(columns[data.label_column], data.label_names, where)
-    ids = column_ids(columns, data, where)
+        return datasets.Dataset.from_dict(table)  # IDs name rows only where predictions are written or labels joined
+    ids = column_ids(columns, data.id_column, where)
     if ids is None:
         note_numbered_rows(data, where)
     else:
-        if not labelled:  # IDs name rows only where predictions are written or labels joined by them
-            check_unique_ids(enumerate(ids), {}, where)
+        check_unique_ids(enumerate(ids), {}, where)
         table["id"] = ids
     return datasets.Dataset.from_dict(table)
 
@@ -172,8 +178,8 @@ def join_labels(table: datasets.Dataset, labels_path: str, data: DataConfig) -> 
     ids = row_ids(table)
     position = {value: i for i, value in enumerate(ids)}
     rows = []
-    for row, value in enumerate(columns[id_column]):
-        key = str(int(value)) if isinstance(value, float) and value.is_integer() else str(value).strip()
+    for row, value in enumerate(column_ids(columns, id_column, where)):
+        key = value if value in position else value.strip()  # "7 " typed by hand in a labels file is ID "7"
         if key not in position:
             raise DataError(f"{where}, row {row + 1}: ID {key!r} is not in the input ({len(ids):,} rows, IDs "
                             f"{'from column ' + repr(data.id_column) if 'id' in table.column_names else '0..N-1'})")
@@ -204,10 +210,6 @@ def split_train_validation(table: datasets.Dataset, data: DataConfig) -> tuple[d
         (only,) = classes
         raise DataError(f"{data.train}: every one of its {len(labels):,} rows has label {only} "
                         f"({data.label_names[only]!r}); training needs rows of at least two classes")
-    absent = [name for index, name in enumerate(data.label_names) if index not in classes]
-    if absent:
-        log.warning("%s holds no rows of %d of data.label_names (%s): the model can never predict them; give rows of "
-                    "each class, or leave them out of data.label_names", data.train, len(absent), _few(absent))
     try:  # sklearn refuses a class of one row, or a side of the split with fewer rows than classes
         if data.max_train_rows is not None and data.max_train_rows < len(indices):
             step = f"take {data.max_train_rows:,} of its {len(indices):,} rows (data.max_train_rows) by class"
@@ -221,9 +223,13 @@ def split_train_validation(table: datasets.Dataset, data: DataConfig) -> tuple[d
     except ValueError as error:
         scarce = [data.label_names[label] for label, count in sorted(Counter(labels).items()) if count < 2]
         raise DataError(f"{data.train}: cannot {step} ({error})"
-                        f"{'; classes of one row: ' + _few(scarce) if scarce else ''}; give more rows of each class "
-                        f"or leave a class out of data.label_names, or change data.max_train_rows or "
-                        f"data.validation_fraction") from None
+                        f"{'; classes of one row: ' + _few(scarce) if scarce else ''}; give more rows of each class, "
+                        f"or change data.max_train_rows or data.validation_fraction") from None
+    absent = [name for index, name in enumerate(data.label_names) if index not in set(labels)]  # after any sample
+    if absent:
+        log.warning("%s: the training rows hold no row of %d of data.label_names (%s): the model can never predict "
+                    "them; give rows of each class%s", data.train, len(absent), _few(absent),
+                    ", or raise data.max_train_rows" if len(indices) < len(table) else "")
     validation = table.select(sorted(val_idx))
     per_class = Counter(validation["label"][:])
     if len(validation) < SMALL_VALIDATION_ROWS or min(per_class.values()) < 2:

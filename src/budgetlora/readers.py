@@ -60,10 +60,11 @@ def csv_chunks(path: Path, data: DataConfig, rows: int) -> Iterator[dict[str, li
         for frame in pd.read_csv(path, chunksize=rows, encoding="utf-8-sig", dtype=str, keep_default_na=False,
                                  on_bad_lines="error", **layout):
             if ag_news:  # frame.index: the rows' positions in the file, chunk after chunk
-                frame = pd.DataFrame({"text": frame["title"] + " " + frame["description"],
-                                      "label": [_ag_news_class(value, i, path)
-                                                for i, value in zip(frame.index, frame["label"], strict=True)]})
-            yield frame.to_dict(orient="list")
+                yield {"text": (frame["title"] + " " + frame["description"]).tolist(),
+                       "label": [_ag_news_class(value, i, path)
+                                 for i, value in zip(frame.index, frame["label"], strict=True)]}
+            else:
+                yield frame.to_dict(orient="list")
     except UnicodeDecodeError:
         deque(_utf8_lines(path), maxlen=0)  # raises the DataError naming the line and column
         raise
@@ -73,10 +74,23 @@ def csv_chunks(path: Path, data: DataConfig, rows: int) -> Iterator[dict[str, li
         raise DataError(f"{path}: malformed file: {error}") from None
 
 
+class ClassIndex(int):
+    """A label that is a class index by construction (a datasets ClassLabel column; the AG News release's class 1-4,
+    less one): data.py reads it as the index even where class names are numbers (yelp_polarity's are "1", "2")."""
+
+
 def _ag_news_class(value: str, index: int, path: Path) -> int:
     if not value.strip().isdigit() or not 1 <= int(value) <= 4:
         raise DataError(f"{path}, row {index + 1}: AG News class must be 1-4, got {value!r}")
-    return int(value) - 1
+    return ClassIndex(int(value) - 1)
+
+
+def _dataset_columns(dataset: datasets.Dataset) -> dict[str, list[Any]]:
+    """A Dataset's columns, read through it (a shuffled Dataset keeps its rows behind an indices mapping, and the raw
+    Arrow table, obj.data, is in the pre-shuffle order); a ClassLabel column's values as ClassIndex."""
+    return {column: [value if value is None else ClassIndex(value) for value in dataset[column]]
+            if isinstance(dataset.features.get(column), datasets.ClassLabel) else dataset[column]
+            for column in dataset.column_names}
 
 
 def _read_pickle(path: Path, data: DataConfig) -> dict[str, list[Any]]:
@@ -87,9 +101,7 @@ def _read_pickle(path: Path, data: DataConfig) -> dict[str, list[Any]]:
     except (pickle.UnpicklingError, EOFError, AttributeError, ImportError, UnicodeDecodeError) as error:
         raise DataError(f"{path}: not a readable pickle ({type(error).__name__}: {error})") from None
     if isinstance(obj, datasets.Dataset):
-        # Read through the Dataset: a shuffled Dataset keeps its rows behind an indices mapping, and the raw Arrow
-        # table (obj.data) is in the pre-shuffle order.
-        return {column: obj[column] for column in obj.column_names}
+        return _dataset_columns(obj)
     if isinstance(obj, pd.DataFrame):
         return obj.to_dict(orient="list")
     raise DataError(f"{path}: expected a pickled datasets.Dataset or pandas DataFrame, got {type(obj).__name__}")
@@ -196,4 +208,4 @@ def load_columns(source: str, data: DataConfig) -> tuple[dict[str, list[Any]], s
     except (OSError, ValueError, datasets.exceptions.DatasetNotFoundError) as error:
         raise DataError(f"{source}: not a file, and the Hugging Face Hub could not provide a dataset of that name "
                         f"({str(error).splitlines()[0]}); offline, give a file path instead") from error
-    return {column: dataset[column] for column in dataset.column_names}, f"{name} ({split or 'train'} split)"
+    return _dataset_columns(dataset), f"{name} ({split or 'train'} split)"

@@ -18,7 +18,16 @@ import numpy as np
 
 from .files import atomic_write_bytes, atomic_write_text
 from .run_files import read_json
-from .runfolder import EVALUATIONS_DIR, LOG_HISTORY_FILE, METRICS_FILE, PARAMS_FILE, REPORT_DIR, weights_sha256
+from .runfolder import (
+    ADAPTER_DIR,
+    EVALUATIONS_DIR,
+    LOG_HISTORY_FILE,
+    METRICS_FILE,
+    PARAMS_FILE,
+    REPORT_DIR,
+    WEIGHTS_FILE,
+    weights_sha256,
+)
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -225,8 +234,9 @@ def write_report(run_dir: Path) -> list[Path]:
     # An evaluation of weights the run has since trained past (train --resume) is of another model: named, not shown.
     recorded = {name: evaluation.get("weights_sha256") for name, evaluation in evaluations.items()
                 if isinstance(evaluation, dict) and "weights_sha256" in evaluation}  # older evaluations: shown
-    weights = weights_sha256(run_dir) if recorded else None
-    earlier = {name: evaluations.pop(name) for name, digest in recorded.items() if digest != weights}
+    # The weights hashed only where they are (a report needs no model: without them, every evaluation is shown).
+    weights = weights_sha256(run_dir) if recorded and (run_dir / ADAPTER_DIR / WEIGHTS_FILE).is_file() else None
+    earlier = {name: evaluations.pop(name) for name, digest in recorded.items() if weights and digest != weights}
     out = run_dir / REPORT_DIR
     out.mkdir(exist_ok=True)
     try:

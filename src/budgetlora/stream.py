@@ -109,7 +109,7 @@ def check_input(rows: ChunkedInput) -> CheckedInput:
     sizes, hashes, has_ids = [], [], None
     for first, columns in rows.chunks():
         sizes.append(len(row_texts(columns, rows.data, rows.where, first)))
-        ids = column_ids(columns, rows.data, rows.where, first)
+        ids = column_ids(columns, rows.data.id_column, rows.where, first)
         if has_ids is not None and has_ids != (ids is not None):  # JSONL: records with and without the key
             raise DataError(f"{rows.where}, rows {first + 1}-{first + sizes[-1]}: "
                             f"{'no' if has_ids else 'an'} {rows.data.id_column!r} field, unlike the rows before them "
@@ -126,7 +126,7 @@ def check_input(rows: ChunkedInput) -> CheckedInput:
         repeated = set(ordered[1:][ordered[1:] == ordered[:-1]].tolist())
         seen: dict[str, int] = {}
         for first, columns in rows.chunks() if repeated else ():  # a hash collision of two IDs passes here
-            ids = column_ids(columns, rows.data, rows.where, first) or []
+            ids = column_ids(columns, rows.data.id_column, rows.where, first) or []
             check_unique_ids(((row, value) for row, value in enumerate(ids, start=first) if hash(value) in repeated),
                              seen, rows.where)
     return CheckedInput(sizes, bool(has_ids))
@@ -234,7 +234,7 @@ def _chunk_ids(rows: ChunkedInput, checked: CheckedInput) -> Iterator[Sequence[A
     """The IDs of each chunk: data.id_column's, read again, else row numbers."""
     if checked.has_ids:
         for first, columns in rows.chunks():
-            yield column_ids(columns, rows.data, rows.where, first) or []
+            yield column_ids(columns, rows.data.id_column, rows.where, first) or []
     else:
         for first, size in zip(itertools.accumulate([0, *checked.sizes]), checked.sizes, strict=False):
             yield range(first, first + size)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import datetime
 import functools
 import reprlib
 import types
@@ -76,7 +77,8 @@ def _check_type(value: Any, annotation: Any, key: str) -> Any:
         return float(value)
     if annotation in (int, str, bool):
         ok = isinstance(value, annotation) and not (annotation is int and isinstance(value, bool))
-        hint = " (YAML read it as a number or boolean: write it in quotes)" if annotation is str else ""
+        misread = annotation is str and isinstance(value, (int, float, bool, datetime.date))  # YAML's own types
+        hint = " (YAML read it as a number, boolean or date: write it in quotes)" if misread else ""
         require(ok, key, f"expected {annotation.__name__}, got {shown(value)}{hint}")
         return value
     raise TypeError(f"unsupported annotation {annotation!r} for {key}")  # a bug in this module, not in the config
