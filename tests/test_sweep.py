@@ -4,6 +4,7 @@ the search space comes from the config (sweep.space), checked before any trial r
 from __future__ import annotations
 
 import logging
+import signal
 import subprocess
 import sys
 from collections.abc import Callable
@@ -21,10 +22,11 @@ from budgetlora.config import ConfigError, RunConfig, dump_config, load_config, 
 from budgetlora.planner import candidate_overrides
 from budgetlora.runfolder import CHECKPOINTS_DIR, CONFIG_FILE
 from budgetlora.search_space import DEFAULT_SPACE, ParamSpec
-from budgetlora.sweep import run_sweep, suggest, sweep_dir
+from budgetlora.sweep import run_sweep, sampler_seed, suggest, sweep_dir
 from budgetlora.sweep_results import write_plots
 from budgetlora.targets import PRESETS
 from budgetlora.train import check_run_dir
+from budgetlora.trainer import TrainingInterrupted
 
 from .conftest import CONFIGS_DIR, tiny_config_dict
 
@@ -52,6 +54,9 @@ def test_sweep_resumes_and_writes_the_best_config_the_table_and_the_plots(
         assert (folder / plot).read_bytes().startswith(b"\x89PNG\r\n\x1a\n"), plot
     resumed = run_sweep(config, trials=3)  # same storage: one more trial, not three
     assert len(resumed.trials) == 3
+    # A new point, not the first trial's again (a sampler seeded as the first process was replays its draws).
+    rates = [trial.params["train.learning_rate"] for trial in resumed.trials]
+    assert len(set(rates)) == 3, rates
     assert sorted(p.name for p in folder.glob("trial-*")) == ["trial-000", "trial-001", "trial-002"]
     for trial in resumed.trials:  # each trained the config's space values, the rest as the base config
         trained = load_config(Path(trial.user_attrs["run_dir"]) / "config.yaml")
@@ -64,6 +69,38 @@ def test_sweep_resumes_and_writes_the_best_config_the_table_and_the_plots(
     best = load_config(folder / "best.yaml")
     assert best.lora.r == resumed.best_trial.params["lora.r"]
     assert best.name == config.name and best.budget == config.budget
+
+
+def test_each_process_of_a_sweep_samples_its_own_points(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert sampler_seed(42, 0, shared=False) == 42  # a fresh local sweep: the config's seed, reproducible
+    resumed = sampler_seed(42, 2, shared=False)
+    assert resumed != 42 and resumed == sampler_seed(42, 2, shared=False)
+    seeds = set()
+    for worker in ("0", "1"):
+        monkeypatch.setenv("BUDGETLORA_WORKER", worker)
+        seeds.add(sampler_seed(42, 0, shared=False))
+    assert len(seeds) == 2 and 42 not in seeds
+
+
+def test_ctrl_c_during_a_sweep_trial_is_one_line_and_the_trial_waits_to_run_again(
+        tmp_path: Path, tiny_roberta_dir: Path, news_csv: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture) -> None:
+    values = tiny_config_dict(tiny_roberta_dir, tmp_path / "runs", {"data": {"train": str(news_csv)}})
+    config_file = tmp_path / "sweep.yaml"
+    config_file.write_text(yaml.safe_dump(values))
+
+    def interrupted(*args: object, **kwargs: object) -> None:
+        raise TrainingInterrupted("interrupted (SIGINT): checkpoint saved", signal.SIGINT)
+
+    monkeypatch.setattr("budgetlora.train.train", interrupted)  # as StopOnInterrupt ends a trial's training
+    assert main(["sweep", "--config", str(config_file), "--trials", "2"]) == 130
+    err = capsys.readouterr().err
+    assert "budgetlora: sweep stopped (SIGINT) during a trial, queued to run again: run the same budgetlora sweep " \
+           "command to continue" in err
+    assert not [record for record in caplog.records if record.exc_info]  # optuna's traceback of the trial: dropped
+    study = optuna.load_study(study_name=values["name"],
+                              storage=f"sqlite:///{sweep_dir(load_config(config_file)) / 'optuna.db'}")
+    assert [trial.state for trial in study.trials] == [TrialState.FAIL, TrialState.WAITING]
 
 
 # --- the search space: from the config, checked before any trial runs ----------------------------------------------

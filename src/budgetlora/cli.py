@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import signal
 import sys
 import warnings
 from pathlib import Path
@@ -90,8 +91,15 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         study = load_study(config, args.storage)
         write_results(study, config, sweep_dir(config))
     else:
-        with contextlib.redirect_stdout(sys.stderr):  # the trainings' log dicts (see cmd_train)
-            study = run_sweep(config, args.trials, args.storage, heartbeat=args.heartbeat, grace=args.grace)
+        from .trainer import TrainingInterrupted
+
+        try:
+            with contextlib.redirect_stdout(sys.stderr):  # the trainings' log dicts (see cmd_train)
+                study = run_sweep(config, args.trials, args.storage, heartbeat=args.heartbeat, grace=args.grace)
+        except TrainingInterrupted as stopped:  # the trial's parameters are queued again in the study
+            print(f"budgetlora: sweep stopped ({signal.Signals(stopped.signum).name}) during a trial, queued to run "
+                  f"again: run the same budgetlora sweep command to continue", file=sys.stderr)
+            return 128 + stopped.signum
     print(format_study(study))
     if (sweep_dir(config) / "best.yaml").is_file():
         print(f"best config: {sweep_dir(config) / 'best.yaml'} (validation accuracy {study.best_value:.4f})")

@@ -14,6 +14,7 @@ search_space.py); a trial over budget, or whose drawn values the config refuses 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import os
 import subprocess
@@ -211,9 +212,14 @@ def run_sweep(base: RunConfig, trials: int, storage: str | None = None, *, heart
     folder = sweep_dir(base)
     folder.mkdir(parents=True, exist_ok=True)
     atomic_write_text(folder / "base.yaml", dump_config(base))
+    # Optuna logs a trial's exception with its traceback: Ctrl-C's is one line, the command line's (cli.cmd_sweep).
+    optuna_log = logging.getLogger("optuna.study._optimize")
+    if not any(isinstance(existing, _QuietInterrupts) for existing in optuna_log.filters):
+        optuna_log.addFilter(_QuietInterrupts(TrainingInterrupted))
     study = optuna.create_study(study_name=base.name, storage=open_storage(storage, folder, heartbeat, grace),
-                                direction="maximize", load_if_exists=True, pruner=make_pruner(base.sweep),
-                                sampler=optuna.samplers.TPESampler(seed=base.train.seed))
+                                direction="maximize", load_if_exists=True, pruner=make_pruner(base.sweep))
+    study.sampler = optuna.samplers.TPESampler(seed=sampler_seed(base.train.seed, len(study.trials),
+                                                                 shared=storage is not None))
     check_study_space(study, base.sweep.searched)
 
     def objective(trial: optuna.Trial) -> float:
@@ -273,6 +279,29 @@ def run_sweep(base: RunConfig, trials: int, storage: str | None = None, *, heart
         study.optimize(objective, n_trials=1, catch=(SurplusTrial,), gc_after_trial=True)
     write_results(study, base, folder)
     return study
+
+
+class _QuietInterrupts(logging.Filter):
+    """Drops the log records that carry a `kind` exception (a trial stopped by Ctrl-C or SIGTERM)."""
+
+    def __init__(self, kind: type[BaseException]) -> None:
+        super().__init__()
+        self.kind = kind
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.exc_info and isinstance(record.exc_info[1], self.kind))
+
+
+def sampler_seed(seed: int, trials_so_far: int, *, shared: bool) -> int:
+    """The sampler's seed in this process. A seeded sampler replays its draws: every process given train.seed alone
+    would propose the points the first one did (a resumed sweep its first trials again, --workers the same trial
+    each). A fresh or resumed local sweep stays reproducible (the seed and the trials already run); workers that share
+    a study (--workers, --storage) also mix in their own number and process."""
+    worker = f"{os.environ.get('BUDGETLORA_WORKER', '')}/{os.getpid()}" if shared or "BUDGETLORA_WORKER" in os.environ \
+        else ""
+    if not trials_so_far and not worker:
+        return seed
+    return int.from_bytes(hashlib.sha256(f"{seed}/{trials_so_far}/{worker}".encode()).digest()[:4], "little")
 
 
 def worker_slots(workers: int) -> list[dict[str, str]]:
