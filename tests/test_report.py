@@ -18,7 +18,7 @@ from budgetlora.report import ReportError, confusion_figure, save_png, training_
 from budgetlora.runfolder import RunFolderError
 from budgetlora.train import train
 
-from .conftest import LABELS, isolated_cache, tiny_config_dict, write_news_csv
+from .conftest import LABELS, isolated_cache, tiny_config_dict, write_csv, write_news_csv
 
 Rows = list[tuple[str, int]]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -237,3 +237,20 @@ def test_names_the_font_cannot_draw_are_one_log_line_not_a_warning_a_character(
     assert [record.getMessage() for record in caplog.records] == [
         "cjk.png: 6 characters of the names are missing from the plot's font, drawn as boxes (体育经济新闻); "
         "summary.md holds them as text"]
+
+
+def test_evaluations_of_one_file_are_told_apart_and_show_their_subsets(run_dir: Path, tmp_path: Path,
+                                                                        news_rows: Rows) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    texts = write_csv(tmp_path / "texts.csv", ["text"], [[text] for text, _ in news_rows[:20]])
+    labels = write_csv(tmp_path / "labels.csv", ["ID", "label", "both_high"],
+                       [[i, label, i % 2] for i, (_, label) in enumerate(news_rows[:20])])
+    evaluate_run(run, str(texts), labels=str(labels))
+    evaluate_run(run, str(texts), labels=str(labels), label_shift="uniform")
+    evaluate_run(run, str(texts), labels=str(labels), precision="fp32")  # asked for: kept beside the default's
+    assert len(list((run / "evaluations").glob("texts-*.json"))) == 3
+    summary = write_report(run)[-1].read_text()
+    for details in ("", ", label shift uniform", ", precision fp32"):
+        assert f"### evaluation: {texts} (labels {labels}{details})\n" in summary, details
+    assert summary.count("rows with both_high=1: accuracy ") == 3

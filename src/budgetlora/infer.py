@@ -144,6 +144,7 @@ def evaluate_run(run_dir: Path, source: str, *, labels: str | None = None, label
     truth = joined.labels if joined is not None else table["label"][:]
     metrics = classification_metrics(truth, predicted.tolist(), label_names) | extra
     metrics |= {"source": source, "labels": labels, "label_shift": label_shift, "overrides": list(overrides),
+                "precision": run.precision, "precision_asked": precision not in (None, "auto"),
                 "weights_sha256": runfolder.weights_sha256(run_dir), "subsets": {}}
     for column, values in (joined.columns.items() if joined is not None else ()):
         flags = [str(value).strip() for value in values]
@@ -159,7 +160,9 @@ def evaluate_run(run_dir: Path, source: str, *, labels: str | None = None, label
 def save_evaluation(run_dir: Path, metrics: dict[str, Any]) -> Path:
     """Write evaluate_run's `metrics` to <run>/evaluations/, under a name of their source, labels, label shift and
     overrides that different evaluations never share."""
-    key = _evaluation_key(metrics["source"], metrics["labels"], metrics["label_shift"], metrics["overrides"])
+    # A precision asked for (int8: other labels than the run's own) is another evaluation, kept beside the default's.
+    asked = [f"precision={metrics['precision']}"] if metrics.get("precision_asked") else []
+    key = _evaluation_key(metrics["source"], metrics["labels"], metrics["label_shift"], [*metrics["overrides"], *asked])
     # Every subset column adds a confusion matrix: thousands of classes and several subsets pass what report reads.
     return write_json(Path(run_dir) / runfolder.EVALUATIONS_DIR / f"{key}.json", metrics, most=MAX_JSON_BYTES)
 

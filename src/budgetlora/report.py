@@ -193,6 +193,15 @@ def _metrics_table(title: str, metrics: dict[str, Any]) -> list[str]:
     return [*lines, ""]
 
 
+def _evaluation_title(name: str, evaluation: dict[str, Any]) -> str:
+    """What set an evaluation apart: its source, and the labels file, label shift and precision it was made with."""
+    how = [f"labels {evaluation['labels']}" if evaluation.get("labels") else "",
+           f"label shift {evaluation['label_shift']}" if evaluation.get("label_shift") else "",
+           f"precision {evaluation['precision']}" if evaluation.get("precision_asked") else ""]
+    details = ", ".join(part for part in how if part)
+    return f"evaluation: {evaluation.get('source', name)}" + (f" ({details})" if details else "")
+
+
 def summary_markdown(run_dir: Path, metrics: dict[str, Any], params: dict[str, Any],
                      evaluations: dict[str, dict[str, Any]], images: list[Path],
                      earlier: dict[str, dict[str, Any]] | None = None) -> str:
@@ -201,7 +210,10 @@ def summary_markdown(run_dir: Path, metrics: dict[str, Any], params: dict[str, A
     trainable, budget = params["trainable"], params["budget"]
     lines = [f"# Run `{run_dir.name}`", "", "## Metrics", "", *_metrics_table("validation", metrics["validation"])]
     for name, evaluation in evaluations.items():
-        lines += _metrics_table(f"evaluation: {evaluation.get('source', name)}", evaluation)
+        lines += _metrics_table(_evaluation_title(name, evaluation), evaluation)
+        lines += [f"rows with {column}=1: accuracy {subset['accuracy']:.4f}, macro-F1 {subset['macro_f1']:.4f} on "
+                  f"{subset['rows']:,} rows" for column, subset in (evaluation.get("subsets") or {}).items()]
+        lines += [""] if evaluation.get("subsets") else []
     if earlier:
         lines += ["Evaluated before the run trained further (`evaluate` again for these weights): "
                   + ", ".join(f"`{evaluation.get('source', name)}`" for name, evaluation in earlier.items()), ""]
