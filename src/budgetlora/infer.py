@@ -14,7 +14,7 @@ import numpy as np
 from scipy.special import softmax
 
 from . import runfolder
-from .config import RunConfig
+from .config import RunConfig, with_overrides
 from .data import DataError, join_labels, load_table, split_train_validation
 from .domain import split_by_domain
 from .files import write_json, write_target
@@ -29,7 +29,9 @@ log = logging.getLogger(__name__)
 def _input_config(run_dir: Path, trust_pickle: bool, overrides: Sequence[str]) -> RunConfig:
     """The run's config, input-reading settings as trained unless `overrides` set them (e.g. data.text_columns=[title]),
     trust_pickle as asked."""
-    return runfolder.read_config(run_dir, [*overrides, f"data.trust_pickle={str(trust_pickle).lower()}"])
+    # Two steps: an error in the user's overrides names those alone, not the --trust-pickle setting added here.
+    config = runfolder.read_config(run_dir, overrides)
+    return with_overrides(config, [f"data.trust_pickle={str(trust_pickle).lower()}"])
 
 
 def _read_source(run_dir: Path, source: str, *, labelled: bool, trust_pickle: bool,
