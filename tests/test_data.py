@@ -572,6 +572,12 @@ def test_zero_padded_class_names_match_their_text_and_their_number(tmp_path: Pat
     assert load_table(str(path), DataConfig(label_names=["01", "02"]), labelled=True)["label"][:] == [1, 0, 0]
 
 
+def test_class_names_that_are_the_same_number_are_refused(tmp_path: Path, news_rows: Rows) -> None:
+    path = write_csv(tmp_path / "one.csv", ["text", "label"], [[t, "1"] for t, _ in news_rows[:3]])
+    with pytest.raises(DataError, match=r"two class names are the same number .*: a label 1 could be either"):
+        load_table(str(path), DataConfig(label_names=["1", "01", "2"]), labelled=True)
+
+
 def test_class_indices_by_construction_stay_indices_where_class_names_are_numbers(tmp_path: Path,
                                                                                   news_rows: Rows) -> None:
     """A ClassLabel column (yelp_polarity's names are "1", "2") and the AG News release's class 1-4 are indices."""

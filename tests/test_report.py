@@ -106,13 +106,16 @@ def test_an_evaluation_of_weights_trained_past_is_named_not_shown(run_dir: Path,
     written = write_report(resumed)
     assert [path.name for path in written] == ["training.png", "confusion_validation.png", "summary.md"]
     summary = (resumed / "report" / "summary.md").read_text()
-    assert f"Evaluated before the run trained further (`evaluate` again for these weights): `{heldout}`" in summary
-    assert f"evaluation: {heldout}" not in summary
-    evaluate_run(resumed, heldout)
-    assert f"evaluation: {heldout}" in write_report(resumed)[-1].read_text()
+    assert f"Evaluated before the run trained further (`evaluate` again for these weights): `evaluation: {heldout}`" \
+        in summary
+    assert f"### evaluation: {heldout}" not in summary
     # A report needs no model: without the weights to compare with, every evaluation is shown.
-    (resumed / "adapter" / "adapter_model.safetensors").unlink()
-    assert f"evaluation: {heldout}" in write_report(resumed)[-1].read_text()
+    without_weights = tmp_path / "without-weights"
+    shutil.copytree(resumed, without_weights)
+    (without_weights / "adapter" / "adapter_model.safetensors").unlink()
+    assert f"### evaluation: {heldout}\n" in write_report(without_weights)[-1].read_text()
+    evaluate_run(resumed, heldout)
+    assert f"### evaluation: {heldout}\n" in write_report(resumed)[-1].read_text()
 
 
 def test_report_of_an_unfinished_run_names_the_missing_file(run_dir: Path, tmp_path: Path) -> None:

@@ -93,7 +93,14 @@ def test_ctrl_c_during_a_sweep_trial_is_one_line_and_the_trial_waits_to_run_agai
         raise TrainingInterrupted("interrupted (SIGINT): checkpoint saved", signal.SIGINT)
 
     monkeypatch.setattr("budgetlora.train.train", interrupted)  # as StopOnInterrupt ends a trial's training
-    assert main(["sweep", "--config", str(config_file), "--trials", "2"]) == 130
+    optuna.logging.enable_propagation()  # optuna's own records reach caplog (its logger does not propagate)
+    try:
+        assert main(["sweep", "--config", str(config_file), "--trials", "2"]) == 130
+    finally:
+        optuna.logging.disable_propagation()
+    optunas = [record for record in caplog.records if record.name.startswith("optuna.study")]
+    assert any(record.getMessage() == "Trial 0 failed with value None." for record in optunas)  # captured at all
+    assert not [record for record in optunas if record.exc_info]  # not "Trial 0 failed with parameters ..." + traceback
     err = capsys.readouterr().err
     assert "budgetlora: sweep stopped (SIGINT) during a trial, queued to run again: run the same budgetlora sweep " \
            "command to continue" in err

@@ -139,6 +139,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from .infer import evaluate_run, save_evaluation
+    from .metrics import subset_summary
     from .runfolder import EVALUATIONS_DIR
 
     run_dir = Path(args.run)
@@ -153,8 +154,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         print(f"  {name:<{width}} precision {scores['precision']:.3f}  recall {scores['recall']:.3f}  "
               f"F1 {scores['f1-score']:.3f}")
     for column, subset in metrics["subsets"].items():
-        print(f"  rows with {column}=1: accuracy {subset['accuracy']:.4f}, macro-F1 {subset['macro_f1']:.4f} "
-              f"on {subset['rows']:,} rows")
+        print(f"  {subset_summary(column, subset)}")
     if "prior_adjustment" in metrics:
         shift = {k: v for k, v in metrics.items() if k in ("estimated_priors", "temperature", "offsets")}
         print(f"  label shift ({metrics['prior_adjustment']}): {shift}")

@@ -101,6 +101,9 @@ def _labels(values: list[Any], label_names: list[str], where: str) -> list[int]:
     the AG News release's class) is an index whatever the names."""
     index_of = {name: i for i, name in enumerate(label_names)}
     numbered = {number: i for i, name in enumerate(label_names) if _is_index(number := _label_index(name))}
+    if len(numbered) < sum(_is_index(_label_index(name)) for name in label_names):
+        raise DataError(f"data.label_names {label_names}: two class names are the same number (\"1\" and \"01\"): "
+                        f"a label 1 could be either; rename one")
     labels = []
     for row, value in enumerate(values):
         index = _label_index(value)
@@ -225,11 +228,15 @@ def split_train_validation(table: datasets.Dataset, data: DataConfig) -> tuple[d
         raise DataError(f"{data.train}: cannot {step} ({error})"
                         f"{'; classes of one row: ' + _few(scarce) if scarce else ''}; give more rows of each class, "
                         f"or change data.max_train_rows or data.validation_fraction") from None
-    absent = [name for index, name in enumerate(data.label_names) if index not in set(labels)]  # after any sample
+    all_labels = table["label"][:]
+    trained = {all_labels[i] for i in train_idx}  # after any sample, and the validation rows apart
+    absent = [index for index in range(len(data.label_names)) if index not in trained]
     if absent:
         log.warning("%s: the training rows hold no row of %d of data.label_names (%s): the model can never predict "
-                    "them; give rows of each class%s", data.train, len(absent), _few(absent),
-                    ", or raise data.max_train_rows" if len(indices) < len(table) else "")
+                    "them; give rows of each class%s", data.train, len(absent),
+                    _few([data.label_names[index] for index in absent]),
+                    ", or raise data.max_train_rows" if any(index in classes for index in absent)
+                    and len(indices) < len(table) else "")
     validation = table.select(sorted(val_idx))
     per_class = Counter(validation["label"][:])
     if len(validation) < SMALL_VALIDATION_ROWS or min(per_class.values()) < 2:

@@ -31,6 +31,12 @@ def classification_metrics(labels: list[int], predictions: list[int], label_name
     }
 
 
+def subset_summary(column: str, subset: dict[str, Any]) -> str:
+    """One line for the metrics of the rows a 0/1 column of a labels file marks (evaluate's `subsets`)."""
+    return (f"rows with {column}=1: accuracy {subset['accuracy']:.4f}, macro-F1 {subset['macro_f1']:.4f} on "
+            f"{subset['rows']:,} rows")
+
+
 def checkpoint_score(labels: list[int], logits: np.ndarray) -> float:
     """Validation accuracy of `logits`, equal accuracies ordered by the lower cross-entropy against `labels`.
 

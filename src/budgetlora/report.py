@@ -17,15 +17,15 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .files import atomic_write_bytes, atomic_write_text
+from .metrics import subset_summary
 from .run_files import read_json
 from .runfolder import (
-    ADAPTER_DIR,
     EVALUATIONS_DIR,
     LOG_HISTORY_FILE,
     METRICS_FILE,
     PARAMS_FILE,
     REPORT_DIR,
-    WEIGHTS_FILE,
+    weights_file,
     weights_sha256,
 )
 
@@ -194,10 +194,12 @@ def _metrics_table(title: str, metrics: dict[str, Any]) -> list[str]:
 
 
 def _evaluation_title(name: str, evaluation: dict[str, Any]) -> str:
-    """What set an evaluation apart: its source, and the labels file, label shift and precision it was made with."""
+    """What set an evaluation apart: its source, and the labels file, label shift, precision and input overrides it
+    was made with."""
     how = [f"labels {evaluation['labels']}" if evaluation.get("labels") else "",
            f"label shift {evaluation['label_shift']}" if evaluation.get("label_shift") else "",
-           f"precision {evaluation['precision']}" if evaluation.get("precision_asked") else ""]
+           f"precision {evaluation['precision']}" if evaluation.get("precision_asked") else "",
+           " ".join(evaluation.get("overrides") or [])]
     details = ", ".join(part for part in how if part)
     return f"evaluation: {evaluation.get('source', name)}" + (f" ({details})" if details else "")
 
@@ -211,12 +213,11 @@ def summary_markdown(run_dir: Path, metrics: dict[str, Any], params: dict[str, A
     lines = [f"# Run `{run_dir.name}`", "", "## Metrics", "", *_metrics_table("validation", metrics["validation"])]
     for name, evaluation in evaluations.items():
         lines += _metrics_table(_evaluation_title(name, evaluation), evaluation)
-        lines += [f"rows with {column}=1: accuracy {subset['accuracy']:.4f}, macro-F1 {subset['macro_f1']:.4f} on "
-                  f"{subset['rows']:,} rows" for column, subset in (evaluation.get("subsets") or {}).items()]
+        lines += [subset_summary(column, subset) for column, subset in (evaluation.get("subsets") or {}).items()]
         lines += [""] if evaluation.get("subsets") else []
     if earlier:
         lines += ["Evaluated before the run trained further (`evaluate` again for these weights): "
-                  + ", ".join(f"`{evaluation.get('source', name)}`" for name, evaluation in earlier.items()), ""]
+                  + ", ".join(f"`{_evaluation_title(name, evaluation)}`" for name, evaluation in earlier.items()), ""]
     lines += ["## Trainable parameters", "", "| group | parameters |", "| --- | ---: |"]
     lines += [f"| {group} | {count:,} |" for group, count in params["groups"].items()]
     lines += [f"| **trainable** | **{trainable:,}** |", "",
@@ -247,7 +248,7 @@ def write_report(run_dir: Path) -> list[Path]:
     recorded = {name: evaluation.get("weights_sha256") for name, evaluation in evaluations.items()
                 if isinstance(evaluation, dict) and "weights_sha256" in evaluation}  # older evaluations: shown
     # The weights hashed only where they are (a report needs no model: without them, every evaluation is shown).
-    weights = weights_sha256(run_dir) if recorded and (run_dir / ADAPTER_DIR / WEIGHTS_FILE).is_file() else None
+    weights = weights_sha256(run_dir) if recorded and weights_file(run_dir).is_file() else None
     earlier = {name: evaluations.pop(name) for name, digest in recorded.items() if weights and digest != weights}
     out = run_dir / REPORT_DIR
     out.mkdir(exist_ok=True)

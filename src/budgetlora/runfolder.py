@@ -137,9 +137,14 @@ def write_weights(run_dir: Path, model: PeftModel) -> None:
                                                         for name in CHECKED_FILES))
 
 
+def weights_file(run_dir: Path) -> Path:
+    """The run's adapter and head weights (adapter/adapter_model.safetensors)."""
+    return Path(run_dir) / ADAPTER_DIR / WEIGHTS_FILE
+
+
 def weights_sha256(run_dir: Path) -> str:
     """The SHA-256 of the run's adapter weights: which weights a result (an evaluation, pseudo-labels) came from."""
-    return file_sha256(Path(run_dir) / ADAPTER_DIR / WEIGHTS_FILE)
+    return file_sha256(weights_file(run_dir))
 
 
 def write_metrics(run_dir: Path, metrics: dict[str, Any]) -> None:
