@@ -100,8 +100,9 @@ def _labels(values: list[Any], label_names: list[str], where: str) -> list[int]:
     "1" never means index 1 in one file and the class named "1" in another; a readers.ClassIndex (a ClassLabel column,
     the AG News release's class) is an index whatever the names."""
     index_of = {name: i for i, name in enumerate(label_names)}
-    numbered = {number: i for i, name in enumerate(label_names) if _is_index(number := _label_index(name))}
-    if len(numbered) < sum(_is_index(_label_index(name)) for name in label_names):
+    numbers = [(number, i) for i, name in enumerate(label_names) if _is_index(number := _label_index(name))]
+    numbered = dict(numbers)
+    if len(numbered) < len(numbers):
         raise DataError(f"data.label_names {label_names}: two class names are the same number (\"1\" and \"01\"): "
                         f"a label 1 could be either; rename one")
     labels = []
@@ -207,7 +208,7 @@ def split_train_validation(table: datasets.Dataset, data: DataConfig) -> tuple[d
     learn to answer it always and report a perfect validation accuracy. A tiny validation split is logged as such.
     """
     indices = list(range(len(table)))
-    labels = table["label"][:]
+    labels = all_labels = table["label"][:]  # `labels` follows the sample below
     classes = Counter(labels)
     if len(classes) == 1:
         (only,) = classes
@@ -228,7 +229,6 @@ def split_train_validation(table: datasets.Dataset, data: DataConfig) -> tuple[d
         raise DataError(f"{data.train}: cannot {step} ({error})"
                         f"{'; classes of one row: ' + _few(scarce) if scarce else ''}; give more rows of each class, "
                         f"or change data.max_train_rows or data.validation_fraction") from None
-    all_labels = table["label"][:]
     trained = {all_labels[i] for i in train_idx}  # after any sample, and the validation rows apart
     absent = [index for index in range(len(data.label_names)) if index not in trained]
     if absent:

@@ -141,8 +141,10 @@ def predict_stream(run_dir: Path, config: RunConfig, rows: ChunkedInput, checked
     (the first writes the file)."""
     if kaggle and output == "-":
         raise ValueError("a kaggle file is checked before it is moved into place: give a file, not stdout")
-    invalid = first_invalid_id(itertools.chain.from_iterable(_chunk_ids(rows, checked)), checked.rows) \
-        if kaggle and checked.has_ids else None  # the input's own IDs: refused before the model loads
+    if kaggle and checked.has_ids:  # the input's own IDs: refused before the model loads
+        invalid = first_invalid_id(itertools.chain.from_iterable(_chunk_ids(rows, checked)), checked.rows)
+    else:
+        invalid = None
     if invalid is not None:
         raise DataError(f"{rows.where}, row {invalid[0]}: ID {invalid[1]!r} (column {rows.data.id_column!r}, "
                         f"data.id_column) is not one of 0..{checked.rows - 1}, the IDs --format kaggle writes; predict "
