@@ -88,6 +88,30 @@ def test_results_on_stdout_logs_on_stderr_and_no_gradient_checkpointing_warning(
     assert "loading configuration file" in verbose.stderr and "budgetlora.modeling: attention" in verbose.stderr
 
 
+def test_verbose_shows_an_errors_traceback_above_its_one_line(tiny_roberta_dir: Path,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    args = ["params", f"model.name={tiny_roberta_dir}", "lora.r=0"]
+    assert main(args) == 2
+    quiet = capsys.readouterr().err
+    assert "Traceback" not in quiet and quiet.strip().endswith("got 0")
+    assert main([*args[:1], "--verbose", *args[1:]]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert "Traceback (most recent call last):" in lines and "ConfigError" in "\n".join(lines)
+    assert lines[-1] == quiet.strip().splitlines()[-1]  # the one line, last
+
+
+def test_help_states_the_defaults_of_options_that_have_them(capsys: pytest.CaptureFixture[str]) -> None:
+    for command, option, default in [("plan", "--top", "10"), ("sweep", "--trials", "20"),
+                                     ("sweep", "--heartbeat", "60"), ("serve", "--port", "8000"),
+                                     ("serve", "--max-texts", "64"), ("predict", "--format", "csv"),
+                                     ("export", "--format", "transformers")]:
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        options = " ".join(capsys.readouterr().out.partition("\noptions:")[2].split())  # argparse wraps lines
+        described = options[options.index(f"{option} "):][:400]
+        assert f"default: {default})" in described, (command, option)
+
+
 def test_train_prints_its_result_alone_on_stdout(tiny_roberta_dir: Path, news_csv: Path, tmp_path: Path,
                                                  capsys: pytest.CaptureFixture[str]) -> None:
     values = tiny_config_dict(tiny_roberta_dir, tmp_path / "runs", {"train": {"max_steps": 2}})

@@ -99,3 +99,16 @@ def test_cli_train_dry_run_prints_the_plan_and_writes_nothing(tmp_path: Path, ti
     out = capsys.readouterr().out
     assert "within budget" in out and "nothing was trained and nothing was written" in out
     assert not (tmp_path / "runs").exists()
+
+
+def test_training_raises_no_deprecation_warning_of_its_own_calls(tiny_roberta_dir: Path, news_csv: Path,
+                                                                 make_config: Callable[..., RunConfig]) -> None:
+    """Every train printed pyarrow's FutureWarning about `null_placement`, from Dataset.sort on the validation set."""
+    import warnings
+
+    config = make_config(tiny_roberta_dir, {"name": "quiet", "data": {"train": str(news_csv)},
+                                              "train": {"max_steps": 1}})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train(config)
+    assert not [str(w.message) for w in caught if "null_placement" in str(w.message)]

@@ -12,6 +12,7 @@ import contextlib
 import logging
 import signal
 import sys
+import traceback
 import warnings
 from pathlib import Path
 
@@ -253,6 +254,8 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as error:
         if not is_user_error(error):
             raise
+        if args.verbose:  # where it came from, for a bug report; the one line stays last
+            traceback.print_exception(error, file=sys.stderr)
         print(f"budgetlora: error: {error}", file=sys.stderr)
         return 2
 

@@ -27,7 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
     # Options of every command, and of every command that loads a model.
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--verbose", action="store_true",
-                        help="debug logging (budgetlora's and transformers'; logs go to stderr, results to stdout)")
+                        help="debug logging: transformers' debug lines, and an error's traceback above its one "
+                        "line (logs go to stderr, results to stdout)")
     on_device = argparse.ArgumentParser(add_help=False, parents=[common])
     on_device.add_argument("--device", help="cpu, cuda (the first GPU) or cuda:N (that GPU only); default: the GPUs "
                            "there are (training uses them all, inference the first), else the CPU")
@@ -65,21 +66,23 @@ def build_parser() -> argparse.ArgumentParser:
                                   help="adapter shapes that fit the budget, best first, with exact counts")
     planner.add_argument("--config", help="YAML config: the model (default: built-in defaults)")
     planner.add_argument("--budget", type=int, help="trainable-parameter budget, > 0 (default: the config's)")
-    planner.add_argument("--top", type=int, default=10, help="how many candidates to list")
+    planner.add_argument("--top", type=int, default=10, help="how many candidates to list (default: %(default)s)")
     planner.add_argument("overrides", nargs="*", help=overrides_help)
 
     sweep = commands.add_parser("sweep", parents=[on_device],
                                 help="Optuna search over adapter shape and hyperparameters, within budget")
     sweep.add_argument("--config", required=True, help="YAML config: model, data, budget, epochs, sweep.space")
     sweep.add_argument("--trials", type=int, default=20,
-                       help="trials to finish in the whole study, over every worker (pruned and refused ones count)")
+                       help="trials to finish in the whole study, over every worker (pruned and refused ones count; "
+                       "default: %(default)s)")
     sweep.add_argument("--storage", help="the study's storage, shared by every worker: an RDB URL "
                        "(postgresql://user@host/db, needs budgetlora[sweep-postgres]) or journal:///path/file.log "
                        "(a shared file system); default: SQLite in the sweep folder")
     sweep.add_argument("--workers", type=int, default=1,
-                       help="worker processes on this machine: one per visible GPU, or cores/N threads each")
+                       help="worker processes on this machine: one per visible GPU, or cores/N threads each "
+                       "(default: %(default)s)")
     sweep.add_argument("--heartbeat", type=int, default=60, metavar="SECONDS",
-                       help="how often a worker signals that its trial is alive")
+                       help="how often a worker signals that its trial is alive (default: %(default)s)")
     sweep.add_argument("--grace", type=int, metavar="SECONDS", help="a trial silent this long is retried by another "
                        "worker (default: twice --heartbeat)")
     sweep.add_argument("overrides", nargs="*", help=overrides_help)
@@ -111,7 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--label-shift", choices=PRIOR_ADJUSTMENTS, help=shift_help + "; holds every row's "
                          "probabilities (about 150 bytes a row with 4 classes), uniform-ood every text too")
     predict.add_argument("--format", choices=["csv", "kaggle"], default="csv",
-                         help="kaggle: also check the file (header ID,Label, IDs 0..N-1, labels in range)")
+                         help="kaggle: also check the file (header ID,Label, IDs 0..N-1, labels in range; default: "
+                         "%(default)s)")
     predict.add_argument("--with-probs", action="store_true",
                          help="also write each label's name and one prob_<class> column per class")
 
@@ -122,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--out", required=True, help="folder to create (must not exist, or be empty)")
     export.add_argument("--format", choices=["transformers", "onnx"], default="transformers",
                         help="transformers: a folder pipeline() loads (compact heads: trust_remote_code=True); "
-                             "onnx: model.onnx + tokenizer for onnxruntime")
+                             "onnx: model.onnx + tokenizer for onnxruntime (default: %(default)s)")
 
     report = commands.add_parser("report", parents=[common], help="plots and summary.md of a run, in <run>/report/")
     report.add_argument("--run", required=True, help=run_help)
@@ -130,12 +134,14 @@ def build_parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", parents=[on_device],
                                 help="HTTP API over a run: POST /predict, GET /health, /docs")
     serve.add_argument("--run", required=True, help=run_help)
-    serve.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to listen on every interface")
-    serve.add_argument("--port", type=int, default=8000)
-    serve.add_argument("--max-texts", type=int, default=64, help="most texts in one request")
-    serve.add_argument("--max-chars", type=int, default=2000, help="longest text, in characters")
+    serve.add_argument("--host", default="127.0.0.1",
+                       help="0.0.0.0 to listen on every interface (default: %(default)s)")
+    serve.add_argument("--port", type=int, default=8000, help="TCP port (default: %(default)s)")
+    serve.add_argument("--max-texts", type=int, default=64, help="most texts in one request (default: %(default)s)")
+    serve.add_argument("--max-chars", type=int, default=2000, help="longest text, in characters (default: %(default)s)")
     serve.add_argument("--batch-window-ms", type=float, default=5.0,
-                       help="how long the worker waits for more requests to batch with the first")
+                       help="how long the worker waits for more requests to batch with the first "
+                       "(default: %(default)s)")
     serve.add_argument("--precision", help=precision_help)
 
     commands.add_parser("config", parents=[common],

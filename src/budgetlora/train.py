@@ -244,8 +244,10 @@ def _train(config: RunConfig, params: ParamReport, *, resume: bool, callbacks: S
     train_rows, val_rows = split_train_validation(table, config.data)
     config, max_length = resolve_max_length(config, tokenizer, train_rows)
     train_set = tokenize_table(_training_rows(config, train_rows, extra), tokenizer, config.model)
-    # Validation order does not change its metrics; sorted by length, its batches carry almost no padding.
-    val_set = tokenize_table(val_rows, tokenizer, config.model).sort("length")
+    # Validation order does not change its metrics; sorted by length, its batches carry almost no padding. numpy's
+    # stable argsort, not Dataset.sort: that passes pyarrow a sort option deprecated in pyarrow 25 (a FutureWarning).
+    val_set = tokenize_table(val_rows, tokenizer, config.model)
+    val_set = val_set.select(np.argsort(val_set["length"][:], kind="stable"))
 
     model, _ = build_peft_model(config, config.data.label_names)
     checkpoint = runfolder.latest_checkpoint(config.run_dir) if resume else None
