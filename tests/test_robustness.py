@@ -24,7 +24,7 @@ from budgetlora.domain import training_sample
 from budgetlora.infer import evaluate_run, predict_run, shift_to_input_priors
 from budgetlora.modeling import build_peft_model
 from budgetlora.runfolder import TRAINING_TEXTS_FILE, RunFolderError, read_config, read_training_texts
-from budgetlora.selftrain import run_training, select_pseudo_labels, selection_warning
+from budgetlora.selftrain import run_training, select_pseudo_labels, selection_warning, weak_teacher_warning
 from budgetlora.train import train
 from budgetlora.trainer import BudgetTrainer
 
@@ -400,3 +400,12 @@ def test_a_student_with_no_pseudo_label_trains_on_the_labelled_rows_alone(
     assert rounds[1]["train_rows"] == rounds[0]["train_rows"]
     assert (config.run_dir / "rounds" / "pseudo-1.jsonl").read_text() == ""
     assert "round 1: no pseudo-label above self_training.threshold=0.9999" in caplog.text
+    assert rounds[0]["validation_accuracy"] < 0.4375  # a random tiny model's teacher: the user is told
+    assert "round 1: the teacher's validation accuracy is" in caplog.text and "near chance (25.0%" in caplog.text
+
+
+def test_a_teacher_near_chance_is_named() -> None:
+    assert weak_teacher_warning(0.31, 4).startswith("the teacher's validation accuracy is 31.0%, near chance (25.0%")
+    assert weak_teacher_warning(0.44, 4) is None  # a quarter of the way from chance to perfect: not near chance
+    assert weak_teacher_warning(0.6, 2) is not None and weak_teacher_warning(0.63, 2) is None
+    assert weak_teacher_warning(0.9, 12) is None

@@ -86,6 +86,17 @@ def selection_warning(stats: dict[str, Any], settings: SelfTrainSettings, label_
     return None
 
 
+def weak_teacher_warning(accuracy: float, num_labels: int) -> str | None:
+    """What to tell the user when the teacher's validation accuracy is barely above chance (less than a quarter of the
+    way from chance to perfect): most of its pseudo-labels would be wrong, and the student learns them."""
+    chance = 1 / num_labels
+    if accuracy >= chance + (1 - chance) / 4:
+        return None
+    return (f"the teacher's validation accuracy is {accuracy:.1%}, near chance ({chance:.1%} with {num_labels} "
+            f"classes): many of its pseudo-labels will be wrong; train it longer or at another learning rate "
+            f"(train.epochs, train.learning_rate) before self-training")
+
+
 def _round_config(config: RunConfig, round_index: int) -> RunConfig:
     if round_index == config.self_training.rounds:
         return config  # the last student is the run itself
@@ -130,6 +141,9 @@ def self_train(config: RunConfig, *, resume: bool = False,
             provenance = _provenance(teacher, texts_sha256)
             chosen = _read_pseudo_labels(pseudo_file, config, texts, provenance) if previous_reused else None
             if chosen is None:
+                weak = weak_teacher_warning(history[-1]["validation_accuracy"], len(config.data.label_names))
+                if weak:
+                    log.warning("round %d: %s", index, weak)
                 _stats_file(pseudo_file).unlink(missing_ok=True)  # first: an older pair is never read with new rows
                 chosen = _choose_pseudo_labels(teacher, settings, texts, index)
                 _write_pseudo_labels(pseudo_file, *chosen, provenance)
@@ -165,8 +179,9 @@ def _choose_pseudo_labels(teacher: RunConfig, settings: SelfTrainSettings, texts
                     if settings.label_shift else (softmax(logits.astype(np.float64), axis=1), {}))
     rows, labels, stats = select_pseudo_labels(probs, settings)
     stats |= shift
-    log.info("round %d: %d pseudo-labels %s (mean confidence %s)", index, stats["selected"],
-             stats["per_class"], stats["mean_confidence"])
+    confidence = "none" if stats["mean_confidence"] is None else f"{stats['mean_confidence']:.3f}"
+    log.info("round %d: %d pseudo-labels %s (mean confidence %s)", index, stats["selected"], stats["per_class"],
+             confidence)
     warning = selection_warning(stats, settings, teacher.data.label_names)
     if warning:
         log.warning("round %d: %s", index, warning)
