@@ -97,14 +97,17 @@ def test_report_can_be_written_again(run_dir: Path, written: list[Path]) -> None
 
 
 def test_an_evaluation_of_weights_trained_past_is_named_not_shown(run_dir: Path, tmp_path: Path) -> None:
-    """After `train --resume` trains further, an earlier evaluation describes another model: the report names it and
-    says to evaluate again, and shows it again once evaluated with these weights."""
+    """After `train --resume` trains further, an earlier evaluation describes another model: the report names it,
+    removes its old matrix plot, says to evaluate again, and shows it again once evaluated with these weights."""
     resumed = tmp_path / "runs" / "resumed"
     shutil.copytree(run_dir, resumed)
+    stale = write_report(resumed)[2]  # the evaluation's matrix, drawn before the run trained further
+    assert stale.name.startswith("confusion_") and stale.name != "confusion_validation.png"
     assert main(["train", "--resume", str(resumed), "train.epochs=3"]) == 0
     heldout = read_json(heldout_file(resumed))["source"]
     written = write_report(resumed)
     assert [path.name for path in written] == ["training.png", "confusion_validation.png", "summary.md"]
+    assert not stale.exists()  # not left beside the new report as if it were of these weights
     summary = (resumed / "report" / "summary.md").read_text()
     assert f"Evaluated before the run trained further (`evaluate` again for these weights): `evaluation: {heldout}`" \
         in summary

@@ -259,6 +259,8 @@ def write_report(run_dir: Path) -> list[Path]:
         images += [save_png(confusion_figure(evaluation, Path(str(evaluation.get("source", name))).name),
                              out / f"confusion_{name}.png") for name, evaluation in evaluations.items()]
         summary = summary_markdown(run_dir, metrics, params, evaluations, images, earlier)
+        for name in earlier:  # an earlier report's matrix of them is of other weights: not left as if of these
+            (out / f"confusion_{name}.png").unlink(missing_ok=True)
     except (KeyError, TypeError, ValueError, IndexError, AttributeError, ArithmeticError) as error:
         # The files parsed but hold other shapes than training writes (edited, or from another tool).
         raise ReportError(f"{run_dir}: {LOG_HISTORY_FILE}, {METRICS_FILE}, {PARAMS_FILE} or {EVALUATIONS_DIR}/ hold "
