@@ -17,6 +17,7 @@ import contextlib
 import hashlib
 import logging
 import os
+import re
 import subprocess
 import sys
 import time
@@ -282,14 +283,21 @@ def run_sweep(base: RunConfig, trials: int, storage: str | None = None, *, heart
 
 
 class _QuietInterrupts(logging.Filter):
-    """Drops the log records that carry a `kind` exception (a trial stopped by Ctrl-C or SIGTERM)."""
+    """Drops the log records that carry a `kind` exception (a trial stopped by Ctrl-C or SIGTERM), and the line
+    optuna logs after each ("Trial N failed with value None.")."""
 
     def __init__(self, kind: type[BaseException]) -> None:
         super().__init__()
         self.kind = kind
+        self.quiet_trials: set[str] = set()
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not (record.exc_info and isinstance(record.exc_info[1], self.kind))
+        trial = re.match(r"Trial (\d+) failed", record.getMessage())
+        if record.exc_info and isinstance(record.exc_info[1], self.kind):
+            if trial:
+                self.quiet_trials.add(trial[1])
+            return False
+        return not (trial and trial[1] in self.quiet_trials)
 
 
 def sampler_seed(seed: int, trials_so_far: int, *, shared: bool) -> int:
