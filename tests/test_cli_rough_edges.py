@@ -100,6 +100,28 @@ def test_verbose_shows_an_errors_traceback_above_its_one_line(tiny_roberta_dir: 
     assert lines[-1] == quiet.strip().splitlines()[-1]  # the one line, last
 
 
+def test_overrides_may_follow_an_option(tiny_roberta_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`plan --top 1 lora.r=2` read lora.r=2 as an unrecognized argument (argparse ends a positional list at an
+    option)."""
+    assert main(["params", f"model.name={tiny_roberta_dir}", "--verbose", "lora.r=0"]) == 2
+    assert capsys.readouterr().err.strip().endswith("got 0")  # lora.r=0 was read: refused by the config
+    assert main(["plan", f"model.name={tiny_roberta_dir}", "--top", "1", "budget=50000"]) == 0
+    assert "shapes fit 50,000" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["params", f"model.name={tiny_roberta_dir}", "--verbose", "--bogus"])
+    assert "unrecognized arguments: --bogus (budgetlora params --help lists its options)" in capsys.readouterr().err
+
+
+def test_a_reader_that_stops_reading_is_no_error() -> None:
+    """`budgetlora config | head`: "budgetlora: error: [Errno 32] Broken pipe"; now quiet, exit 141 as `yes | head`."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader has gone before the first line
+    done = subprocess.run([sys.executable, "-m", "budgetlora.cli", "config"], stdout=write_end, stderr=subprocess.PIPE,
+                          text=True, timeout=120)
+    os.close(write_end)
+    assert (done.returncode, done.stderr) == (141, "")
+
+
 def test_help_states_the_defaults_of_options_that_have_them(capsys: pytest.CaptureFixture[str]) -> None:
     for command, option, default in [("plan", "--top", "10"), ("sweep", "--trials", "20"),
                                      ("sweep", "--heartbeat", "60"), ("serve", "--port", "8000"),

@@ -379,3 +379,11 @@ def test_choices_that_hold_themselves_are_refused_in_bounded_memory(tmp_path: Pa
     finally:
         tracemalloc.stop()
     assert peak < 100 << 20, peak
+
+
+def test_a_whole_number_in_scientific_notation_is_an_int() -> None:
+    """`budget: 1e6` (YAML 1.1 reads it as text) and `budget=1e6` were "expected int"; a quoted "16" stays an error."""
+    assert load_config(None, ["budget=1e6"]).budget == 1_000_000
+    assert load_config(None, ["budget=1000000.0", "train.epochs=1"]).budget == 1_000_000
+    with pytest.raises(ConfigError, match=r"^budget: expected int"):
+        load_config(None, ["budget=1.5"])

@@ -307,3 +307,13 @@ def test_a_head_module_named_as_a_target_matches_nothing(tiny_roberta_dir: Path)
     with pytest.raises(ConfigError, match=r"^lora\.target_modules: entry 'classifier\.dense' matches no module of this "
                                           r"model; closest module names: "):
         build_peft_model(config, LABELS, meta=True)
+
+
+def test_another_familys_name_lists_this_familys_layers_and_the_presets() -> None:
+    """[query, value] (the default) on DistilBERT: difflib finds nothing close to q_lin, so the message said nothing."""
+    names = [f"distilbert.transformer.layer.{i}.{kind}" for i in range(2)
+             for kind in ("attention.q_lin", "attention.v_lin", "ffn.lin1")]
+    with pytest.raises(ConfigError, match=r"entry 'query' matches no module of this model; this model's layers are "
+                                          r"named lin1, q_lin, v_lin; or use a preset, the same on every family: "
+                                          r"all-linear, attention, ffn"):
+        resolve_targets(LoraSettings(target_modules=["query"]), names)

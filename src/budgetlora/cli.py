@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import os
 import signal
 import sys
 import traceback
@@ -229,7 +230,13 @@ COMMANDS = {"params": cmd_params, "plan": cmd_plan, "sweep": cmd_sweep, "train":
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # Overrides after an option (`train --config C --dry-run lora.r=2`): argparse ends a positional list at an option.
+    if extra and hasattr(args, "overrides") and all("=" in arg and not arg.startswith("-") for arg in extra):
+        args.overrides = [*args.overrides, *extra]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)} (budgetlora {args.command} --help lists its options)")
     # Logs (and progress bars) on stderr, results on stdout: `budgetlora predict --output -` pipes a clean CSV.
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     # huggingface_hub prints its warnings with its own handler; through the root handler they were printed twice.
@@ -248,6 +255,9 @@ def main(argv: list[str] | None = None) -> int:
 
             select_device(args.device)  # before the command runs: CUDA reads the choice when it starts
         return COMMANDS[args.command](args)
+    except BrokenPipeError:  # `budgetlora config | head`: the reader stopped reading, as it meant to
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's own flush at exit would fail too
+        return 128 + signal.SIGPIPE
     except KeyboardInterrupt:  # outputs are written atomically at the end, so nothing half-written is left
         print("budgetlora: interrupted", file=sys.stderr)
         return 130

@@ -49,7 +49,7 @@ def _git_commit() -> str | None:
 def build_manifest(config: RunConfig, data_rows: dict[str, int]) -> dict[str, Any]:
     """Versions, hardware, config hash, and each data file's hash and row counts."""
     on = device()
-    data_file = Path(config.data.train)
+    data_file = Path(config.data.train).expanduser()
     return {
         "packages": {name: _version(name) for name in PACKAGES},
         "python": sys.version.split()[0],
@@ -72,5 +72,5 @@ def training_data_changed(saved: dict[str, Any], config: RunConfig) -> bool:
     hash, a Hub dataset or an older run, or the file is gone: loading it names the problem)."""
     data = saved.get("data")
     recorded = data.get("sha256") if isinstance(data, dict) else None
-    path = Path(config.data.train)
+    path = Path(config.data.train).expanduser()
     return isinstance(recorded, str) and path.is_file() and file_sha256(path) != recorded

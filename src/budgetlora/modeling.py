@@ -4,9 +4,9 @@ A trained run is loaded back from its folder by runfolder.load, which builds its
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import functools
+import importlib.util
 import logging
 import math
 import re
@@ -47,6 +47,8 @@ from .model_sources import VENDORED_CONFIGS, hub_unavailable, resolve_model_path
 from .targets import TargetMatch, resolve_targets
 
 log = logging.getLogger(__name__)
+# Families whose learned positions start after the padding index: max_position_embeddings 514 takes 512 tokens.
+PADDING_OFFSET_FAMILIES = ("roberta", "xlm-roberta", "xlm-roberta-xl", "camembert", "data2vec-text", "longformer")
 # Layer types peft's LoRA can wrap; only these are offered to target patterns.
 TARGETABLE_TYPES = (torch.nn.Linear, torch.nn.Embedding, torch.nn.Conv1d, Conv1D)
 
@@ -59,12 +61,16 @@ def _from_pretrained(loader: Any, key: str, name: str, **kwargs: Any) -> Any:
     """`loader.from_pretrained` for the model or tokenizer that config key `key` names. When the Hub cannot be used, a
     Hub id is read from the local Hugging Face cache alone: a clear error at once instead of ~30 s of retries."""
     path = resolve_model_path(name)
+    path = str(Path(path).expanduser()) if path.startswith("~") else path  # a YAML config has no shell to expand it
     local = Path(path).exists()
     if not local and (Path(path).is_absolute() or path.startswith((".", "~")) or path.count("/") > 1):
         raise ModelLoadError(f"{key} {name!r}: no such folder (and not a Hub id, which is 'name' or 'owner/name')")
     offline = None if local else hub_unavailable()
     try:
         return loader.from_pretrained(path, local_files_only=offline is not None, **kwargs)
+    except (ValueError, ImportError) as error:  # not a model folder, an unknown model type, a tokenizer's library
+        raise ModelLoadError(f"{key} {name!r}: transformers cannot load it ({_first_line(error)}){_hint(path)}") \
+            from None
     except OSError as error:
         reason = str(error).splitlines()[0]
         if local:
@@ -76,16 +82,66 @@ def _from_pretrained(loader: Any, key: str, name: str, **kwargs: Any) -> Any:
                              f"{key} at a local model folder") from error
 
 
-def load_tokenizer(model: ModelConfig):
+def _first_line(error: BaseException) -> str:
+    return f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
+
+
+def _hint(path: str) -> str:
+    """What to do about a folder transformers cannot load, where something in it tells."""
+    folder = Path(path)
+    if any(folder.glob("*.model")) and importlib.util.find_spec("sentencepiece") is None:
+        return "; its tokenizer is a SentencePiece model (DeBERTa-v3, ALBERT, XLM-RoBERTa): pip install sentencepiece"
+    if any(folder.glob("modeling_*.py")):
+        return ("; it runs its own code (trust_remote_code), which budgetlora does not run: a budgetlora export is "
+                "for serving, train from its base model")
+    return ""
+
+
+def load_tokenizer(model: ModelConfig) -> PreTrainedTokenizerBase:
+    """The tokenizer model.tokenizer (else model.name) names, checked against the model it feeds: no more tokens than
+    the embedding table has rows (a token past them crashes training), not so few that its files must be missing
+    (transformers then builds an empty tokenizer and every word is unknown), and a model_max_length within the
+    model's position table, where it has one."""
     key = "model.tokenizer" if model.tokenizer else "model.name"
-    return _from_pretrained(AutoTokenizer, key, model.tokenizer or model.name)
+    tokenizer = _from_pretrained(AutoTokenizer, key, model.tokenizer or model.name)
+    config = load_model_config(model, None, shapes_only=True)
+    tokens, rows = len(tokenizer), getattr(config, "vocab_size", None)
+    where = f"{key} {model.tokenizer or model.name!r}"
+    if isinstance(rows, int) and tokens > rows:
+        raise ModelLoadError(f"{where}: its tokenizer has {tokens:,} tokens, more than the {rows:,} rows of the "
+                             f"model's embedding table: give the model's own tokenizer (model.tokenizer)")
+    if isinstance(rows, int) and tokens < rows / 2:
+        raise ModelLoadError(f"{where}: its tokenizer has {tokens:,} tokens for the model's {rows:,}: the folder lacks "
+                             f"its tokenizer files (tokenizer.json, vocab.txt, ...), or model.tokenizer names another "
+                             f"model's; add them or point model.tokenizer at the model's tokenizer")
+    positions = position_limit(config)
+    if positions is not None:
+        if isinstance(model.max_length, int) and model.max_length > positions:
+            raise ConfigError(f"model.max_length: {model.max_length} is longer than the model's position table "
+                              f"({positions} positions, max_position_embeddings); use at most {positions}, or auto")
+        tokenizer.model_max_length = min(tokenizer.model_max_length, positions)  # what auto may choose
+    return tokenizer
 
 
-def load_model_config(model: ModelConfig, label_names: list[str], *, shapes_only: bool = False) -> PretrainedConfig:
-    """The model's config with our labels. For shapes only (meta device, random weights), a Hub model that the shipped
-    configs name comes from budgetlora's copy of its config.json when the Hub cannot be used and no copy is cached."""
-    labels = {"num_labels": len(label_names), "id2label": dict(enumerate(label_names)),
-              "label2id": {name: i for i, name in enumerate(label_names)}}
+def position_limit(config: PretrainedConfig) -> int | None:
+    """The longest input the model's absolute position table takes (None: no such table, e.g. DeBERTa's relative
+    positions). RoBERTa-like families start their positions after the padding index."""
+    positions = getattr(config, "max_position_embeddings", None)
+    if not isinstance(positions, int) or getattr(config, "position_biased_input", True) is False:
+        return None
+    if config.model_type in PADDING_OFFSET_FAMILIES:
+        positions -= (config.pad_token_id or 0) + 1
+    return positions
+
+
+def load_model_config(model: ModelConfig, label_names: list[str] | None, *,
+                      shapes_only: bool = False) -> PretrainedConfig:
+    """The model's config with our labels (None: as it is). For shapes only (meta device, random weights), a Hub model
+    that the shipped configs name comes from budgetlora's copy of its config.json when the Hub cannot be used and no
+    copy is cached."""
+    labels = {} if label_names is None else {
+        "num_labels": len(label_names), "id2label": dict(enumerate(label_names)),
+        "label2id": {name: i for i, name in enumerate(label_names)}}
     try:
         config = _from_pretrained(AutoConfig, "model.name", model.name, **labels)
     except ModelLoadError:
@@ -119,28 +175,33 @@ def build_base_model(model: ModelConfig, label_names: list[str], *, meta: bool =
     auto_class = AutoModel if compact else AutoModelForSequenceClassification
     # None lets transformers pick SDPA where the class supports it and the family's own attention elsewhere.
     attention = None if model.attn_implementation == "auto" else model.attn_implementation
-    torch.manual_seed(seed)  # the head (and a random_init body) start the same way on every run with this seed
+    if type(config) not in auto_class._model_mapping:
+        raise ConfigError(f"model.name {model.name!r}: transformers has no {auto_class.__name__} for model type "
+                          f"{config.model_type!r}" + ("; model.head: mean or first_token use the bare encoder"
+                                                      if not compact else ""))
+    try:  # on the meta device (no memory): a setting the class refuses is named before any weights are read
+        with torch.device("meta"):
+            base = auto_class.from_config(config, attn_implementation=attention)
+    except (ValueError, ImportError) as error:  # the only setting from_config takes besides the model's own config
+        if attention is None:
+            raise ModelLoadError(f"model.name {model.name!r}: transformers cannot build it from its config.json "
+                                 f"({_first_line(error)})") from None
+        raise ConfigError(f"model.attn_implementation: {attention!r}: {_first_line(error)} (use 'auto': SDPA where "
+                          f"the model supports it, else its own attention)") from None
     missing: set[str] | None = None
-    try:
-        if meta or model.random_init:
-            with torch.device("meta") if meta else contextlib.nullcontext():
-                base = auto_class.from_config(config, attn_implementation=attention)
-        else:
-            # The head is always new (our labels): a checkpoint's own head of another size is dropped, not an
-            # error, and the "newly initialized" report is silenced (the run's head is restored from its adapter).
-            with errors_only("transformers"):
-                base, info = _from_pretrained(auto_class, "model.name", model.name, config=config,
-                                              ignore_mismatched_sizes=True, attn_implementation=attention,
-                                              output_loading_info=True)
-            missing = set(info["missing_keys"])
-    except ValueError as error:  # transformers' refusal of an attention implementation the class lacks
-        if attention is None or "attention" not in str(error).lower():
-            raise
-        raise ConfigError(f"model.attn_implementation: {type(error).__name__}: {str(error).splitlines()[0]} "
-                          f"(use 'auto': SDPA where the model supports it, else its own attention)") from None
-    except KeyError as error:  # a model type transformers has no sequence-classification class for
-        raise ConfigError(f"model.name {model.name!r}: transformers has no {auto_class.__name__} for this model "
-                          f"type ({error})") from None
+    torch.manual_seed(seed)  # the head (and a random_init body) start the same way on every run with this seed
+    if model.random_init and not meta:
+        base = auto_class.from_config(config, attn_implementation=attention)
+    elif not meta:
+        # The head is always new (our labels): a checkpoint's own head of another size is dropped, not an error, and
+        # the "newly initialized" report is silenced (the run's head is restored from its adapter).
+        with errors_only("transformers"):
+            base, info = _from_pretrained(auto_class, "model.name", model.name, config=config,
+                                          ignore_mismatched_sizes=True, attn_implementation=attention,
+                                          output_loading_info=True)
+        missing = set(info["missing_keys"]) | {key for key, *_ in info["mismatched_keys"]}
+        # The bare encoder (compact heads) has no head; a *ForSequenceClassification's is what lies outside it.
+        _check_loaded_weights(model.name, missing, set() if compact else set(head_modules(base)))
     # Said for the model that runs; the meta-device builds that only count (`plan` makes dozens) keep it to debug.
     log.log(logging.DEBUG if meta else logging.INFO, "attention: %s (model.attn_implementation: %s)",
             base.config._attn_implementation, model.attn_implementation)
@@ -148,7 +209,28 @@ def build_base_model(model: ModelConfig, label_names: list[str], *, meta: bool =
         return PooledClassifier(base, model.head)
     if model.head == "lora_dense":
         init_new_dense_as_identity(base, missing)
+    elif missing and any(".pooler." in f".{key}" for key in missing):
+        # The standard head of BERT-like families reads the encoder's pooler, which stays frozen: a random one could
+        # not be rebuilt exactly on reload, the identity can.
+        log.warning("model.name %r holds no pooler weights (a checkpoint saved without them, e.g. from a masked "
+                    "language model): the standard head's frozen pooler starts as the identity; model.head: "
+                    "first_token or lora_dense train a head on the first token instead", model.name)
+        init_new_dense_as_identity(base, missing)
     return base
+
+
+def _check_loaded_weights(name: str, missing: set[str], heads: set[str]) -> None:
+    """Weights of the encoder that the checkpoint lacks or holds in another shape would start at random, silently
+    (transformers warns only): a config.json of another model than the weights, or a vocabulary resized in one and
+    not the other. Only the `heads` modules (new: our labels) and the pooler (not read by the compact heads; the
+    identity for the standard head) may be missing."""
+    encoder = sorted(key for key in missing
+                     if key.split(".")[0] not in heads and ".pooler." not in f".{key}")
+    if encoder:
+        raise ModelLoadError(f"model.name {name!r}: {len(encoder)} of the encoder's tensors are missing from its "
+                             f"weights or have another shape there ({', '.join(encoder[:3])}"
+                             f"{', ...' if len(encoder) > 3 else ''}): the weights do not fit its config.json "
+                             f"(another model's, or a vocab_size changed in one and not the other)")
 
 
 def targetable_module_names(model: nn.Module) -> list[str]:

@@ -197,7 +197,7 @@ def _read_file(path: Path, data: DataConfig) -> dict[str, list[Any]]:
 
 def load_columns(source: str, data: DataConfig) -> tuple[dict[str, list[Any]], str]:
     """Columns of a file or a Hub dataset (`name` or `name:split`), and how to name the source in messages."""
-    path = Path(source)
+    path = Path(source).expanduser()  # a config file has no shell to expand `~`
     if path.is_file():
         return _read_file(path, data), str(path)
     if path.suffix or path.exists():  # a name like "owner/dataset" (no suffix) is a Hub id

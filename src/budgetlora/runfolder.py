@@ -38,7 +38,7 @@ from .config import RunConfig, dump_config, load_config, with_overrides
 from .files import atomic_write_bytes, atomic_write_text, lock_folder, umask_mode, write_json
 from .hardware import device, resolve_predict_precision
 from .manifest import build_manifest, file_sha256
-from .modeling import build_base_model, load_tokenizer, predict_logits, quantize_int8
+from .modeling import ModelLoadError, build_base_model, load_tokenizer, predict_logits, quantize_int8
 from .run_files import (
     MAX_LOGITS_BYTES,
     MAX_LOGITS_HEADER_BYTES,
@@ -261,7 +261,11 @@ def load(run_dir: Path, *, config: RunConfig | None = None, merge: bool = True, 
     requested = precision or config.train.precision
     precision = resolve_predict_precision(requested, device())
     _check_adapter_file(run_dir)
-    base = build_base_model(config.model, config.data.label_names, seed=config.train.seed)
+    try:
+        base = build_base_model(config.model, config.data.label_names, seed=config.train.seed)
+    except ModelLoadError as error:  # the base model the run was trained on, named in its config.yaml
+        raise ModelLoadError(f"{error}; this run's base model: if its folder moved, set model.name in "
+                             f"{run_dir / CONFIG_FILE} to where it is now (the same model)") from None
     try:
         model = PeftModel.from_pretrained(base, run_dir / ADAPTER_DIR)
     except (RuntimeError, ValueError) as error:  # size or name mismatches: trained on another base model

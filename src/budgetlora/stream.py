@@ -55,7 +55,7 @@ class ChunkedInput:
     disk; other sources read whole once (load_columns) and handed out in the same chunks."""
 
     def __init__(self, source: str, data: DataConfig) -> None:
-        self.path, self.data = Path(source), data
+        self.path, self.data = Path(source).expanduser(), data
         self.streamed = self.path.is_file() and self.path.suffix.lower() in STREAMED_SUFFIXES
         self.where = str(self.path)
         self._whole: dict[str, list[Any]] = {}

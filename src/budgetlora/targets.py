@@ -163,6 +163,10 @@ def _no_match_message(entry: str, syntax: str, module_names: list[str]) -> str:
     closest = _closest(entry, module_names)
     if closest:
         message += f"; closest module names: {', '.join(closest)}"
+    else:  # another family's name (query on DistilBERT's q_lin): this family's own, and the presets
+        kinds = sorted({name.rsplit(".", 1)[-1] for name in module_names})
+        message += (f"; this model's layers are named {', '.join(kinds[:12])}{', ...' if len(kinds) > 12 else ''}; "
+                    f"or use a preset, the same on every family: {', '.join(PRESETS)}")
     if syntax == "peft" and any(char in entry for char in GLOB_CHARS):
         as_glob = [name for name in module_names if _entry_matcher(entry, "glob")(name)]
         message += (". With pattern_syntax 'peft' (literal name suffixes, what peft does with a list) '*' is not a "

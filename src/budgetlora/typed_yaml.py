@@ -9,6 +9,7 @@ import contextlib
 import dataclasses
 import datetime
 import functools
+import re
 import reprlib
 import types
 import typing
@@ -34,6 +35,8 @@ _short_repr.maxstring = _short_repr.maxother = 120
 _short_repr.maxlevel = 3
 shown = _short_repr.repr  # every config error that quotes a value goes through it
 
+
+SCIENTIFIC = re.compile(r"[+-]?\d+(\.\d*)?[eE][+-]?\d+")  # 1e6, 2.5e5: a string to YAML 1.1
 
 # --- building dataclasses from plain dicts, with type checks that name the key -------------------------------------
 
@@ -75,6 +78,12 @@ def _check_type(value: Any, annotation: Any, key: str) -> Any:
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
         require(ok, key, f"expected a number, got {shown(value)}")
         return float(value)
+    # A whole number written as 1e6 or 1000000.0 (YAML 1.1 reads 1e6 as a string), as budgets are written; a quoted
+    # "16" stays text, an error.
+    if annotation is int and (isinstance(value, float) or isinstance(value, str) and SCIENTIFIC.fullmatch(value)):
+        number = float(value)
+        if number.is_integer() and abs(number) < 2 ** 53:
+            return int(number)
     if annotation in (int, str, bool):
         ok = isinstance(value, annotation) and not (annotation is int and isinstance(value, bool))
         misread = annotation is str and isinstance(value, (int, float, bool, datetime.date))  # YAML's own types
