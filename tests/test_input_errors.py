@@ -210,3 +210,13 @@ def test_ctrl_c_during_predict_is_one_line_and_keeps_the_old_output(tmp_path: Pa
     ctrl_c_after(["predict", "--run", str(trained_tiny_run.run_dir), "--input", str(source), "--output", str(output)],
                  "prediction precision")
     assert output.read_text() == "ID,Label\n0,1\n" and [path.name for path in output.parent.iterdir()] == [output.name]
+
+
+def test_predict_refuses_to_write_over_its_input(tmp_path: Path, trained_tiny_run: TrainedRun,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    source = tmp_path / "texts.csv"
+    source.write_text("text\nstocks fell\nthe team won\n")
+    assert main(["predict", "--run", str(trained_tiny_run.run_dir), "--input", str(source), "--output",
+                 str(tmp_path / "." / "texts.csv")]) == 2
+    assert "is the input file too: the predictions would replace the texts" in capsys.readouterr().err
+    assert source.read_text() == "text\nstocks fell\nthe team won\n"

@@ -193,6 +193,9 @@ def predict_run(run_dir: Path, source: str, output: Path | str, *, label_shift: 
     Returns the rows written (None in the processes that write none)."""
     if output != "-":
         write_target(Path(output))  # a FIFO, device or folder is refused now, not after the whole input
+        if Path(output).exists() and Path(output).resolve() == Path(source).expanduser().resolve():
+            raise DataError(f"{output}: is the input file too: the predictions would replace the texts; write them "
+                            f"to another file")
     config = _input_config(run_dir, trust_pickle, overrides)
     rows = ChunkedInput(source, config.data)
     checked = check_input(rows)  # bad input fails before the model is loaded
