@@ -261,14 +261,15 @@ def test_the_cli_prints_one_line_for_a_bad_option(tmp_path: Path, capsys: pytest
     assert error == "budgetlora: error: --port: must be 0-65535, got 70000\n"
 
 
-def test_the_cli_serves_a_run_until_ctrl_c(server: Server) -> None:
+def test_the_cli_serves_a_run_until_ctrl_c(server: Server, tmp_path: Path) -> None:
     # --port 0: the system picks a free port and serve logs it (a port found free here could be taken by another
     # test worker before serve binds it).
     command = [sys.executable, "-m", "budgetlora.cli", "serve", "--run", str(server.run_dir), "--port", "0"]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    stdout = (tmp_path / "stdout").open("w")
+    process = subprocess.Popen(command, stdout=stdout, stderr=subprocess.PIPE, text=True,
                                preexec_fn=ctrl_c_as_in_a_terminal)
     lines: queue.Queue[str] = queue.Queue()
-    reader = threading.Thread(target=lambda: [lines.put(line) for line in process.stdout], daemon=True)
+    reader = threading.Thread(target=lambda: [lines.put(line) for line in process.stderr], daemon=True)
     reader.start()
     try:
         output, port, deadline = "", None, time.monotonic() + 90
@@ -292,6 +293,9 @@ def test_the_cli_serves_a_run_until_ctrl_c(server: Server) -> None:
         # uvicorn shuts down cleanly, then re-raises the SIGINT: the CLI's exit status for Ctrl-C, 130.
         assert process.returncode == 130, output
         assert port != 0 and "Application shutdown complete" in output, output
+        assert '"GET /health HTTP/1.1" 200' in output  # uvicorn's access log: a log, on stderr
+        stdout.close()
+        assert (tmp_path / "stdout").read_text() == ""
     finally:
         if process.poll() is None:
             process.kill()
@@ -305,3 +309,18 @@ def test_bad_limits_and_missing_runs_are_refused(tmp_path: Path) -> None:
         create_app(tmp_path, batch_texts=0)
     with pytest.raises(FileNotFoundError, match="is not a budgetlora run folder"):
         create_app(tmp_path / "nope")
+
+
+def test_a_request_whose_client_went_away_is_dropped(server: Server, news_rows: Rows) -> None:
+    """A client that times out is gone: its texts were predicted to the end, and retries piled up unread work."""
+    app = create_app(server.run_dir, max_texts=20_000, max_chars=MAX_CHARS, batch_window_ms=1, batch_texts=16)
+    texts = [text for text, _ in news_rows] * 100  # 1,250 micro-batches
+    stats = app.state.batch_stats
+    with running(app) as base:
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(f"{base}/predict", json={"texts": texts}, timeout=httpx.Timeout(60, read=1.0))
+        time.sleep(0.5)  # the handler's next check finds the client gone
+        dropped_at = stats.batches
+        time.sleep(1.0)
+        assert stats.batches <= dropped_at + 1 and stats.batches < 1_250 and stats.requests == 0
+        assert httpx.post(f"{base}/predict", json={"texts": texts[:1]}, timeout=60).status_code == 200

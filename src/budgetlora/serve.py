@@ -13,6 +13,7 @@ No `from __future__ import annotations` here: FastAPI must resolve the request m
 
 import asyncio
 import contextlib
+import copy
 import errno
 import logging
 import math
@@ -27,7 +28,7 @@ from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi_offline import FastAPIOffline
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from . import runfolder
@@ -37,6 +38,8 @@ log = logging.getLogger(__name__)
 
 # The most texts in one micro-batch: a larger request is split, so others wait behind at most about this many.
 MAX_BATCH_TEXTS = 256
+# How often a waiting request checks that its client is still connected.
+DISCONNECT_POLL_S = 0.1
 # A longer batch window would make every request outlast common client timeouts.
 MAX_BATCH_WINDOW_MS = 60_000
 
@@ -305,8 +308,16 @@ def create_app(run_dir: Path, *, max_texts: int = 64, max_chars: int = 2000, bat
         422: {"model": InvalidRequest, "description": "not a list of 1 to max_texts non-blank texts of at most "
                                                       "max_chars characters; each item says where and why"},
         503: {"model": ErrorMessage, "description": "the batch worker is not running"}})
-    async def predict_texts(request: PredictRequest) -> PredictResponse:  # type: ignore[valid-type]
-        logits = (await batcher.submit(request.texts)).astype(np.float64)
+    async def predict_texts(request: PredictRequest,  # type: ignore[valid-type]
+                            http: Request) -> PredictResponse | Response:
+        answer = asyncio.ensure_future(batcher.submit(request.texts))
+        # A client that went away (timed out, closed) gets its texts dropped from the queue: without this its request
+        # ran to the end, and clients retrying after a timeout piled up work no one read.
+        while not (await asyncio.wait({answer}, timeout=DISCONNECT_POLL_S))[0]:
+            if await http.is_disconnected():
+                answer.cancel()  # cancels its future too: the batch worker drops it (MicroBatcher._next_batch)
+                return Response(status_code=499)  # nginx's "client closed request": no one reads it
+        logits = answer.result().astype(np.float64)
         probabilities = np.exp(logits - logits.max(-1, keepdims=True))
         probabilities /= probabilities.sum(-1, keepdims=True)
         labels = logits.argmax(-1).tolist()
@@ -328,4 +339,14 @@ def serve(run_dir: Path, host: str = "127.0.0.1", port: int = 8000, *, max_texts
         # uvicorn names the address only when it binds the socket itself.
         url = f"http://{f'[{host}]' if ':' in host else host}:{sock.getsockname()[1]}"
         log.info("serving %s on %s (API docs: %s/docs); Ctrl-C stops", Path(run_dir).name, url, url)
-        uvicorn.Server(uvicorn.Config(app, host=host, port=port)).run(sockets=[sock])
+        uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_config=stderr_logging())).run(sockets=[sock])
+
+
+def stderr_logging() -> dict[str, Any]:
+    """uvicorn's logging config with its access log on stderr too (uvicorn writes it to stdout): logs on stderr,
+    results on stdout, in every budgetlora command."""
+    from uvicorn.config import LOGGING_CONFIG
+
+    config = copy.deepcopy(LOGGING_CONFIG)
+    config["handlers"]["access"]["stream"] = "ext://sys.stderr"
+    return config
