@@ -248,6 +248,17 @@ def test_a_missing_file_is_a_data_error(tmp_path: Path) -> None:
         load_table("sub/absent", DataConfig(), labelled=True)
 
 
+def test_paths_that_are_no_file_say_so_without_asking_the_hub(tmp_path: Path) -> None:
+    """A typo without a suffix in a folder that exists, `-`, a folder: each asked the Hub (30 s of retries online)."""
+    (tmp_path / "in").mkdir()
+    with pytest.raises(DataError, match=rf"^{re.escape(str(tmp_path / 'in' / 'big'))}: no such file$"):
+        load_columns(str(tmp_path / "in" / "big"), DataConfig())
+    with pytest.raises(DataError, match=r"^-: budgetlora reads no standard input; give a file$"):
+        load_columns("-", DataConfig())
+    with pytest.raises(DataError, match=r": not a regular file \(a folder, pipe or device\); give a file$"):
+        load_columns(str(tmp_path / "in"), DataConfig())
+
+
 # --- errors that name the file, row or column ------------------------------------------------------------------
 
 def test_missing_text_column_names_file_and_column(tmp_path: Path, news_rows: Rows) -> None:

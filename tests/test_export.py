@@ -257,9 +257,11 @@ def test_export_refuses_a_non_empty_target(runs: dict[str, Path], tmp_path: Path
     target.mkdir()
     (target / "keep.txt").write_text("mine")
     for fmt in FORMATS:
-        with pytest.raises(ExportTargetExistsError, match=f"{target} already exists"):
+        with pytest.raises(ExportTargetExistsError, match=rf"{target} already exists \(a folder with files in it\)"):
             export_run(runs["roberta-standard"], target, format=fmt)
     assert [path.name for path in target.iterdir()] == ["keep.txt"]
+    with pytest.raises(ExportTargetExistsError, match=r"keep.txt already exists \(a file\)"):
+        export_run(runs["roberta-standard"], target / "keep.txt")
     assert sorted(path.name for path in tmp_path.iterdir()) == ["taken"]
 
 

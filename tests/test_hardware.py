@@ -10,7 +10,7 @@ import torch
 from transformers import DataCollatorWithPadding
 
 from budgetlora.config import ConfigError, load_config
-from budgetlora.hardware import loader_workers, pad_multiple
+from budgetlora.hardware import loader_workers, pad_multiple, resolve_predict_precision
 from budgetlora.train import training_arguments
 
 CPU, GPU = torch.device("cpu"), torch.device("cuda")
@@ -53,3 +53,13 @@ def test_training_on_a_gpu_gets_persistent_loader_workers(tmp_path: Path) -> Non
     args = training_arguments(config, train_rows=100, on=GPU)
     assert (args.dataloader_num_workers, args.dataloader_persistent_workers) == (2, True)
     assert not args.use_cpu
+
+
+def test_fp16_prediction_on_a_cpu_is_warned_of(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level("WARNING", logger="budgetlora.hardware"):
+        assert resolve_predict_precision("fp16", torch.device("cpu")) == "fp16"
+    assert "--precision fp16 on a CPU: most CPUs have no fp16 matrix kernels" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="budgetlora.hardware"):
+        resolve_predict_precision("fp32", torch.device("cpu"))
+    assert not caplog.text

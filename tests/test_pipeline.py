@@ -134,6 +134,9 @@ def test_run_folder_holds_the_adapter(cli_run: CliRun) -> None:
     adapter_config = read_json(adapter / "adapter_config.json")
     assert (adapter_config["r"], adapter_config["lora_alpha"], adapter_config["bias"]) == (8, 16, "none")
     assert any(name.startswith("classifier") for name in adapter_config["modules_to_save"])
+    # No peft blank model card ("[More Information Needed]", this machine's base model path); SHA256SUMS is ours.
+    assert sorted(path.name for path in adapter.iterdir()) == ["SHA256SUMS", "adapter_config.json",
+                                                               "adapter_model.safetensors"]
     from safetensors import safe_open
 
     with safe_open(str(adapter / "adapter_model.safetensors"), "pt") as tensors:

@@ -188,7 +188,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if rows is None:  # under torchrun, a process other than the first: the first writes the file and reports
         return 0
     # With --format kaggle, the file's check (one line: rows, IDs, labels) was logged before it took its name.
-    print(f"wrote {rows:,} predictions to {'stdout' if to_stdout else args.output}",
+    print(f"wrote {rows:,} prediction{'' if rows == 1 else 's'} to {'stdout' if to_stdout else args.output}",
           file=sys.stderr if to_stdout else sys.stdout)
     return 0
 

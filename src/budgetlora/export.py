@@ -60,7 +60,8 @@ class ExportTargetExistsError(FileExistsError):
 
 def _check_target(out: Path) -> None:
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise ExportTargetExistsError(f"export target {out} already exists and is not an empty folder; "
+        what = "a folder with files in it" if out.is_dir() else "a file"
+        raise ExportTargetExistsError(f"export target {out} already exists ({what}); exporting never overwrites: "
                                       f"pick another --out")
 
 

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import re
 
 import torch
 
 from .config import ConfigError
+
+log = logging.getLogger(__name__)
 
 # What --device takes: the CPU, the first visible GPU, or the GPU of that index.
 DEVICE_CHOICE = re.compile(r"cpu|cuda(?::(\d+))?")
@@ -95,6 +98,9 @@ def resolve_predict_precision(requested: str, on: torch.device) -> str:
     that changes fewer labels. So "auto" keeps the precision the model was validated in."""
     if requested not in PREDICT_PRECISIONS:
         raise ConfigError(f"--precision {requested!r}: expected one of {', '.join(PREDICT_PRECISIONS)}")
+    if requested == "fp16" and on.type == "cpu":  # emulated in fp32: slower than either
+        log.warning("--precision fp16 on a CPU: most CPUs have no fp16 matrix kernels, so it runs slower than bf16 "
+                    "or fp32 (auto picks one of those)")
     if not requested.startswith("int8"):
         return resolve_precision(requested)
     if on.type != "cpu":

@@ -204,7 +204,12 @@ def load_columns(source: str, data: DataConfig) -> tuple[dict[str, list[Any]], s
     path = Path(source).expanduser()  # a config file has no shell to expand `~`
     if path.is_file():
         return _read_file(path, data), str(path)
-    if path.suffix or path.exists():  # a name like "owner/dataset" (no suffix) is a Hub id
+    if source == "-":
+        raise DataError("-: budgetlora reads no standard input; give a file")
+    if path.exists():
+        raise DataError(f"{source}: not a regular file (a folder, pipe or device); give a file")
+    # A name like "owner/dataset" (no suffix) is a Hub id; in a local folder that exists, it is a path.
+    if path.suffix or (path.parent != Path() and path.parent.is_dir()):
         raise DataError(f"{source}: no such file")
     name, _, split = source.partition(":")
     try:

@@ -128,6 +128,8 @@ def write_weights(run_dir: Path, model: PeftModel) -> None:
     SHA-256 of the files that make the model, which loading checks."""
     adapter = run_dir / ADAPTER_DIR
     model.save_pretrained(adapter, safe_serialization=True)
+    # peft's blank model card: "[More Information Needed]" throughout and this machine's base model path.
+    (adapter / "README.md").unlink(missing_ok=True)
     mode = umask_mode()
     for path in adapter.iterdir():  # safetensors writes 0600; every other output follows the umask
         if path.is_file():
