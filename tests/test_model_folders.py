@@ -152,3 +152,27 @@ def test_a_run_whose_base_model_moved_says_where_to_set_it(tmp_path: Path, train
     with pytest.raises(ModelLoadError, match=r"no such folder .*; this run's base model: if its folder moved, set "
                                              r"model.name in .*config.yaml to where it is now"):
         load(run)
+
+
+def test_a_run_on_another_base_model_is_refused(tmp_path: Path, trained_tiny_run: TrainedRun) -> None:
+    """The adapter on other base weights (a folder replaced, a Hub model updated, an edited config.yaml) predicted
+    something else with no error; manifest.json now records the base weights' SHA-256 and loading compares it."""
+    from safetensors.torch import load_file, save_file
+
+    from budgetlora.config import dump_config
+    from budgetlora.runfolder import RunFolderError, load, read_config
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_tiny_run.run_dir, run)
+    base = Path(trained_tiny_run.config.model.name)
+    other = copy_model(base, tmp_path / "other-base")
+    weights = load_file(other / "model.safetensors")
+    name = next(key for key in sorted(weights) if "encoder.layer.0.attention.self.query.weight" in key)
+    weights[name] = weights[name] + 1e-3  # a small change: still another model
+    save_file(weights, other / "model.safetensors", metadata={"format": "pt"})
+    (run / "config.yaml").write_text(dump_config(read_config(run, [f"model.name={other}"])))
+    with pytest.raises(RunFolderError, match=r"not the base model .* was trained on \(its weights differ from the "
+                                             r"SHA-256 in manifest.json"):
+        load(run)
+    (run / "config.yaml").write_text(dump_config(read_config(run, [f"model.name={copy_model(base, tmp_path / 'b')}"])))
+    assert load(run).predict(["stocks fell"]).shape == (1, len(LABELS))  # the same weights in another folder: fine

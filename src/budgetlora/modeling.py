@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import hashlib
 import logging
 import math
 import re
@@ -206,6 +207,22 @@ def build_base_model(model: ModelConfig, label_names: list[str], *, meta: bool =
     return base
 
 
+def base_weights_sha256(base: nn.Module) -> str:
+    """The SHA-256 of a model build_base_model returned, head left out (new for our labels): names, dtypes, shapes and
+    bytes of every other parameter. Recorded when a run trains and compared when it is loaded: another base model
+    (a moved folder pointed elsewhere, a Hub model updated upstream, an upgraded weights package) would otherwise
+    give other predictions than the run's, silently."""
+    heads = tuple(f"{head}." for head in head_modules(base))
+    digest = hashlib.sha256()
+    for name, parameter in sorted(base.named_parameters()):
+        if name.startswith(heads):
+            continue
+        tensor = parameter.detach().cpu().contiguous().reshape(-1)
+        digest.update(f"{name}|{tensor.dtype}|{tuple(parameter.shape)}|".encode())
+        digest.update(tensor.view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
 def targetable_module_names(model: nn.Module) -> list[str]:
     """Layers LoRA can adapt: peft's layer types, outside the standard head (trained in full, or not at all)."""
     heads = head_modules(model)
@@ -240,10 +257,11 @@ def lora_config(config: RunConfig, target_modules: list[str] | str, head_modules
     )
 
 
-def build_peft_model(config: RunConfig, label_names: list[str], *,
-                     meta: bool = False) -> tuple[PeftModel, TargetMatch]:
-    """Frozen base + LoRA + trainable head, after checking that every target pattern matches a module."""
-    base = build_base_model(config.model, label_names, meta=meta, seed=config.train.seed)
+def build_peft_model(config: RunConfig, label_names: list[str], *, meta: bool = False,
+                     base: nn.Module | None = None) -> tuple[PeftModel, TargetMatch]:
+    """Frozen base + LoRA + trainable head, after checking that every target pattern matches a module. `base`: what
+    build_base_model returned for this config, where the caller needs it first (None: built here)."""
+    base = build_base_model(config.model, label_names, meta=meta, seed=config.train.seed) if base is None else base
     trained_in_full = trainable_head_modules(base, config.model.head)
     match = resolve_targets(config.lora, targetable_module_names(base), encoder_linear_names(base))
     targets = match.peft_target_modules

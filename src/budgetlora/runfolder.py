@@ -38,7 +38,14 @@ from .config import RunConfig, dump_config, load_config, with_overrides
 from .files import atomic_write_bytes, atomic_write_text, lock_folder, umask_mode, write_json
 from .hardware import device, resolve_predict_precision
 from .manifest import build_manifest, file_sha256
-from .modeling import ModelLoadError, build_base_model, load_tokenizer, predict_logits, quantize_int8
+from .modeling import (
+    ModelLoadError,
+    base_weights_sha256,
+    build_base_model,
+    load_tokenizer,
+    predict_logits,
+    quantize_int8,
+)
 from .run_files import (
     MAX_LOGITS_BYTES,
     MAX_LOGITS_HEADER_BYTES,
@@ -83,9 +90,11 @@ def lock(run_dir: Path) -> AbstractContextManager[None]:
     return lock_folder(run_dir, LOCK_FILE)
 
 
-def write_header(config: RunConfig, params: ParamReport, data_rows: dict[str, int], training_texts: list[str]) -> None:
-    """What the run is, written before training: config, label names, parameter counts, manifest, and (unless
-    data.keep_training_texts is false) the sample of its training texts that prediction's domain split reads."""
+def write_header(config: RunConfig, params: ParamReport, data_rows: dict[str, int], training_texts: list[str],
+                 base_sha256: str) -> None:
+    """What the run is, written before training: config, label names, parameter counts, manifest (with `base_sha256`,
+    modeling.base_weights_sha256 of the base model, which loading compares), and (unless data.keep_training_texts is
+    false) the sample of its training texts that prediction's domain split reads."""
     from .domain import training_sample  # scikit-learn's import: only where training or the domain split needs it
 
     run_dir = config.run_dir
@@ -95,7 +104,7 @@ def write_header(config: RunConfig, params: ParamReport, data_rows: dict[str, in
             json.dumps(training_sample(training_texts), ensure_ascii=False).encode(), compresslevel=6, mtime=0))
     else:  # a resume that turned it off
         (run_dir / TRAINING_TEXTS_FILE).unlink(missing_ok=True)
-    write_json(run_dir / MANIFEST_FILE, build_manifest(config, data_rows))
+    write_json(run_dir / MANIFEST_FILE, {**build_manifest(config, data_rows), "base_model_sha256": base_sha256})
     write_json(run_dir / LABELS_FILE, {"label_names": config.data.label_names})
     write_json(run_dir / PARAMS_FILE, {"groups": params.groups, "trainable": params.trainable,
                                        "budget": params.budget, "total": params.total_params,
@@ -268,6 +277,7 @@ def load(run_dir: Path, *, config: RunConfig | None = None, merge: bool = True, 
     except ModelLoadError as error:  # the base model the run was trained on, named in its config.yaml
         raise ModelLoadError(f"{error}; this run's base model: if its folder moved, set model.name in "
                              f"{run_dir / CONFIG_FILE} to where it is now (the same model)") from None
+    _check_base_model(run_dir, config, base)
     try:
         model = PeftModel.from_pretrained(base, run_dir / ADAPTER_DIR)
     except (RuntimeError, ValueError) as error:  # size or name mismatches: trained on another base model
@@ -278,6 +288,18 @@ def load(run_dir: Path, *, config: RunConfig | None = None, merge: bool = True, 
     tokenizer.model_max_length = config.model.max_length
     log.info("prediction precision: %s (asked: %s)", precision, requested)
     return Run(run_dir, config, model, tokenizer, precision, _predictor(model, tokenizer, config, precision))
+
+
+def _check_base_model(run_dir: Path, config: RunConfig, base: nn.Module) -> None:
+    """The base model must be the one the run trained on (manifest.json's base_model_sha256; runs saved before it was
+    recorded are not checked): the adapter on another one predicts something else, with no error."""
+    manifest = run_dir / MANIFEST_FILE
+    recorded = read_json_object(manifest).get("base_model_sha256") if manifest.exists() else None
+    if isinstance(recorded, str) and base_weights_sha256(base) != recorded:
+        raise RunFolderError(f"model.name {config.model.name!r}: not the base model {run_dir} was trained on (its "
+                             f"weights differ from the SHA-256 in {manifest.name}: another model, a changed folder or "
+                             f"an update upstream); set model.name in {run_dir / CONFIG_FILE} to the model it was "
+                             f"trained on")
 
 
 def _predictor(model: nn.Module, tokenizer: PreTrainedTokenizerBase, config: RunConfig, precision: str) -> nn.Module:

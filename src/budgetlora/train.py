@@ -43,7 +43,7 @@ from .hardware import device, loader_workers, pad_multiple, resolve_precision
 from .head_init import fit_linear_probe
 from .manifest import training_data_changed
 from .metrics import CHECKPOINT_SCORE, checkpoint_score, classification_metrics
-from .modeling import build_peft_model, load_tokenizer
+from .modeling import base_weights_sha256, build_base_model, build_peft_model, load_tokenizer
 from .run_files import read_json_object
 from .trainer import BudgetTrainer, FollowMovedRun, StopOnInterrupt, TrainingInterrupted
 
@@ -249,7 +249,9 @@ def _train(config: RunConfig, params: ParamReport, *, resume: bool, callbacks: S
     val_set = tokenize_table(val_rows, tokenizer, config.model)
     val_set = val_set.select(np.argsort(val_set["length"][:], kind="stable"))
 
-    model, _ = build_peft_model(config, config.data.label_names)
+    base = build_base_model(config.model, config.data.label_names, seed=config.train.seed)
+    base_sha256 = base_weights_sha256(base)  # before LoRA: PiSSA's initialisation changes the frozen weights
+    model, _ = build_peft_model(config, config.data.label_names, base=base)
     checkpoint = runfolder.latest_checkpoint(config.run_dir) if resume else None
     train_texts = train_rows["text"][:]  # EVA, the probe and the run folder's sample read them: one copy from arrow
     if config.lora.init == "eva" and checkpoint is None:  # a checkpoint holds the adapters already
@@ -269,7 +271,7 @@ def _train(config: RunConfig, params: ParamReport, *, resume: bool, callbacks: S
     if main_process:
         rows = {"source": len(table), "train": len(train_set), "validation": len(val_set)}
         runfolder.write_header(config, params, rows if extra is None else {**rows, "pseudo_labelled": len(extra)},
-                               train_texts)
+                               train_texts, base_sha256)
         callbacks = [TensorBoardCallback(SummaryWriter(str(run_dir / runfolder.TENSORBOARD_DIR))), *callbacks]
     label_names = config.data.label_names
     if config.train.early_stopping_patience:
