@@ -176,3 +176,11 @@ def test_a_run_on_another_base_model_is_refused(tmp_path: Path, trained_tiny_run
         load(run)
     (run / "config.yaml").write_text(dump_config(read_config(run, [f"model.name={copy_model(base, tmp_path / 'b')}"])))
     assert load(run).predict(["stocks fell"]).shape == (1, len(LABELS))  # the same weights in another folder: fine
+
+
+def test_mpnet_positions_start_after_the_padding_index() -> None:
+    from transformers import MPNetConfig
+
+    from budgetlora.model_sources import position_limit
+
+    assert position_limit(MPNetConfig(max_position_embeddings=514)) == 512  # all-mpnet-base-v2's

@@ -44,7 +44,8 @@ VENDORED_CONFIGS: dict[str, dict[str, Any]] = {"roberta-base": _ROBERTA_BASE_CON
                                                "FacebookAI/roberta-base": _ROBERTA_BASE_CONFIG}
 HUB_PROBE_TIMEOUT_S = 2.0
 # Families whose learned positions start after the padding index: max_position_embeddings 514 takes 512 tokens.
-PADDING_OFFSET_FAMILIES = ("roberta", "xlm-roberta", "xlm-roberta-xl", "camembert", "data2vec-text", "longformer")
+PADDING_OFFSET_FAMILIES = ("roberta", "xlm-roberta", "xlm-roberta-xl", "camembert", "data2vec-text", "longformer",
+                           "mpnet")
 
 
 def cache_root() -> Path:
