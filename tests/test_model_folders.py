@@ -157,19 +157,13 @@ def test_a_run_whose_base_model_moved_says_where_to_set_it(tmp_path: Path, train
 def test_a_run_on_another_base_model_is_refused(tmp_path: Path, trained_tiny_run: TrainedRun) -> None:
     """The adapter on other base weights (a folder replaced, a Hub model updated, an edited config.yaml) predicted
     something else with no error; manifest.json now records the base weights' SHA-256 and loading compares it."""
-    from safetensors.torch import load_file, save_file
-
     from budgetlora.config import dump_config
     from budgetlora.runfolder import RunFolderError, load, read_config
 
     run = tmp_path / "run"
     shutil.copytree(trained_tiny_run.run_dir, run)
     base = Path(trained_tiny_run.config.model.name)
-    other = copy_model(base, tmp_path / "other-base")
-    weights = load_file(other / "model.safetensors")
-    name = next(key for key in sorted(weights) if "encoder.layer.0.attention.self.query.weight" in key)
-    weights[name] = weights[name] + 1e-3  # a small change: still another model
-    save_file(weights, other / "model.safetensors", metadata={"format": "pt"})
+    other = nudged_copy(base, tmp_path / "other-base")
     (run / "config.yaml").write_text(dump_config(read_config(run, [f"model.name={other}"])))
     with pytest.raises(RunFolderError, match=r"not the base model .* was trained on \(its weights differ from the "
                                              r"SHA-256 in manifest.json"):
@@ -184,3 +178,31 @@ def test_mpnet_positions_start_after_the_padding_index() -> None:
     from budgetlora.model_sources import position_limit
 
     assert position_limit(MPNetConfig(max_position_embeddings=514)) == 512  # all-mpnet-base-v2's
+
+
+def nudged_copy(model_dir: Path, target: Path) -> Path:
+    """A copy of a model folder with one weight changed a little: still another model."""
+    from safetensors.torch import load_file, save_file
+
+    copy_model(model_dir, target)
+    weights = load_file(target / "model.safetensors")
+    name = next(key for key in sorted(weights) if "encoder.layer.0.attention.self.query.weight" in key)
+    weights[name] = weights[name] + 1e-3
+    save_file(weights, target / "model.safetensors", metadata={"format": "pt"})
+    return target
+
+
+def test_a_resume_on_another_base_model_is_refused(tmp_path: Path, trained_tiny_run: TrainedRun,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """Resuming on other base weights would train one adapter over two models."""
+    from budgetlora.config import dump_config
+    from budgetlora.runfolder import read_config
+
+    run = tmp_path / "runs" / "run"
+    shutil.copytree(trained_tiny_run.run_dir, run)
+    manifest = (run / "manifest.json").read_text()
+    other = nudged_copy(Path(trained_tiny_run.config.model.name), tmp_path / "other-base")
+    (run / "config.yaml").write_text(dump_config(read_config(run, [f"model.name={other}"])))
+    assert main(["train", "--resume", str(run), "train.max_steps=16"]) == 2
+    assert "not the base model" in capsys.readouterr().err
+    assert (run / "manifest.json").read_text() == manifest  # the record of the model it trained on stays

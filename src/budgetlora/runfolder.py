@@ -277,7 +277,7 @@ def load(run_dir: Path, *, config: RunConfig | None = None, merge: bool = True, 
     except ModelLoadError as error:  # the base model the run was trained on, named in its config.yaml
         raise ModelLoadError(f"{error}; this run's base model: if its folder moved, set model.name in "
                              f"{run_dir / CONFIG_FILE} to where it is now (the same model)") from None
-    _check_base_model(run_dir, config, base)
+    check_base_model(run_dir, config, base_weights_sha256(base))
     try:
         model = PeftModel.from_pretrained(base, run_dir / ADAPTER_DIR)
     except (RuntimeError, ValueError) as error:  # size or name mismatches: trained on another base model
@@ -290,12 +290,13 @@ def load(run_dir: Path, *, config: RunConfig | None = None, merge: bool = True, 
     return Run(run_dir, config, model, tokenizer, precision, _predictor(model, tokenizer, config, precision))
 
 
-def _check_base_model(run_dir: Path, config: RunConfig, base: nn.Module) -> None:
-    """The base model must be the one the run trained on (manifest.json's base_model_sha256; runs saved before it was
-    recorded are not checked): the adapter on another one predicts something else, with no error."""
+def check_base_model(run_dir: Path, config: RunConfig, base_sha256: str) -> None:
+    """The base model (`base_sha256`: modeling.base_weights_sha256) must be the one the run trained on (manifest.json's
+    base_model_sha256; runs saved before it was recorded are not checked): the adapter on another one predicts
+    something else, and a resumed training would mix two models, with no error."""
     manifest = run_dir / MANIFEST_FILE
     recorded = read_json_object(manifest).get("base_model_sha256") if manifest.exists() else None
-    if isinstance(recorded, str) and base_weights_sha256(base) != recorded:
+    if isinstance(recorded, str) and base_sha256 != recorded:
         raise RunFolderError(f"model.name {config.model.name!r}: not the base model {run_dir} was trained on (its "
                              f"weights differ from the SHA-256 in {manifest.name}: another model, a changed folder or "
                              f"an update upstream); set model.name in {run_dir / CONFIG_FILE} to the model it was "

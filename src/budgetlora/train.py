@@ -253,6 +253,8 @@ def _train(config: RunConfig, params: ParamReport, *, resume: bool, callbacks: S
     base_sha256 = base_weights_sha256(base)  # before LoRA: PiSSA's initialisation changes the frozen weights
     model, _ = build_peft_model(config, config.data.label_names, base=base)
     checkpoint = runfolder.latest_checkpoint(config.run_dir) if resume else None
+    if checkpoint is not None:  # before the manifest is written anew with this base model's hash
+        runfolder.check_base_model(config.run_dir, config, base_sha256)
     train_texts = train_rows["text"][:]  # EVA, the probe and the run folder's sample read them: one copy from arrow
     if config.lora.init == "eva" and checkpoint is None:  # a checkpoint holds the adapters already
         initialize_eva(model, tokenizer, train_texts, max_length=config.model.max_length,
