@@ -166,6 +166,19 @@ def test_oversized_bodies_give_413(server: Server) -> None:
     assert httpx.get(f"{server.url}/health").status_code == 200  # the server is fine afterwards
 
 
+def test_a_body_not_sent_as_json_gives_415(server: Server) -> None:
+    """Valid JSON sent as text/plain (or a form) was a 422 saying "a valid dictionary": not what to do about it."""
+    body = json.dumps({"texts": ["stocks fell"]})
+    for content_type in ("text/plain", "application/x-www-form-urlencoded", None):
+        headers = {"content-type": content_type} if content_type else {}
+        answer = httpx.post(f"{server.url}/predict", content=body, headers=headers)
+        assert answer.status_code == 415, (content_type, answer.text)
+        assert "send the body as JSON with Content-Type: application/json" in answer.json()["detail"]
+    answer = httpx.post(f"{server.url}/predict", content=body,
+                        headers={"content-type": "application/json; charset=utf-8"})
+    assert answer.status_code == 200
+
+
 def test_openapi_schema_documents_predict(server: Server) -> None:
     schema = httpx.get(f"{server.url}/openapi.json").json()
     assert {"/predict", "/health"} <= set(schema["paths"])
@@ -179,7 +192,7 @@ def test_openapi_schema_documents_predict(server: Server) -> None:
 
 def test_openapi_schema_documents_the_error_answers(server: Server) -> None:
     responses = httpx.get(f"{server.url}/openapi.json").json()["paths"]["/predict"]["post"]["responses"]
-    assert {"200", "413", "422", "503"} <= set(responses)
+    assert {"200", "413", "415", "422", "503"} <= set(responses)
     assert "max_texts x max_chars" in responses["413"]["description"]
     assert responses["413"]["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/ErrorMessage"}
     assert responses["422"]["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/InvalidRequest"}

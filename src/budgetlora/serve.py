@@ -289,6 +289,10 @@ def create_app(run_dir: Path, *, max_texts: int = 64, max_chars: int = 2000, bat
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, error: RequestValidationError) -> JSONResponse:
+        media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if request.method == "POST" and media_type != "application/json":  # FastAPI said "a valid dictionary"
+            return JSONResponse(status_code=415, content={"detail": f"send the body as JSON with Content-Type: "
+                                                                    f"application/json (got {media_type or 'none'})"})
         # FastAPI's own handler echoes the input back, and that fails (a 500) for NaN, lone surrogates and bodies that
         # are not UTF-8. The location and message say what is wrong without it.
         detail = [{"loc": [str(part) for part in item.get("loc", ())], "type": str(item.get("type", "")),
@@ -305,6 +309,7 @@ def create_app(run_dir: Path, *, max_texts: int = 64, max_chars: int = 2000, bat
 
     @app.post("/predict", response_model=PredictResponse, responses={
         413: {"model": ErrorMessage, "description": f"request body over {body_limit} bytes (max_texts x max_chars)"},
+        415: {"model": ErrorMessage, "description": "a body that is not sent as application/json"},
         422: {"model": InvalidRequest, "description": "not a list of 1 to max_texts non-blank texts of at most "
                                                       "max_chars characters; each item says where and why"},
         503: {"model": ErrorMessage, "description": "the batch worker is not running"}})
