@@ -172,7 +172,7 @@ def export_run(run_dir: Path, out: Path, format: str = "transformers") -> Path:
     _check_target(out)  # before any weights are read
     if format == "onnx":
         require_onnx()
-    run = runfolder.load(run_dir, config=config)
+    run = runfolder.load(run_dir, config=config, precision="fp32")  # what the exported weights are (its log says so)
     model, tokenizer, label_names = run.model, run.tokenizer, run.label_names
     max_length = config.model.max_length
     out.parent.mkdir(parents=True, exist_ok=True)
