@@ -290,14 +290,6 @@ def test_empty_text_names_the_row(tmp_path: Path, news_rows: Rows, blank: str) -
         load_table(str(path), DataConfig(), labelled=True)
 
 
-def test_a_blank_line_of_a_one_column_csv_is_a_row_not_skipped(tmp_path: Path) -> None:
-    """pandas skipped it, so every later row took the ID of the one before (predict numbers rows by position)."""
-    path = tmp_path / "blank-line.csv"
-    path.write_text("text\nfirst\n\nthird\n")
-    with pytest.raises(DataError, match=rf"^{re.escape(str(path))}, row 2: the text is empty or only whitespace$"):
-        load_table(str(path), DataConfig(), labelled=False)
-
-
 def test_a_csv_with_cr_line_endings_is_read(tmp_path: Path) -> None:
     """An old Mac export: csv's check for the AG News release raised a traceback (new-line character seen)."""
     path = tmp_path / "cr.csv"

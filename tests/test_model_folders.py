@@ -101,24 +101,28 @@ def test_max_length_past_the_position_table_is_refused_and_auto_stays_within_it(
                                           r"\(64 positions"):
         load_tokenizer(make_config(short, {"model": {"max_length": 128}}).model)
     assert load_tokenizer(make_config(short, {"model": {"max_length": "auto"}}).model).model_max_length == 64
-    # RoBERTa's positions start after its padding index: 520 positions take 518 tokens.
-    with pytest.raises(ConfigError, match=r"519 is longer than the model's position table \(518 positions"):
-        load_tokenizer(make_config(tiny_roberta_dir, {"model": {"max_length": 519}}).model)
+    # RoBERTa's positions start after its padding index: 520 positions take 518 tokens (padding index 1).
+    limit = 520 - json.loads((tiny_roberta_dir / "config.json").read_text())["pad_token_id"] - 1
+    with pytest.raises(ConfigError, match=rf"{limit + 1} is longer than the model's position table \({limit} "):
+        load_tokenizer(make_config(tiny_roberta_dir, {"model": {"max_length": limit + 1}}).model)
 
 
-def test_a_checkpoint_without_a_pooler_starts_the_standard_heads_pooler_as_the_identity(
+def test_a_checkpoint_without_a_pooler_is_named_under_the_standard_head(
         tmp_path: Path, wordpiece_tokenizer: PreTrainedTokenizerBase, make_config: Callable[..., RunConfig],
         caplog: pytest.LogCaptureFixture) -> None:
     """Saved from a masked language model: no pooler weights. BERT's standard head reads the frozen pooler, which
-    transformers started at random (not rebuilt exactly on reload, and never trained); now the identity, said."""
+    transformers starts at random and nothing trains: the user is told, with the heads that do not need it."""
     folder = tmp_path / "mlm"
     torch.manual_seed(0)
     BertForMaskedLM(BertConfig(vocab_size=len(wordpiece_tokenizer), **TINY_SHAPE)).save_pretrained(folder)
     wordpiece_tokenizer.save_pretrained(folder)
     with caplog.at_level(logging.WARNING, logger="budgetlora.modeling"):
-        model = build_base_model(make_config(folder, {"model": {"head": "standard"}}).model, LABELS)
-    assert "holds no pooler weights" in caplog.text
-    assert torch.equal(model.bert.pooler.dense.weight, torch.eye(32))
+        build_base_model(make_config(folder, {"model": {"head": "standard"}}).model, LABELS)
+    assert "holds no pooler weights" in caplog.text and "random, frozen pooler" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="budgetlora.modeling"):  # the compact heads read no pooler
+        build_base_model(make_config(folder, {"model": {"head": "first_token"}}).model, LABELS)
+    assert "pooler" not in caplog.text
 
 
 def test_a_model_folder_under_home_is_found(tmp_path: Path, tiny_bert_dir: Path,
@@ -206,3 +210,11 @@ def test_a_resume_on_another_base_model_is_refused(tmp_path: Path, trained_tiny_
     assert main(["train", "--resume", str(run), "train.max_steps=16"]) == 2
     assert "not the base model" in capsys.readouterr().err
     assert (run / "manifest.json").read_text() == manifest  # the record of the model it trained on stays
+
+
+def test_a_random_init_model_takes_any_tokenizer_that_fits(tmp_path: Path, tiny_bert_dir: Path,
+                                                          make_config: Callable[..., RunConfig]) -> None:
+    """model.random_init builds random weights of the config's shape: a small tokenizer of its own is no mistake."""
+    large = copy_model(tiny_bert_dir, tmp_path / "large-vocab", config_changes={"vocab_size": 30522})
+    config = make_config(large, {"model": {"random_init": True}})
+    assert len(load_tokenizer(config.model)) < 30522 / 2

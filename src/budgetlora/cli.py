@@ -11,6 +11,7 @@ import argparse
 import contextlib
 import logging
 import os
+import select
 import signal
 import sys
 import traceback
@@ -229,6 +230,16 @@ COMMANDS = {"params": cmd_params, "plan": cmd_plan, "sweep": cmd_sweep, "train":
             "config": cmd_config}
 
 
+def _stdout_closed() -> bool:
+    """Whether stdout is a pipe whose reader has gone (poll reports an error on its write end)."""
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & select.POLLERR for _, events in poller.poll(0))
+    except (OSError, ValueError, AttributeError):  # no poll (Windows), or stdout is no file
+        return False
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
@@ -255,7 +266,10 @@ def main(argv: list[str] | None = None) -> int:
 
             select_device(args.device)  # before the command runs: CUDA reads the choice when it starts
         return COMMANDS[args.command](args)
-    except BrokenPipeError:  # `budgetlora config | head`: the reader stopped reading, as it meant to
+    except BrokenPipeError:
+        if not _stdout_closed():
+            raise  # another pipe (a worker, a socket): an error like any other
+        # `budgetlora config | head`: stdout's reader stopped reading, as it meant to.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's own flush at exit would fail too
         return 128 + signal.SIGPIPE
     except KeyboardInterrupt:  # outputs are written atomically at the end, so nothing half-written is left

@@ -99,8 +99,8 @@ def resolve_predict_precision(requested: str, on: torch.device) -> str:
     if requested not in PREDICT_PRECISIONS:
         raise ConfigError(f"--precision {requested!r}: expected one of {', '.join(PREDICT_PRECISIONS)}")
     if requested == "fp16" and on.type == "cpu":  # emulated in fp32: slower than either
-        log.warning("--precision fp16 on a CPU: most CPUs have no fp16 matrix kernels, so it runs slower than bf16 "
-                    "or fp32 (auto picks one of those)")
+        log.warning("precision fp16 on a CPU (--precision, or the run's train.precision): most CPUs have no fp16 "
+                    "matrix kernels, so it runs slower than bf16 or fp32 (auto picks one of those)")
     if not requested.startswith("int8"):
         return resolve_precision(requested)
     if on.type != "cpu":

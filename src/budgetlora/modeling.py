@@ -104,7 +104,7 @@ def load_tokenizer(model: ModelConfig) -> PreTrainedTokenizerBase:
     if isinstance(rows, int) and tokens > rows:
         raise ModelLoadError(f"{where}: its tokenizer has {tokens:,} tokens, more than the {rows:,} rows of the "
                              f"model's embedding table: give the model's own tokenizer (model.tokenizer)")
-    if isinstance(rows, int) and tokens < rows / 2:
+    if isinstance(rows, int) and tokens < rows / 2 and not model.random_init:  # random weights: any tokenizer
         raise ModelLoadError(f"{where}: its tokenizer has {tokens:,} tokens for the model's {rows:,}: the folder lacks "
                              f"its tokenizer files (tokenizer.json, vocab.txt, ...), or model.tokenizer names another "
                              f"model's; add them or point model.tokenizer at the model's tokenizer")
@@ -197,13 +197,12 @@ def build_base_model(model: ModelConfig, label_names: list[str], *, meta: bool =
         return PooledClassifier(base, model.head)
     if model.head == "lora_dense":
         init_new_dense_as_identity(base, missing)
-    elif missing and any(".pooler." in f".{key}" for key in missing):
-        # The standard head of BERT-like families reads the encoder's pooler, which stays frozen: a random one could
-        # not be rebuilt exactly on reload, the identity can.
+    elif missing and any(key.startswith(f"{base.base_model_prefix}.pooler.") for key in missing):
+        # The standard head of BERT-like families reads the encoder's pooler, which stays frozen (DeBERTa's pooler is
+        # part of its head, trained in full: not this case).
         log.warning("model.name %r holds no pooler weights (a checkpoint saved without them, e.g. from a masked "
-                    "language model): the standard head's frozen pooler starts as the identity; model.head: "
-                    "first_token or lora_dense train a head on the first token instead", model.name)
-        init_new_dense_as_identity(base, missing)
+                    "language model): the standard head reads a random, frozen pooler; model.head: first_token or "
+                    "lora_dense train a head on the first token instead", model.name)
     return base
 
 

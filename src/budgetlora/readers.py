@@ -52,9 +52,8 @@ def _is_original_ag_news_csv(first: list[str], data: DataConfig) -> bool:
 
 
 def csv_chunks(path: Path, data: DataConfig, rows: int) -> Iterator[dict[str, list[Any]]]:
-    """The columns of a CSV file, `rows` rows at a time (every value as text, an empty field as ""; a blank line is a
-    row, so that the rows' IDs are their positions; a header-only file gives one chunk without rows). The original
-    AG News release gives `text` (title and description) and `label`."""
+    """The columns of a CSV file, `rows` rows at a time (every value as text, an empty field as ""; a header-only file
+    gives one chunk without rows). The original AG News release gives `text` (title and description) and `label`."""
     try:
         ag_news = _is_original_ag_news_csv(next(csv.reader(_utf8_lines(path)), []), data)
     except csv.Error:  # lines ended by CR alone (an old Mac export): one "line" to csv; not the AG News release
@@ -62,7 +61,7 @@ def csv_chunks(path: Path, data: DataConfig, rows: int) -> Iterator[dict[str, li
     layout: dict[str, Any] = {"header": None, "names": ["label", "title", "description"]} if ag_news else {}
     try:
         for frame in pd.read_csv(path, chunksize=rows, encoding="utf-8-sig", dtype=str, keep_default_na=False,
-                                 on_bad_lines="error", skip_blank_lines=False, **layout):
+                                 on_bad_lines="error", **layout):
             if ag_news:  # frame.index: the rows' positions in the file, chunk after chunk
                 yield {"text": (frame["title"] + " " + frame["description"]).tolist(),
                        "label": [_ag_news_class(value, i, path)

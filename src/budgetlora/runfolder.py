@@ -16,6 +16,7 @@ Layout (training writes it; evaluate, predict, export, serve, report and self-tr
 from __future__ import annotations
 
 import gzip
+import importlib.metadata
 import json
 import logging
 import math
@@ -275,6 +276,8 @@ def load(run_dir: Path, *, config: RunConfig | None = None, merge: bool = True, 
     try:
         base = build_base_model(config.model, config.data.label_names, seed=config.train.seed)
     except ModelLoadError as error:  # the base model the run was trained on, named in its config.yaml
+        if "no such folder" not in str(error):
+            raise
         raise ModelLoadError(f"{error}; this run's base model: if its folder moved, set model.name in "
                              f"{run_dir / CONFIG_FILE} to where it is now (the same model)") from None
     check_base_model(run_dir, config, base_weights_sha256(base))
@@ -295,12 +298,19 @@ def check_base_model(run_dir: Path, config: RunConfig, base_sha256: str) -> None
     base_model_sha256; runs saved before it was recorded are not checked): the adapter on another one predicts
     something else, and a resumed training would mix two models, with no error."""
     manifest = run_dir / MANIFEST_FILE
-    recorded = read_json_object(manifest).get("base_model_sha256") if manifest.exists() else None
+    saved = read_json_object(manifest) if manifest.exists() else {}
+    recorded = saved.get("base_model_sha256")
     if isinstance(recorded, str) and base_sha256 != recorded:
+        # The hash covers parameter names and dtypes as transformers loads them: another version may load otherwise.
+        packages = saved.get("packages")
+        then = packages.get("transformers") if isinstance(packages, dict) else None
+        now, versions = importlib.metadata.version("transformers"), ""
+        if isinstance(then, str) and then != now:
+            versions = f"; it was trained with transformers {then}, this is {now}, which may load it otherwise"
         raise RunFolderError(f"model.name {config.model.name!r}: not the base model {run_dir} was trained on (its "
                              f"weights differ from the SHA-256 in {manifest.name}: another model, a changed folder or "
-                             f"an update upstream); set model.name in {run_dir / CONFIG_FILE} to the model it was "
-                             f"trained on")
+                             f"an update upstream{versions}); set model.name in {run_dir / CONFIG_FILE} to the model "
+                             f"it was trained on")
 
 
 def _predictor(model: nn.Module, tokenizer: PreTrainedTokenizerBase, config: RunConfig, precision: str) -> nn.Module:

@@ -316,12 +316,14 @@ def create_app(run_dir: Path, *, max_texts: int = 64, max_chars: int = 2000, bat
     async def predict_texts(request: PredictRequest,  # type: ignore[valid-type]
                             http: Request) -> PredictResponse | Response:
         answer = asyncio.ensure_future(batcher.submit(request.texts))
-        # A client that went away (timed out, closed) gets its texts dropped from the queue: without this its request
-        # ran to the end, and clients retrying after a timeout piled up work no one read.
-        while not (await asyncio.wait({answer}, timeout=DISCONNECT_POLL_S))[0]:
-            if await http.is_disconnected():
-                answer.cancel()  # cancels its future too: the batch worker drops it (MicroBatcher._next_batch)
-                return Response(status_code=499)  # nginx's "client closed request": no one reads it
+        try:
+            # A client that went away (timed out, closed) gets its texts dropped from the queue: without this its
+            # request ran to the end, and clients retrying after a timeout piled up work no one read.
+            while not (await asyncio.wait({answer}, timeout=DISCONNECT_POLL_S))[0]:
+                if await http.is_disconnected():
+                    return Response(status_code=499)  # nginx's "client closed request": no one reads it
+        finally:  # gone, or this handler cancelled (shutdown): its future too, which the batch worker then drops
+            answer.cancel()
         logits = answer.result().astype(np.float64)
         probabilities = np.exp(logits - logits.max(-1, keepdims=True))
         probabilities /= probabilities.sum(-1, keepdims=True)
