@@ -45,7 +45,7 @@ VENDORED_CONFIGS: dict[str, dict[str, Any]] = {"roberta-base": _ROBERTA_BASE_CON
 HUB_PROBE_TIMEOUT_S = 2.0
 # Families whose learned positions start after the padding index: max_position_embeddings 514 takes 512 tokens.
 PADDING_OFFSET_FAMILIES = ("roberta", "xlm-roberta", "xlm-roberta-xl", "camembert", "data2vec-text", "longformer",
-                           "mpnet")
+                           "mpnet", "ibert", "luke", "roberta-prelayernorm", "xmod", "markuplm", "layoutlmv3")
 
 
 def cache_root() -> Path:

@@ -4,6 +4,7 @@ A trained run is loaded back from its folder by runfolder.load, which builds its
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import hashlib
@@ -158,38 +159,14 @@ def build_base_model(model: ModelConfig, label_names: list[str], *, meta: bool =
     auto_class = AutoModel if compact else AutoModelForSequenceClassification
     # None lets transformers pick SDPA where the class supports it and the family's own attention elsewhere.
     attention = None if model.attn_implementation == "auto" else model.attn_implementation
-    if type(config) not in auto_class._model_mapping:
-        raise ConfigError(f"model.name {model.name!r}: transformers has no {auto_class.__name__} for model type "
-                          f"{config.model_type!r}" + ("; model.head: mean or first_token use the bare encoder"
-                                                      if not compact else ""))
-    try:  # on the meta device (no memory): a setting the class refuses is named before any weights are read
-        with torch.device("meta"):
-            base = auto_class.from_config(config, attn_implementation=attention)
-    except (ValueError, ImportError) as error:  # the only setting from_config takes besides the model's own config
-        if attention is None:
-            raise ModelLoadError(f"model.name {model.name!r}: transformers cannot build it from its config.json "
-                                 f"({_first_line(error)})") from None
-        raise ConfigError(f"model.attn_implementation: {attention!r}: {_first_line(error)} (use 'auto': SDPA where "
-                          f"the model supports it, else its own attention)") from None
+    _check_buildable(model, config, auto_class, attention)
     missing: set[str] | None = None
     torch.manual_seed(seed)  # the head (and a random_init body) start the same way on every run with this seed
-    if model.random_init and not meta:
-        base = auto_class.from_config(config, attn_implementation=attention)
-    elif not meta:
-        # The head is always new (our labels): a checkpoint's own head of another size is dropped, not an error, and
-        # the "newly initialized" report is silenced (the run's head is restored from its adapter).
-        with errors_only("transformers"):
-            base, info = _from_pretrained(auto_class, "model.name", model.name, config=config,
-                                          ignore_mismatched_sizes=True, attn_implementation=attention,
-                                          output_loading_info=True)
-        missing = set(info["missing_keys"]) | {key for key, *_ in info["mismatched_keys"]}
-        # The bare encoder (compact heads) has no head; a *ForSequenceClassification's is what lies outside it.
-        misfits = misfitting_weights(missing, set() if compact else set(head_modules(base)))
-        if misfits:
-            raise ModelLoadError(f"model.name {model.name!r}: {len(misfits)} of the encoder's tensors are missing from "
-                                 f"its weights or have another shape there ({', '.join(misfits[:3])}"
-                                 f"{', ...' if len(misfits) > 3 else ''}): the weights do not fit its config.json "
-                                 f"(another model's, or a vocab_size changed in one and not the other)")
+    if meta or model.random_init:
+        with torch.device("meta") if meta else contextlib.nullcontext():
+            base = auto_class.from_config(config, attn_implementation=attention)
+    else:
+        base, missing = _pretrained(model, config, auto_class, attention)
     # Said for the model that runs; the meta-device builds that only count (`plan` makes dozens) keep it to debug.
     log.log(logging.DEBUG if meta else logging.INFO, "attention: %s (model.attn_implementation: %s)",
             base.config._attn_implementation, model.attn_implementation)
@@ -204,6 +181,44 @@ def build_base_model(model: ModelConfig, label_names: list[str], *, meta: bool =
                     "language model): the standard head reads a random, frozen pooler; model.head: first_token or "
                     "lora_dense train a head on the first token instead", model.name)
     return base
+
+
+def _check_buildable(model: ModelConfig, config: PretrainedConfig, auto_class: Any, attention: str | None) -> None:
+    """A config error naming the key when transformers has no such class for the model type, or the class refuses the
+    attention setting: found on the meta device (no memory), before any weights are read."""
+    if type(config) not in auto_class._model_mapping:
+        raise ConfigError(f"model.name {model.name!r}: transformers has no {auto_class.__name__} for model type "
+                          f"{config.model_type!r}" + ("; model.head: mean or first_token use the bare encoder"
+                                                      if auto_class is not AutoModel else ""))
+    try:
+        with torch.device("meta"):
+            auto_class.from_config(config, attn_implementation=attention)
+    except (ValueError, ImportError) as error:  # the only setting from_config takes besides the model's own config
+        if attention is None:
+            raise ModelLoadError(f"model.name {model.name!r}: transformers cannot build it from its config.json "
+                                 f"({_first_line(error)})") from None
+        raise ConfigError(f"model.attn_implementation: {attention!r}: {_first_line(error)} (use 'auto': SDPA where "
+                          f"the model supports it, else its own attention)") from None
+
+
+def _pretrained(model: ModelConfig, config: PretrainedConfig, auto_class: Any,
+                attention: str | None) -> tuple[nn.Module, set[str]]:
+    """The model with its pretrained weights, and the names of the tensors the checkpoint lacked (or held in another
+    shape): only the head (new: our labels) and the pooler may be among them, else a ModelLoadError."""
+    # The head is always new (our labels): a checkpoint's own head of another size is dropped, not an error, and the
+    # "newly initialized" report is silenced (the run's head is restored from its adapter).
+    with errors_only("transformers"):
+        base, info = _from_pretrained(auto_class, "model.name", model.name, config=config, ignore_mismatched_sizes=True,
+                                      attn_implementation=attention, output_loading_info=True)
+    missing = set(info["missing_keys"]) | {key for key, *_ in info["mismatched_keys"]}
+    # The bare encoder (compact heads) has no head; a *ForSequenceClassification's is what lies outside it.
+    misfits = misfitting_weights(missing, set() if auto_class is AutoModel else set(head_modules(base)))
+    if misfits:
+        raise ModelLoadError(f"model.name {model.name!r}: {len(misfits)} of the encoder's tensors are missing from "
+                             f"its weights or have another shape there ({', '.join(misfits[:3])}"
+                             f"{', ...' if len(misfits) > 3 else ''}): the weights do not fit its config.json "
+                             f"(another model's, or a vocab_size changed in one and not the other)")
+    return base, missing
 
 
 def base_weights_sha256(base: nn.Module) -> str:
