@@ -380,13 +380,3 @@ def test_choices_that_hold_themselves_are_refused_in_bounded_memory(tmp_path: Pa
         tracemalloc.stop()
     assert peak < 100 << 20, peak
 
-
-def test_a_whole_number_in_scientific_notation_is_an_int() -> None:
-    """`budget: 1e6` (YAML 1.1 reads it as text) and `budget=1e6` were "expected int"; 16.0 stays an error, and so
-    does a float range of a sweep space (int | float: its ends stay floats)."""
-    assert load_config(None, ["budget=1e6"]).budget == 1_000_000
-    for value in ("1000000.0", "1.5e0"):
-        with pytest.raises(ConfigError, match=r"^budget: expected int"):
-            load_config(None, [f"budget={value}"])
-    space = load_config(None, ["sweep.space={train.warmup_steps: {low: 0e0, high: 1e1}}"]).sweep.space
-    assert isinstance(space["train.warmup_steps"].low, float)

@@ -218,3 +218,10 @@ def test_a_random_init_model_takes_any_tokenizer_that_fits(tmp_path: Path, tiny_
     large = copy_model(tiny_bert_dir, tmp_path / "large-vocab", config_changes={"vocab_size": 30522})
     config = make_config(large, {"model": {"random_init": True}})
     assert len(load_tokenizer(config.model)) < 30522 / 2
+
+
+def test_a_random_init_model_still_refuses_a_tokenizer_of_special_tokens_alone(
+        tmp_path: Path, tiny_bert_dir: Path, make_config: Callable[..., RunConfig]) -> None:
+    bare = copy_model(tiny_bert_dir, tmp_path / "bare", drop=("vocab.txt", "tokenizer*", "special_tokens_map.json"))
+    with pytest.raises(ModelLoadError, match=r"the folder lacks its tokenizer files"):
+        load_tokenizer(make_config(bare, {"model": {"random_init": True}}).model)

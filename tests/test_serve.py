@@ -177,6 +177,10 @@ def test_a_body_not_sent_as_json_gives_415(server: Server) -> None:
     answer = httpx.post(f"{server.url}/predict", content=body,
                         headers={"content-type": "application/json; charset=utf-8"})
     assert answer.status_code == 200
+    # A +json type FastAPI parses as JSON: an invalid body there is a 422 saying what is wrong, not a 415.
+    answer = httpx.post(f"{server.url}/predict", content=json.dumps({"texts": []}),
+                        headers={"content-type": "application/vnd.api+json"})
+    assert answer.status_code == 422
 
 
 def test_openapi_schema_documents_predict(server: Server) -> None:

@@ -231,11 +231,11 @@ COMMANDS = {"params": cmd_params, "plan": cmd_plan, "sweep": cmd_sweep, "train":
 
 
 def _stdout_closed() -> bool:
-    """Whether stdout is a pipe whose reader has gone (poll reports an error on its write end)."""
+    """Whether stdout is a pipe or socket whose reader has gone (poll reports an error or hang-up on it)."""
     try:
         poller = select.poll()
         poller.register(sys.stdout.fileno(), select.POLLOUT)
-        return any(events & select.POLLERR for _, events in poller.poll(0))
+        return any(events & (select.POLLERR | select.POLLHUP) for _, events in poller.poll(0))  # a socket: HUP
     except (OSError, ValueError, AttributeError):  # no poll (Windows), or stdout is no file
         return False
 

@@ -65,8 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     planner = commands.add_parser("plan", parents=[common],
                                   help="adapter shapes that fit the budget, best first, with exact counts")
     planner.add_argument("--config", help="YAML config: the model (default: built-in defaults)")
-    planner.add_argument("--budget", help="trainable-parameter budget, > 0, e.g. 1000000 or 1e6 (default: the "
-                         "config's)")
+    planner.add_argument("--budget", type=int, help="trainable-parameter budget, > 0 (default: the config's)")
     planner.add_argument("--top", type=int, default=10, help="how many candidates to list (default: %(default)s)")
     planner.add_argument("overrides", nargs="*", help=overrides_help)
 

@@ -208,5 +208,5 @@ def misfitting_weights(missing: set[str], heads: set[str]) -> list[str]:
     """The encoder's tensors among `missing` (those the checkpoint lacks or holds in another shape), which transformers
     would start at random with a warning only: a config.json of another model than the weights, or a vocabulary
     resized in one and not the other. Only the `heads` modules (new: our labels) and the pooler (not read by the
-    compact heads; the identity for the standard head) may be missing."""
+    compact heads; a warning for the standard head) may be missing."""
     return sorted(key for key in missing if key.split(".")[0] not in heads and ".pooler." not in f".{key}")

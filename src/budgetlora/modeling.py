@@ -105,7 +105,9 @@ def load_tokenizer(model: ModelConfig) -> PreTrainedTokenizerBase:
     if isinstance(rows, int) and tokens > rows:
         raise ModelLoadError(f"{where}: its tokenizer has {tokens:,} tokens, more than the {rows:,} rows of the "
                              f"model's embedding table: give the model's own tokenizer (model.tokenizer)")
-    if isinstance(rows, int) and tokens < rows / 2 and not model.random_init:  # random weights: any tokenizer
+    # Random weights (model.random_init) take any tokenizer that fits, but not one of special tokens alone.
+    if isinstance(rows, int) and tokens < rows / 2 and (not model.random_init
+                                                        or tokens <= len(set(tokenizer.all_special_ids))):
         raise ModelLoadError(f"{where}: its tokenizer has {tokens:,} tokens for the model's {rows:,}: the folder lacks "
                              f"its tokenizer files (tokenizer.json, vocab.txt, ...), or model.tokenizer names another "
                              f"model's; add them or point model.tokenizer at the model's tokenizer")

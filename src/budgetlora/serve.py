@@ -290,7 +290,8 @@ def create_app(run_dir: Path, *, max_texts: int = 64, max_chars: int = 2000, bat
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, error: RequestValidationError) -> JSONResponse:
         media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
-        if request.method == "POST" and media_type != "application/json":  # FastAPI said "a valid dictionary"
+        json_media = media_type == "application/json" or media_type.endswith("+json")  # what FastAPI parses as JSON
+        if request.method == "POST" and not json_media:  # FastAPI said "a valid dictionary"
             return JSONResponse(status_code=415, content={"detail": f"send the body as JSON with Content-Type: "
                                                                     f"application/json (got {media_type or 'none'})"})
         # FastAPI's own handler echoes the input back, and that fails (a 500) for NaN, lone surrogates and bodies that

@@ -9,7 +9,6 @@ import contextlib
 import dataclasses
 import datetime
 import functools
-import re
 import reprlib
 import types
 import typing
@@ -35,23 +34,20 @@ _short_repr.maxstring = _short_repr.maxother = 120
 _short_repr.maxlevel = 3
 shown = _short_repr.repr  # every config error that quotes a value goes through it
 
-SCIENTIFIC = re.compile(r"[+-]?\d+(\.\d*)?[eE][+-]?\d+")  # 1e6, 2.5e5: a string to YAML 1.1
 
 # --- building dataclasses from plain dicts, with type checks that name the key -------------------------------------
 
-def _check_type(value: Any, annotation: Any, key: str, *, scientific_ints: bool = True) -> Any:
-    """Return `value` if it fits `annotation` (ints and numeric strings are accepted for floats; for an int, a whole
-    number in scientific notation, 1e6, unless `scientific_ints` is off: a union that takes floats too), else raise."""
+def _check_type(value: Any, annotation: Any, key: str) -> Any:
+    """Return `value` if it fits `annotation` (ints and numeric strings are accepted for floats), else raise."""
     if annotation is Any:
         return value
     if dataclasses.is_dataclass(annotation):  # a section inside a mapping (sweep.space.<key>)
         return from_dict(annotation, value, f"{key}.")
     origin = typing.get_origin(annotation)
     if origin in (typing.Union, types.UnionType):
-        options = typing.get_args(annotation)
-        for option in options:
+        for option in typing.get_args(annotation):
             try:
-                return _check_type(value, option, key, scientific_ints=float not in options)
+                return _check_type(value, option, key)
             except ConfigError as error:
                 if str(error).startswith(f"{key}."):  # a mapping of this option, wrong in one entry: that one's error
                     raise
@@ -79,12 +75,6 @@ def _check_type(value: Any, annotation: Any, key: str, *, scientific_ints: bool 
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
         require(ok, key, f"expected a number, got {shown(value)}")
         return float(value)
-    # A whole number written as 1e6 (YAML 1.1 reads it as a string), as budgets are written; "16" quoted and 16.0
-    # stay errors.
-    if annotation is int and scientific_ints and isinstance(value, str) and SCIENTIFIC.fullmatch(value):
-        number = float(value)
-        if number.is_integer() and abs(number) < 2 ** 53:
-            return int(number)
     if annotation in (int, str, bool):
         ok = isinstance(value, annotation) and not (annotation is int and isinstance(value, bool))
         misread = annotation is str and isinstance(value, (int, float, bool, datetime.date))  # YAML's own types
