@@ -4,7 +4,6 @@ A trained run is loaded back from its folder by runfolder.load, which builds its
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import functools
 import hashlib
@@ -161,13 +160,12 @@ def build_base_model(model: ModelConfig, label_names: list[str], *, meta: bool =
     auto_class = AutoModel if compact else AutoModelForSequenceClassification
     # None lets transformers pick SDPA where the class supports it and the family's own attention elsewhere.
     attention = None if model.attn_implementation == "auto" else model.attn_implementation
-    _check_buildable(model, config, auto_class, attention)
+    base = _meta_build(model, config, auto_class, attention)  # the build that counts (meta), or the check first
     missing: set[str] | None = None
     torch.manual_seed(seed)  # the head (and a random_init body) start the same way on every run with this seed
-    if meta or model.random_init:
-        with torch.device("meta") if meta else contextlib.nullcontext():
-            base = auto_class.from_config(config, attn_implementation=attention)
-    else:
+    if model.random_init and not meta:
+        base = auto_class.from_config(config, attn_implementation=attention)
+    elif not meta:
         base, missing = _pretrained(model, config, auto_class, attention)
     # Said for the model that runs; the meta-device builds that only count (`plan` makes dozens) keep it to debug.
     log.log(logging.DEBUG if meta else logging.INFO, "attention: %s (model.attn_implementation: %s)",
@@ -185,16 +183,16 @@ def build_base_model(model: ModelConfig, label_names: list[str], *, meta: bool =
     return base
 
 
-def _check_buildable(model: ModelConfig, config: PretrainedConfig, auto_class: Any, attention: str | None) -> None:
-    """A config error naming the key when transformers has no such class for the model type, or the class refuses the
-    attention setting: found on the meta device (no memory), before any weights are read."""
+def _meta_build(model: ModelConfig, config: PretrainedConfig, auto_class: Any, attention: str | None) -> nn.Module:
+    """The model on the meta device (exact shapes, no memory); a config error naming the key when transformers has no
+    such class for the model type, or the class refuses the attention setting: before any weights are read."""
     if type(config) not in auto_class._model_mapping:
         raise ConfigError(f"model.name {model.name!r}: transformers has no {auto_class.__name__} for model type "
                           f"{config.model_type!r}" + ("; model.head: mean or first_token use the bare encoder"
                                                       if auto_class is not AutoModel else ""))
     try:
         with torch.device("meta"):
-            auto_class.from_config(config, attn_implementation=attention)
+            return auto_class.from_config(config, attn_implementation=attention)
     except (ValueError, ImportError) as error:  # the only setting from_config takes besides the model's own config
         if attention is None:
             raise ModelLoadError(f"model.name {model.name!r}: transformers cannot build it from its config.json "
